@@ -1,0 +1,109 @@
+"""Command line: ``python -m covid_tasks <step> [options]``, one sub-command per pipeline step.
+
+Each step prints its result, the same dict the Airflow task returns, as one JSON object on the
+last line of stdout; logs go to stderr. ``predict`` prints ``Class : covid`` / ``Confidence :``
+lines per image, or JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+STEPS = ("pull", "relabel", "split", "train", "finetune", "evaluate", "register")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m covid_tasks", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for step in STEPS:
+        p = sub.add_parser(step, help=f"run the '{step}' step")
+        p.add_argument("--data-root", help="data root (default: $COVID_DATA_ROOT or ./data)")
+        p.add_argument("--run-key", default="cli", help="run key: outputs go to <data-root>/runs/<run-key>")
+        p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="override a config field, e.g. --set img_size=64 (repeatable)")
+        if step == "pull":
+            p.add_argument("--source", help="source URI: s3://bucket/prefix, file:///path or a folder")
+    p = sub.add_parser("predict", help="classify image files")
+    p.add_argument("images", nargs="+", help="image files (JPEG or PNG)")
+    p.add_argument("--model", default="models:/covid-xray-classifier@champion",
+                   help="a models:/ URI or a .keras file (default: the registered champion)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $COVID_MLFLOW_TRACKING_URI)")
+    p.add_argument("--threshold", type=float, help="override the model's operating threshold")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p = sub.add_parser("summary", help="show the registered champion and how to use it")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--data-root")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from covid_tasks.config import Config
+
+    overrides: dict[str, Any] = {}
+    for item in getattr(args, "set", []):
+        if "=" not in item:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value
+    if getattr(args, "data_root", None):
+        overrides["data_root"] = args.data_root
+    if getattr(args, "source", None):
+        overrides["source_uri"] = args.source
+    if getattr(args, "tracking_uri", None):
+        overrides["mlflow_tracking_uri"] = args.tracking_uri
+    return Config.from_env(overrides)
+
+
+def run_step(step: str, cfg: Any, run_key: str) -> dict[str, Any]:
+    """Run one step with plain inputs, exactly as the Airflow task does."""
+    import importlib
+
+    fn = getattr(importlib.import_module(f"covid_tasks.{step}"), step)
+    if step == "pull":
+        return fn(cfg.source_uri, cfg.data_root, cfg)
+    if step in ("relabel", "split"):
+        return fn(cfg.data_root, cfg)
+    return fn(cfg.data_root, cfg, run_key)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command in STEPS:
+            result = run_step(args.command, _config(args), args.run_key)
+            print(json.dumps(result, default=str))
+        elif args.command == "predict":
+            _predict(args)
+        elif args.command == "summary":
+            from covid_tasks.summary import summary
+
+            cfg = _config(args)
+            text, result = summary(cfg)
+            print(text)
+            print(json.dumps(result, default=str))
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from covid_tasks.predict import predict
+
+    tracking = args.tracking_uri or _config(args).tracking_uri
+    result = predict(args.images, args.model, tracking, args.threshold)
+    if args.json:
+        print(json.dumps(result))
+        return
+    version = f" (version {result['version']})" if result["version"] else ""
+    print(f"Model : {result['model']}{version}, threshold {result['threshold']:.3f}")
+    for pred in result["predictions"]:
+        print(f"Image : {pred['image']}")
+        print(f"Class : {pred['class']}")
+        print(f"Confidence : {pred['confidence'] * 100:.1f}%")

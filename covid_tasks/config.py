@@ -1,0 +1,166 @@
+"""Typed run configuration: one frozen dataclass, built from defaults, the environment and overrides.
+
+Importing this module has no side effects (no mkdir, no MLflow or logging set-up), so the DAG
+file may import it at parse time cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+#: The one class order used everywhere: index 0 is ``non_covid``, index 1 is ``covid``.
+CLASS_NAMES: tuple[str, ...] = ("non_covid", "covid")
+POSITIVE_CLASS = "covid"
+POSITIVE_INDEX = CLASS_NAMES.index(POSITIVE_CLASS)
+MODEL_NAME = "covid-xray-classifier"
+CHAMPION_ALIAS = "champion"
+CHALLENGER_ALIAS = "challenger"
+
+BACKBONES = ("resnet50", "mobilenet_v3_small", "efficientnet_lite0")
+
+_ENV_PREFIX = "COVID_"
+
+
+def class_indices() -> dict[str, int]:
+    """The class-name to index mapping saved next to every model (``class_indices.json``)."""
+    return {name: i for i, name in enumerate(CLASS_NAMES)}
+
+
+def default_data_root() -> str:
+    return str(Path(os.environ.get("COVID_DATA_ROOT", "data")).resolve())
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a retraining run needs; each stage reads only the fields it uses.
+
+    Attributes mirror the DAG Params of the same names. Paths are absolute strings so the
+    object is JSON-able and travels unchanged between Airflow tasks.
+    """
+
+    data_root: str = field(default_factory=default_data_root)
+    source_uri: str = "sample_data"
+    s3_conn_id: str = "aws_default"
+    mlflow_tracking_uri: str = ""
+    experiment_name: str = "covid-retraining"
+    model_name: str = MODEL_NAME
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    img_size: int = 224
+    batch_size: int = 16
+    epochs: int = 5
+    learning_rate: float = 1e-3
+    finetune_epochs: int = 10
+    finetune_learning_rate: float = 1e-5
+    early_stopping_patience: int = 3
+    dropout: float = 0.3
+    seed: int = 1234
+    views: tuple[str, ...] = ("PA", "AP")
+    fallback_views: tuple[str, ...] = ("AP Supine",)
+    min_images_per_class: int = 50
+    split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    min_sensitivity: float = 0.80
+    min_specificity: float = 0.70
+    force: bool = False
+    # pull: parallel downloads, attempts per S3 call, what to do with objects deleted upstream
+    # (False keeps the local copy and reports it), and image checks (smaller side in px, pixels).
+    pull_workers: int = 8
+    pull_retries: int = 4
+    pull_delete: bool = False
+    pull_min_image_side: int = 64
+    pull_max_image_pixels: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.backbone not in BACKBONES:
+            errors.append(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.img_size < 32:
+            errors.append(f"img_size must be >= 32, got {self.img_size}")
+        for name in ("batch_size", "epochs", "finetune_epochs"):
+            if getattr(self, name) < 0 or (name == "batch_size" and self.batch_size < 1):
+                errors.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("min_sensitivity", "min_specificity", "dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                errors.append(f"{name} must be within [0, 1], got {getattr(self, name)}")
+        fr = self.split_fractions
+        if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+            errors.append(f"split_fractions must be three positive numbers summing to 1, got {fr}")
+        if not self.views:
+            errors.append("views must not be empty")
+        if errors:
+            raise ValueError("invalid config: " + "; ".join(errors))
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_env(cls, overrides: Mapping[str, Any] | None = None) -> "Config":
+        """Defaults, then ``COVID_<FIELD>`` environment variables, then ``overrides``.
+
+        ``overrides`` typically holds DAG Params or CLI options; ``None`` values are ignored so
+        an unset Param keeps the environment's value.
+        """
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            env = os.environ.get(_ENV_PREFIX + f.name.upper())
+            if env is not None and env != "":
+                values[f.name] = env
+        for key, val in (overrides or {}).items():
+            if key in {f.name for f in dataclasses.fields(cls)} and val is not None and val != "":
+                values[key] = val
+        return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **{k: _coerce(type(self), k, v) for k, v in changes.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    # ----------------------------------------------------------------- derived paths
+    @property
+    def root(self) -> Path:
+        return Path(self.data_root)
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI; defaults to a SQLite store beside the data root."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{self.root.parent / 'mlflow' / 'mlflow.db'}"
+
+    def run_dir(self, run_key: str) -> Path:
+        """Where one run's models, plots and metrics land: ``<data_root>/runs/<run_key>``."""
+        return self.root / "runs" / safe_run_key(run_key)
+
+
+def safe_run_key(run_key: str) -> str:
+    """Map an Airflow run id (``manual__2026-01-01T00:00:00+00:00``) to a safe folder name."""
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", run_key).strip("._")
+    if not key:
+        raise ValueError(f"run key {run_key!r} has no usable characters")
+    return key[:200]
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Convert strings and lists (environment, JSON Params) to the field's declared type."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    if name not in types:
+        raise ValueError(f"unknown config field {name!r}")
+    kind = str(types[name])
+    if kind.startswith("tuple"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        items = list(value)
+        return tuple(float(v) for v in items) if "float" in kind else tuple(str(v) for v in items)
+    if kind == "bool":
+        if isinstance(value, str):
+            return value.strip().lower() in {"1", "true", "yes", "on"}
+        return bool(value)
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return str(value) if not isinstance(value, str) else value

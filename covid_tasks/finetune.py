@@ -1,0 +1,63 @@
+"""Finetune stage: unfreeze the backbone (BatchNorm kept frozen) and train at a low learning rate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from covid_tasks.config import Config
+
+logger = logging.getLogger(__name__)
+
+#: The checkpoint keeps the epoch with the best validation AUC: threshold-free and robust to
+#: the class imbalance, unlike validation accuracy.
+MONITOR = "val_auc"
+
+
+def finetune(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]:
+    """Load ``train.keras``, unfreeze all backbone layers, fit with checkpoint and early stopping.
+
+    Args:
+        data_root: the data root holding ``splits.csv`` and ``raw/images``.
+        cfg: configuration (``finetune_epochs``, ``finetune_learning_rate``, ``early_stopping_patience``).
+        run_key: this run's key; reads and writes ``<data_root>/runs/<run_key>/``.
+
+    Returns:
+        ``{"model_path", "class_indices", "history", "plots", "epochs_run", "final_val_loss",
+        "best_val_auc", "monitor", "trainable_weights"}``; ``model_path`` is ``finetune.keras``,
+        holding the best epoch's weights.
+
+    Raises:
+        FileNotFoundError: ``train.keras`` is missing (run ``train`` first).
+    """
+    import keras
+
+    from covid_tasks.model import unfreeze
+    from covid_tasks.storage import require_file
+    from covid_tasks.training import configure_devices, finish, fit, load_splits, save_model, set_seeds
+
+    run_dir = cfg.run_dir(run_key)
+    trained = require_file(run_dir / "train.keras", "train")
+    logger.info("finetune: %s epochs=%d lr=%g monitor=%s", trained, cfg.finetune_epochs,
+                cfg.finetune_learning_rate, MONITOR)
+    set_seeds(cfg.seed)
+    devices = configure_devices()
+    splits = load_splits(data_root)
+    with devices["strategy"].scope():
+        model = keras.saving.load_model(trained)
+        n_trainable = unfreeze(model, cfg.finetune_learning_rate)
+    checkpoint = run_dir / "finetune.best.weights.h5"
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=MONITOR, mode="max",
+                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping_patience,
+                                      restore_best_weights=True),
+    ]
+    batch_cfg = cfg.replace(batch_size=cfg.batch_size * max(devices["gpus"], 1))
+    history = fit(model, splits, data_root, batch_cfg, cfg.finetune_epochs, "finetune", callbacks)
+    if checkpoint.is_file():
+        model.load_weights(checkpoint)  # the best epoch, also when early stopping never fired
+        checkpoint.unlink()  # finetune.keras below holds the same weights
+    path = save_model(model, run_dir / "finetune.keras")
+    return finish("finetune", run_dir, path, history, {"monitor": MONITOR, "trainable_weights": n_trainable})

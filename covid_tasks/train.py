@@ -1,0 +1,49 @@
+"""Train stage: fit the classifier head on a frozen ImageNet backbone."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from covid_tasks.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+def train(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]:
+    """Build the model with a frozen backbone, fit its head and save ``train.keras``.
+
+    Args:
+        data_root: the data root holding ``splits.csv`` and ``raw/images``.
+        cfg: configuration (``backbone``, ``weights``, ``img_size``, ``epochs``, ``learning_rate``).
+        run_key: this run's key; outputs go to ``<data_root>/runs/<run_key>/``.
+
+    Returns:
+        ``{"model_path", "class_indices", "history", "plots", "epochs_run", "final_val_loss",
+        "best_val_auc", "trainable_weights", "gpus", "mixed_precision"}``.
+
+    Raises:
+        FileNotFoundError: ``splits.csv`` or an image is missing.
+        covid_tasks.model.WeightsUnavailableError: ImageNet weights cannot be had.
+    """
+    from covid_tasks.model import build_model
+    from covid_tasks.training import configure_devices, finish, fit, load_splits, save_model, set_seeds
+
+    run_dir = cfg.run_dir(run_key)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("train: backbone=%s weights=%s img_size=%d epochs=%d lr=%g -> %s", cfg.backbone,
+                cfg.weights, cfg.img_size, cfg.epochs, cfg.learning_rate, run_dir)
+    set_seeds(cfg.seed)
+    devices = configure_devices()
+    splits = load_splits(data_root)
+    with devices["strategy"].scope():
+        model = build_model(cfg)
+    batch_cfg = cfg.replace(batch_size=cfg.batch_size * max(devices["gpus"], 1))
+    history = fit(model, splits, data_root, batch_cfg, cfg.epochs, "train")
+    path = save_model(model, run_dir / "train.keras")
+    return finish("train", run_dir, path, history, {
+        "trainable_weights": len(model.trainable_weights),
+        "gpus": devices["gpus"],
+        "mixed_precision": devices["mixed_precision"],
+    })

