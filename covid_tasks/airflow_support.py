@@ -13,6 +13,26 @@ from covid_tasks.config import Config, safe_run_key
 logger = logging.getLogger(__name__)
 
 
+def run_stage(step: str, **extra: Any) -> dict[str, Any]:
+    """Run one pipeline stage for the current Airflow task and return its strict-JSON result.
+
+    The stage gets plain inputs only: the Config built from the run's Params, the run key and,
+    for ``pull``, the S3 options of the configured Airflow connection.
+    """
+    from airflow.sdk import get_current_context
+
+    from covid_tasks.cli import run_step
+    from covid_tasks.storage import jsonable
+
+    ctx = get_current_context()
+    cfg = task_config(ctx["params"])
+    if step == "pull":
+        extra = {"s3_options": s3_options(cfg.s3_conn_id), **extra}
+    if step == "register":
+        extra = {"context": {"airflow_run_id": ctx["run_id"], **extra.get("context", {})}}
+    return jsonable(run_step(step, cfg, run_key(ctx), **extra))
+
+
 def task_config(params: dict[str, Any]) -> Config:
     """Config from defaults, ``COVID_*`` environment variables, then the run's Params."""
     return Config.from_env(dict(params))

@@ -66,6 +66,9 @@ class Config:
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
     min_sensitivity: float = 0.80
     min_specificity: float = 0.70
+    # evaluate: a challenger that passes the gate replaces the champion unless its test
+    # sensitivity or specificity is more than this below the champion's on the same test split.
+    promotion_margin: float = 0.02
     force: bool = False
     # pull: parallel downloads, attempts per S3 call, what to do with objects deleted upstream
     # (False keeps the local copy and reports it), and image checks (smaller side in px, pixels).

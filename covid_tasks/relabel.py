@@ -1,18 +1,28 @@
 """Relabel stage: turn upstream ``metadata.csv`` rows into a two-class table, ``labeled.csv``.
 
-The rules are declarative (see ``RULES``) and every dropped row is counted by reason in
-``relabel_report.json``. Labels follow torchxrayvision's COVID19_Dataset handling: findings are
-split into tokens (old flat ``COVID-19, ARDS`` and new hierarchical ``Pneumonia/Viral/COVID-19``
-both work), placeholder findings are dropped, and any COVID-19 token makes the row ``covid``.
+The rules are declarative: ``RULES`` is the one table (the README repeats it), applied in its
+order, and each dropped row is counted under the first rule it fails, so
+``kept + sum(dropped) == source_rows`` always holds. Labels follow torchxrayvision's
+COVID19_Dataset: a finding is split into tokens on ``/`` and ``,``, so the old flat vocabulary
+(``COVID-19``, ``COVID-19, ARDS``) and the new hierarchical one (``Pneumonia/Viral/COVID-19``)
+both work; any COVID-19 token makes the row ``covid``, every other real finding ``non_covid``.
+
+Images are identified by content as well as by name: each kept file's SHA-256 is recorded, a
+byte-identical copy under a second name is dropped, and patients are linked into one split group
+(``group_id``) when they share a file name in any row or an identical image. ``split`` keeps each
+group in one split, so one image never sits in two splits.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import logging
 import re
+from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from covid_tasks.config import CLASS_NAMES, Config
 from covid_tasks.storage import UnsafePathError, require_file, safe_relpath, write_csv, write_json
@@ -23,27 +33,63 @@ REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
 COVID_TOKENS = frozenset({"covid-19", "covid19", "sars-cov-2"})
 PLACEHOLDER_FINDINGS = frozenset({"todo", "unknown", ""})
 KEEP_MODALITY = "X-ray"
+#: Columns of ``labeled.csv``; ``split`` adds ``split``.
+LABELED_COLUMNS = ("filename", "patientid", "group_id", "finding", "view", "modality", "label",
+                   "sha256", "source_line")
+#: How many offending line numbers the report lists per reason (the counts are always complete).
+_MAX_EXAMPLES = 20
 
-#: The rule table, in the order the rules apply; the README repeats it.
+#: The rule table, in the order the rules apply; each row is dropped by the first rule it fails.
+#: ``(reason key, rule)``; the README repeats this table with the counts on the full data set.
 RULES: tuple[tuple[str, str], ...] = (
+    ("malformed_row", "drop rows with text past the header's named columns or fewer fields than"
+                      " them (unquoted commas spill notes into later columns): no field is trusted"),
     ("missing_patientid", "drop rows with an empty patientid"),
-    ("unsafe_filename", "drop rows whose filename is absolute, contains '..' or is empty"),
-    ("modality", f"keep modality '{KEEP_MODALITY}' only (drops CT and anything else)"),
+    ("unsafe_filename", "drop rows whose filename is empty, absolute or contains '..'"),
+    ("modality", f"keep modality '{KEEP_MODALITY}' only (CT, empty and any other modality are dropped)"),
     ("placeholder_finding", "drop findings 'todo', 'Unknown' and empty"),
-    ("view", "keep the configured views (default PA, AP); 'AP Supine' only as a per-class fallback"),
-    ("missing_image", "drop rows whose image is not under raw/images"),
-    ("duplicate_filename", "keep one row per image file; a file filed under two patients links them"),
-    ("conflicting_label", "drop an image whose duplicate rows disagree on the class"),
+    ("view", "keep the configured views (default PA, AP) and the fallback views (default AP Supine);"
+             " drop L, Axial, Coronal, AP Erect, '?', empty and any other view"),
+    ("missing_image", "drop rows whose image is not a file under raw/images"),
+    ("conflicting_label", "drop every row of an image (same name or same bytes) whose rows disagree"
+                          " on the class"),
+    ("duplicate_filename", "keep one row per file name (a PA/AP row before a fallback-view row, then"
+                           " file order); the file's patients are linked into one split group"),
+    ("duplicate_image", "keep one file per image content (SHA-256): a byte-identical copy under"
+                        " another name is dropped and its patients are linked"),
+    ("fallback_not_needed", "drop fallback-view (AP Supine) rows of a class that has at least"
+                            " min_images_per_class PA/AP images; a class below it keeps them"),
 )
+#: The labelling rule applied to every row that survives the table.
+LABEL_RULE = ("label 'covid' when any finding token (split on '/' and ',') is COVID-19"
+              " ('COVID-19', 'COVID-19, ARDS', 'Pneumonia/Viral/COVID-19'), every other finding"
+              " 'non_covid'")
+REASONS = tuple(reason for reason, _ in RULES)
 
 
 def finding_tokens(finding: str) -> list[str]:
-    """Split a finding into lower-case tokens on '/' and ','."""
+    """Split a finding into lower-case, stripped tokens on ``/`` and ``,``.
+
+    Args:
+        finding: a ``finding`` cell, flat (``COVID-19, ARDS``) or hierarchical
+            (``Pneumonia/Viral/COVID-19``).
+
+    Returns:
+        The non-empty tokens, e.g. ``["pneumonia", "viral", "covid-19"]``.
+    """
     return [t.strip().lower() for t in re.split(r"[/,]", finding or "") if t.strip()]
 
 
 def label_for(finding: str) -> str | None:
-    """``covid`` when any token is COVID-19, ``None`` for placeholders, else ``non_covid``."""
+    """Map a finding to a class name.
+
+    Args:
+        finding: a ``finding`` cell.
+
+    Returns:
+        ``"covid"`` when any token is COVID-19, ``None`` for placeholders (``todo``, ``Unknown``,
+        empty), else ``"non_covid"``.
+    """
     tokens = finding_tokens(finding)
     if not tokens or all(t in PLACEHOLDER_FINDINGS for t in tokens):
         return None
@@ -51,97 +97,250 @@ def label_for(finding: str) -> str | None:
 
 
 def relabel(data_root: str | Path, cfg: Config) -> dict[str, Any]:
-    """Apply the rule table to ``raw/metadata.csv`` and write ``labeled.csv``.
+    """Apply the rule table to ``raw/metadata.csv``; write ``labeled.csv`` and ``relabel_report.json``.
 
     Args:
         data_root: the data root holding ``raw/metadata.csv`` and ``raw/images/``.
         cfg: run configuration (``views``, ``fallback_views``, ``min_images_per_class``).
 
     Returns:
-        ``{"labeled_csv", "n_images", "n_patients", "class_counts", "dropped", "fallback_used",
-        "report"}``.
+        ``{"labeled_csv", "n_images", "n_patients", "n_groups", "class_counts", "dropped",
+        "fallback_used", "primary_counts", "report"}``: ``class_counts`` and ``primary_counts``
+        (PA/AP images, which decide the fallback) map each class to an image count, ``dropped``
+        maps every reason of ``RULES`` to a row count, ``fallback_used`` each class to a bool.
 
     Raises:
         FileNotFoundError: ``raw/metadata.csv`` is missing.
-        ValueError: required columns are missing, or no image of some class is left.
+        ValueError: the file is not UTF-8 CSV, required columns are missing, or no image of some
+            class is left.
     """
-    import pandas as pd
-
     root = Path(data_root)
     meta_path = require_file(root / "raw" / "metadata.csv", "pull")
-    logger.info("relabel: reading %s (views=%s, fallback=%s)", meta_path, cfg.views, cfg.fallback_views)
-    meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False, on_bad_lines="warn")
-    meta.columns = [str(c).strip() for c in meta.columns]
-    missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
-    if missing:
-        raise ValueError(f"{meta_path} lacks required column(s): {', '.join(missing)}")
-    frame = meta[list(REQUIRED_COLUMNS)].copy()
-    for col in REQUIRED_COLUMNS:
-        frame[col] = frame[col].astype(str).str.strip()
-    dropped: dict[str, int] = {reason: 0 for reason, _ in RULES}
-
-    def drop(mask: Any, reason: str) -> None:
-        nonlocal frame
-        dropped[reason] += int(mask.sum())
-        frame = frame[~mask]
-
-    drop(frame["patientid"] == "", "missing_patientid")
-    drop(~frame["filename"].map(_is_safe), "unsafe_filename")
-    drop(frame["modality"] != KEEP_MODALITY, "modality")
-    frame["label"] = frame["finding"].map(label_for)
-    drop(frame["label"].isna(), "placeholder_finding")
-
-    allowed = set(cfg.views) | set(cfg.fallback_views)
-    drop(~frame["view"].isin(allowed), "view")
     images = root / "raw" / "images"
-    drop(~frame["filename"].map(lambda f: (images / f).is_file()), "missing_image")
+    logger.info("relabel: reading %s (views=%s, fallback=%s, min_images_per_class=%d)", meta_path,
+                list(cfg.views), list(cfg.fallback_views), cfg.min_images_per_class)
 
-    fallback_used: dict[str, bool] = {}
-    primary = frame["view"].isin(set(cfg.views))
-    keep = primary.copy()
-    for cls in CLASS_NAMES:
-        n_primary = int((primary & (frame["label"] == cls)).sum())
-        use = n_primary < cfg.min_images_per_class and bool(cfg.fallback_views)
-        fallback_used[cls] = use
-        if use:
-            keep |= (frame["label"] == cls) & frame["view"].isin(set(cfg.fallback_views))
-    drop(~keep, "view")
+    header, rows = _read_metadata(meta_path)
+    dropped: dict[str, int] = {reason: 0 for reason in REASONS}
+    examples: dict[str, list[int]] = defaultdict(list)
 
-    frame, n_dup, n_conflict, groups = _dedupe(frame)
-    dropped["duplicate_filename"] += n_dup
-    dropped["conflicting_label"] += n_conflict
-    frame["group_id"] = frame["patientid"].map(groups)
-    frame = frame.sort_values(["group_id", "patientid", "filename"]).reset_index(drop=True)
+    def drop(row: dict[str, Any], reason: str) -> None:
+        dropped[reason] += 1
+        if len(examples[reason]) < _MAX_EXAMPLES:
+            examples[reason].append(row["source_line"])
 
-    class_counts = {cls: int((frame["label"] == cls).sum()) for cls in CLASS_NAMES}
-    empty = [cls for cls, n in class_counts.items() if n == 0]
-    if empty:
-        raise ValueError(f"relabel left no image of class(es) {empty}; dropped by reason: {dropped}")
+    primary_views = {_norm_view(v): v for v in cfg.views}
+    fallback_views = {_norm_view(v): v for v in cfg.fallback_views if _norm_view(v) not in primary_views}
+    file_patients: dict[str, set[str]] = defaultdict(set)  # every trusted row links its patient
+    candidates: list[dict[str, Any]] = []
+    for row in rows:
+        if row["malformed"]:
+            drop(row, "malformed_row")
+            continue
+        if not row["patientid"]:
+            drop(row, "missing_patientid")
+            continue
+        if not _is_safe(row["filename"]):
+            drop(row, "unsafe_filename")
+            continue
+        file_patients[row["filename"]].add(row["patientid"])
+        if row["modality"].casefold() != KEEP_MODALITY.casefold():
+            drop(row, "modality")
+            continue
+        row["modality"] = KEEP_MODALITY
+        row["label"] = label_for(row["finding"])
+        if row["label"] is None:
+            drop(row, "placeholder_finding")
+            continue
+        view = _norm_view(row["view"])
+        if view not in primary_views and view not in fallback_views:
+            drop(row, "view")
+            continue
+        row["primary"] = view in primary_views
+        row["view"] = primary_views.get(view) or fallback_views[view]
+        if not (images / row["filename"]).is_file():
+            drop(row, "missing_image")
+            continue
+        candidates.append(row)
+
+    digests = {f: _sha256(images / f) for f in sorted({r["filename"] for r in candidates})}
+    for row in candidates:
+        row["sha256"] = digests[row["filename"]]
+
+    # One image, one row: rows of the same content (same name, or identical bytes) must agree on
+    # the class; then the first row (PA/AP first, then file order) of each content stays.
+    labels_by_digest: dict[str, set[str]] = defaultdict(set)
+    for row in candidates:
+        labels_by_digest[row["sha256"]].add(row["label"])
+    unique: list[dict[str, Any]] = []
+    seen_names: set[str] = set()
+    seen_digests: dict[str, str] = {}
+    for row in sorted(candidates, key=lambda r: (not r["primary"], r["source_line"])):
+        if len(labels_by_digest[row["sha256"]]) > 1:
+            drop(row, "conflicting_label")
+        elif row["filename"] in seen_names:
+            drop(row, "duplicate_filename")
+        elif row["sha256"] in seen_digests:
+            drop(row, "duplicate_image")
+        else:
+            seen_names.add(row["filename"])
+            seen_digests[row["sha256"]] = row["filename"]
+            unique.append(row)
+
+    primary_counts = {c: sum(1 for r in unique if r["primary"] and r["label"] == c) for c in CLASS_NAMES}
+    fallback_used = {c: bool(fallback_views) and primary_counts[c] < cfg.min_images_per_class
+                     for c in CLASS_NAMES}
+    kept: list[dict[str, Any]] = []
+    for row in sorted(unique, key=lambda r: r["source_line"]):
+        if row["primary"] or fallback_used[row["label"]]:
+            kept.append(row)
+        else:
+            drop(row, "fallback_not_needed")
+
+    # Split groups: patients sharing a file name (in any trusted row) or an identical image.
+    links: list[Iterable[str]] = [pids for pids in file_patients.values() if len(pids) > 1]
+    by_digest: dict[str, set[str]] = defaultdict(set)
+    for row in candidates:
+        by_digest[row["sha256"]].add(row["patientid"])
+    links += [pids for pids in by_digest.values() if len(pids) > 1]
+    groups = link_groups({r["patientid"] for r in kept}, links)
+    for row in kept:
+        row["group_id"] = groups[row["patientid"]]
+    kept.sort(key=lambda r: (r["group_id"], r["patientid"], r["filename"]))
+
+    class_counts = {c: sum(1 for r in kept if r["label"] == c) for c in CLASS_NAMES}
+    if any(n == 0 for n in class_counts.values()):
+        empty = [c for c, n in class_counts.items() if n == 0]
+        raise ValueError(f"relabel left no image of class(es) {empty} in {meta_path}; "
+                         f"rows dropped by reason: {dropped}")
+
+    import pandas as pd
 
     out = root / "labeled.csv"
-    write_csv(out, frame[["filename", "patientid", "group_id", "finding", "view", "modality", "label"]])
+    table = [[r[c] for c in LABELED_COLUMNS] for r in kept]
+    write_csv(out, pd.DataFrame(table, columns=list(LABELED_COLUMNS)))
+    n_groups = len(set(groups.values()))
+    linked = sorted(sorted(m) for m in _members(groups).values() if len(m) > 1)
+    on_disk = {p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file()} \
+        if images.is_dir() else set()
+    named = {r["filename"] for r in rows}
     report = {
-        "source_rows": int(len(meta)),
-        "kept": int(len(frame)),
+        "source": str(meta_path),
+        "columns": header,
+        "source_rows": len(rows),
+        "kept": len(kept),
         "dropped": dropped,
+        "dropped_examples": {k: sorted(v) for k, v in sorted(examples.items())},
         "class_counts": class_counts,
-        "view_counts": {str(k): int(v) for k, v in frame["view"].value_counts().sort_index().items()},
+        "primary_counts": primary_counts,
         "fallback_used": fallback_used,
         "min_images_per_class": cfg.min_images_per_class,
+        "views": list(cfg.views),
+        "fallback_views": list(cfg.fallback_views),
+        "view_counts": {c: dict(sorted(Counter(r["view"] for r in kept if r["label"] == c).items()))
+                        for c in CLASS_NAMES},
+        "n_patients": len({r["patientid"] for r in kept}),
+        "n_groups": n_groups,
+        "linked_patients": linked,
+        "shared_filenames": {f: sorted(p) for f, p in sorted(file_patients.items()) if len(p) > 1},
+        "images_without_row": len(on_disk - named),
         "rules": [{"reason": r, "rule": t} for r, t in RULES],
+        "label_rule": LABEL_RULE,
     }
+    if dropped["malformed_row"]:
+        logger.warning("relabel: %d malformed row(s) dropped in %s, lines %s", dropped["malformed_row"],
+                       meta_path, examples["malformed_row"])
     write_json(root / "relabel_report.json", report)
     result = {
         "labeled_csv": str(out),
-        "n_images": int(len(frame)),
-        "n_patients": int(frame["patientid"].nunique()),
+        "n_images": len(kept),
+        "n_patients": report["n_patients"],
+        "n_groups": n_groups,
         "class_counts": class_counts,
         "dropped": dropped,
         "fallback_used": fallback_used,
+        "primary_counts": primary_counts,
         "report": str(root / "relabel_report.json"),
     }
     logger.info("relabel: done %s", json.dumps(result))
     return result
+
+
+def link_groups(members: Iterable[str], links: Iterable[Iterable[str]]) -> dict[str, str]:
+    """Union-find: map each member to its group id, the smallest member id linked to it.
+
+    Args:
+        members: the ids to map (e.g. patient ids).
+        links: sets of ids that must share a group; ids not in ``members`` still link others.
+
+    Returns:
+        ``{member: group id}`` for every id in ``members``.
+    """
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for link in links:
+        ids = sorted(link)
+        for other in ids[1:]:
+            a, b = find(ids[0]), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {m: find(m) for m in members}
+
+
+def _members(groups: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    for member, group in groups.items():
+        out[group].append(member)
+    return out
+
+
+def _read_metadata(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Read ``metadata.csv`` row by row; flag rows whose fields do not line up with the header.
+
+    The upstream header ends with a comma, so it has an unnamed last column. A row is malformed
+    when it has text under an unnamed column or past the header's end, or fewer fields than the
+    named columns: an unquoted comma earlier in the row shifted its fields.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip() for h in next(reader, [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                raise ValueError(f"{path} lacks required column(s): {', '.join(missing)} "
+                                 f"(required: {', '.join(REQUIRED_COLUMNS)})")
+            index = {c: header.index(c) for c in REQUIRED_COLUMNS}
+            named = [i for i, h in enumerate(header) if h]
+            n_named = named[-1] + 1
+            rows: list[dict[str, Any]] = []
+            line = reader.line_num + 1
+            for cells in reader:
+                start, line = line, reader.line_num + 1
+                if not any(c.strip() for c in cells):
+                    continue  # blank line
+                spill = any(c.strip() for i, c in enumerate(cells) if i >= len(header) or not header[i])
+                row: dict[str, Any] = {c: cells[i].strip() if i < len(cells) else ""
+                                       for c, i in index.items()}
+                row["source_line"] = start
+                row["malformed"] = spill or len(cells) < n_named
+                rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise ValueError(f"{path} is not valid CSV near line {reader.line_num}: {exc}") from None
+    return header, rows
+
+
+def _norm_view(view: str) -> str:
+    """Compare views case- and whitespace-insensitively (``ap  supine`` is ``AP Supine``)."""
+    return " ".join(view.split()).casefold()
 
 
 def _is_safe(name: str) -> bool:
@@ -152,32 +351,9 @@ def _is_safe(name: str) -> bool:
         return False
 
 
-def _dedupe(frame: Any) -> tuple[Any, int, int, dict[str, str]]:
-    """Keep one row per file name; link patients that share a file into one split group.
-
-    Returns the deduplicated frame, the number of duplicate rows dropped, the number of rows
-    dropped for conflicting labels, and a patientid -> group id map (union-find over shared files).
-    """
-    parent: dict[str, str] = {p: p for p in frame["patientid"]}
-
-    def find(p: str) -> str:
-        while parent[p] != p:
-            parent[p] = parent[parent[p]]
-            p = parent[p]
-        return p
-
-    for _, pids in frame.groupby("filename")["patientid"]:
-        pids = list(pids)
-        for other in pids[1:]:
-            a, b = find(pids[0]), find(other)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    groups = {p: find(p) for p in parent}
-
-    labels_per_file = frame.groupby("filename")["label"].nunique()
-    conflicting = set(labels_per_file[labels_per_file > 1].index)
-    n_conflict = int(frame["filename"].isin(conflicting).sum())
-    frame = frame[~frame["filename"].isin(conflicting)]
-    before = len(frame)
-    frame = frame.drop_duplicates(subset="filename", keep="first")
-    return frame.copy(), before - len(frame), n_conflict, groups
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

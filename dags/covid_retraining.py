@@ -34,16 +34,9 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, task
 
 GPU = {"queue": "gpu", "pool": "gpu"}
-
-
-def _inputs() -> tuple[Any, str]:
-    from covid_tasks.airflow_support import run_key, task_config
-
-    ctx = get_current_context()
-    return task_config(ctx["params"]), run_key(ctx)
 
 
 @dag(
@@ -78,67 +71,56 @@ def covid_retraining() -> None:
     @task(retries=3, retry_delay=pendulum.duration(minutes=1), retry_exponential_backoff=True)
     def pull() -> dict[str, Any]:
         """Copy new and changed images and metadata.csv from the source into raw/."""
-        from covid_tasks.airflow_support import s3_options
-        from covid_tasks.pull import pull as run
+        from covid_tasks.airflow_support import run_stage
 
-        cfg, _ = _inputs()
-        return run(cfg.source_uri, cfg.data_root, cfg, s3_options(cfg.s3_conn_id))
+        return run_stage("pull")
 
     @task.short_circuit
-    def check_new_data(pulled: dict[str, Any]) -> bool:
+    def check_new_data(pulled: dict[str, Any], params: dict[str, Any] | None = None) -> bool:
         """Continue only when the pull changed something or the run is forced."""
-        cfg, _ = _inputs()
-        return bool(pulled["has_changes"] or cfg.force)
+        return bool(pulled["has_changes"] or (params or {}).get("force"))
 
     @task
     def relabel() -> dict[str, Any]:
         """Keep X-ray PA/AP rows and map findings to covid / non_covid."""
-        from covid_tasks.relabel import relabel as run
+        from covid_tasks.airflow_support import run_stage
 
-        cfg, _ = _inputs()
-        return run(cfg.data_root, cfg)
+        return run_stage("relabel")
 
     @task
     def split() -> dict[str, Any]:
         """Patient-grouped, stratified, stable train/val/test split."""
-        from covid_tasks.split import split as run
+        from covid_tasks.airflow_support import run_stage
 
-        cfg, _ = _inputs()
-        return run(cfg.data_root, cfg)
+        return run_stage("split")
 
     @task(**GPU)
     def train() -> dict[str, Any]:
         """Train the head on a frozen backbone."""
-        from covid_tasks.train import train as run
+        from covid_tasks.airflow_support import run_stage
 
-        cfg, key = _inputs()
-        return run(cfg.data_root, cfg, key)
+        return run_stage("train")
 
     @task(**GPU)
     def finetune() -> dict[str, Any]:
         """Unfreeze the backbone and fine-tune at a low learning rate."""
-        from covid_tasks.finetune import finetune as run
+        from covid_tasks.airflow_support import run_stage
 
-        cfg, key = _inputs()
-        return run(cfg.data_root, cfg, key)
+        return run_stage("finetune")
 
     @task
     def evaluate() -> dict[str, Any]:
         """Threshold on val, sensitivity/specificity on test, gate decision."""
-        from covid_tasks.evaluate import evaluate as run
+        from covid_tasks.airflow_support import run_stage
 
-        cfg, key = _inputs()
-        return run(cfg.data_root, cfg, key)
+        return run_stage("evaluate")
 
     @task
     def register(pulled: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
         """Log the run to MLflow; register and promote the model if it passed the gate."""
-        from covid_tasks.register import register as run
+        from covid_tasks.airflow_support import run_stage
 
-        cfg, key = _inputs()
-        ctx = get_current_context()
-        return run(cfg.data_root, cfg, key, {"dataset_version": pulled["dataset_version"],
-                                             "airflow_run_id": ctx["run_id"]})
+        return run_stage("register", context={"dataset_version": pulled["dataset_version"]})
 
     pulled = pull()
     relabelled = relabel()

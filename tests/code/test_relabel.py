@@ -1,0 +1,254 @@
+"""relabel: the rule table, row by row, on tiny synthetic CSVs and on the shipped sample data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from covid_tasks.config import Config
+from covid_tasks.relabel import REASONS, label_for, relabel
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "sample_data"
+COLUMNS = ["patientid", "offset", "finding", "view", "modality", "folder", "filename", "clinical_notes", ""]
+
+
+def write_meta(root: Path, rows: list[dict[str, str]], images: dict[str, bytes] | None = None,
+               raw_lines: list[str] | None = None) -> Path:
+    """Write ``raw/metadata.csv`` (upstream layout: the header ends with a comma) and the images.
+
+    Every row's file is created with unique bytes unless ``images`` says otherwise; a row with
+    ``"_absent": "1"`` gets no file. ``raw_lines`` are appended verbatim (malformed rows).
+    """
+    raw = root / "raw"
+    (raw / "images").mkdir(parents=True, exist_ok=True)
+    with open(raw / "metadata.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow([row.get(c, "images" if c == "folder" else "") for c in COLUMNS])
+        for line in raw_lines or []:
+            fh.write(line + "\r\n")
+    for row in rows:
+        name = row.get("filename", "")
+        if name and not row.get("_absent") and ".." not in name and not name.startswith("/"):
+            (raw / "images" / name).write_bytes(b"img:" + name.encode())
+    for name, data in (images or {}).items():
+        (raw / "images" / name).write_bytes(data)
+    return root
+
+
+def row(pid: str, finding: str, view: str, filename: str, modality: str = "X-ray",
+        **extra: str) -> dict[str, str]:
+    return {"patientid": pid, "finding": finding, "view": view, "modality": modality, "filename": filename,
+            **extra}
+
+
+def read_labeled(root: Path) -> list[dict[str, str]]:
+    with open(root / "labeled.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def sample_root(tmp_path: Path) -> Path:
+    shutil.copytree(SAMPLE / "images", tmp_path / "raw" / "images")
+    shutil.copy(SAMPLE / "metadata.csv", tmp_path / "raw" / "metadata.csv")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("finding", "label"), [
+    ("COVID-19", "covid"),
+    ("COVID-19, ARDS", "covid"),
+    ("Pneumonia/Viral/COVID-19", "covid"),
+    ("  covid-19 ", "covid"),
+    ("SARS", "non_covid"),
+    ("Pneumonia/Viral/SARS", "non_covid"),
+    ("Pneumonia/Viral/MERS-CoV", "non_covid"),
+    ("Pneumonia/Viral/Herpes ", "non_covid"),
+    ("No Finding", "non_covid"),
+    ("ARDS", "non_covid"),
+    ("todo", None),
+    ("Unknown", None),
+    ("", None),
+])
+def test_label_for_both_vocabularies(finding: str, label: str | None) -> None:
+    assert label_for(finding) == label
+
+
+def test_each_rule_counts_its_rows(tmp_path: Path) -> None:
+    rows = [
+        row("1", "COVID-19", "PA", "keep-pa.png"),
+        row("2", "Pneumonia/Viral/COVID-19", "AP", "keep-ap.png"),
+        row("3", "No Finding", "PA", "keep-nf.png"),
+        row("", "COVID-19", "PA", "no-pid.png"),                       # missing_patientid
+        row("4", "COVID-19", "PA", "../escape.png"),                   # unsafe_filename
+        row("5", "COVID-19", "PA", ""),                                # unsafe_filename (empty)
+        row("6", "COVID-19", "Axial", "ct.png", modality="CT"),        # modality
+        row("7", "COVID-19", "PA", "mri.png", modality="MRI"),         # modality (unknown)
+        row("8", "COVID-19", "PA", "nomod.png", modality=""),          # modality (empty)
+        row("9", "todo", "PA", "todo.png"),                            # placeholder_finding
+        row("10", "Unknown", "PA", "unknown.png"),                     # placeholder_finding
+        row("11", "COVID-19", "L", "lateral.png"),                     # view
+        row("12", "COVID-19", "AP Erect", "erect.png"),                # view
+        row("13", "COVID-19", "?", "qmark.png"),                       # view
+        row("14", "COVID-19", "PA", "absent.png", _absent="1"),        # missing_image
+        row("15", "COVID-19", "AP Supine", "supine.png"),              # fallback_not_needed
+    ]
+    spill = "16,0,COVID-19,PA,X-ray,images,spill.png,notes with, an unquoted comma"
+    root = write_meta(tmp_path, rows, raw_lines=[spill, "", "17,0,COVID-19"])
+    (root / "raw" / "images" / "spill.png").write_bytes(b"spill")
+    result = relabel(root, Config(data_root=str(root), min_images_per_class=1))
+
+    expected = dict.fromkeys(REASONS, 0)
+    expected.update(missing_patientid=1, unsafe_filename=2, modality=3, placeholder_finding=2, view=3,
+                    missing_image=1, fallback_not_needed=1, malformed_row=2)
+    assert result["dropped"] == expected
+    assert result["class_counts"] == {"non_covid": 1, "covid": 2}
+    assert result["fallback_used"] == {"non_covid": False, "covid": False}
+    report = json.loads(Path(result["report"]).read_text())
+    assert report["source_rows"] == 18  # the blank line is not a row
+    assert report["kept"] + sum(report["dropped"].values()) == report["source_rows"]
+    assert [r["reason"] for r in report["rules"]] == list(REASONS)
+    assert report["dropped_examples"]["malformed_row"] == [18, 20]  # line numbers in metadata.csv
+    assert sorted(r["filename"] for r in read_labeled(root)) == ["keep-ap.png", "keep-nf.png", "keep-pa.png"]
+
+
+def test_labeled_columns_and_values(tmp_path: Path) -> None:
+    root = write_meta(tmp_path, [
+        row("311a", "Pneumonia/Viral/COVID-19", " ap ", "a.png", modality="x-ray"),
+        row("2", "Pneumonia/Bacterial/Streptococcus", "PA", "b.png"),
+    ])
+    relabel(root, Config(data_root=str(root), min_images_per_class=0))
+    got = {r["filename"]: r for r in read_labeled(root)}
+    assert list(next(iter(got.values()))) == ["filename", "patientid", "group_id", "finding", "view",
+                                             "modality", "label", "sha256", "source_line"]
+    assert got["a.png"]["patientid"] == "311a" and got["a.png"]["label"] == "covid"
+    assert got["a.png"]["view"] == "AP" and got["a.png"]["modality"] == "X-ray"  # normalised spelling
+    assert got["b.png"]["label"] == "non_covid"
+
+
+@pytest.mark.parametrize(("minimum", "fallback_used", "kept_supine"), [
+    (1, {"non_covid": False, "covid": False}, {"non_covid": 0, "covid": 0}),
+    (3, {"non_covid": True, "covid": False}, {"non_covid": 2, "covid": 0}),
+    (4, {"non_covid": True, "covid": True}, {"non_covid": 2, "covid": 1}),
+])
+def test_ap_supine_fallback_per_class(tmp_path: Path, minimum: int, fallback_used: dict[str, bool],
+                                      kept_supine: dict[str, int]) -> None:
+    rows = [row(str(i), "COVID-19", "PA", f"c{i}.png") for i in range(3)]
+    rows += [row("10", "COVID-19", "AP Supine", "c-supine.png")]
+    rows += [row("20", "No Finding", "AP", "n0.png"), row("21", "SARS", "PA", "n1.png")]
+    rows += [row("22", "Pneumocystis", "AP Supine", "n-supine1.png"),
+             row("23", "No Finding", "AP Supine", "n-supine2.png")]
+    root = write_meta(tmp_path, rows)
+    result = relabel(root, Config(data_root=str(root), min_images_per_class=minimum))
+    assert result["fallback_used"] == fallback_used
+    assert result["primary_counts"] == {"non_covid": 2, "covid": 3}
+    supine = {c: sum(1 for r in read_labeled(root) if r["view"] == "AP Supine" and r["label"] == c)
+              for c in ("non_covid", "covid")}
+    assert supine == kept_supine
+    assert result["dropped"]["fallback_not_needed"] == 3 - sum(kept_supine.values())
+
+
+def test_duplicate_filename_is_kept_once_and_links_patients(tmp_path: Path) -> None:
+    root = write_meta(tmp_path, [
+        row("285", "Pneumonia", "AP Supine", "shared.jpg"),
+        row("339", "Pneumonia", "PA", "shared.jpg"),       # the PA row of the shared file wins
+        row("339", "Pneumonia", "PA", "other-339.jpg"),
+        row("400", "COVID-19", "PA", "c.jpg"),
+        row("500", "Legionella", "L", "lateral.jpg"),      # dropped by view, still links 500 and 501
+        row("501", "Legionella", "PA", "lateral.jpg"),
+        row("501", "Legionella", "PA", "own-501.jpg"),
+        row("500", "Legionella", "PA", "own-500.jpg"),
+    ])
+    result = relabel(root, Config(data_root=str(root), min_images_per_class=0))
+    labeled = {r["filename"]: r for r in read_labeled(root)}
+    assert result["dropped"]["duplicate_filename"] == 1
+    assert result["dropped"]["view"] == 1
+    assert labeled["shared.jpg"]["patientid"] == "339" and labeled["shared.jpg"]["view"] == "PA"
+    assert labeled["other-339.jpg"]["group_id"] == labeled["shared.jpg"]["group_id"]
+    assert labeled["own-500.jpg"]["group_id"] == labeled["own-501.jpg"]["group_id"] == "500"
+    assert labeled["c.jpg"]["group_id"] == "400"
+    report = json.loads(Path(result["report"]).read_text())
+    assert report["shared_filenames"] == {"lateral.jpg": ["500", "501"], "shared.jpg": ["285", "339"]}
+    assert ["500", "501"] in report["linked_patients"]
+    assert result["n_groups"] == 3
+
+
+def test_identical_bytes_under_two_names(tmp_path: Path) -> None:
+    same = b"the same x-ray, twice"
+    root = write_meta(tmp_path, [
+        row("1", "COVID-19", "PA", "a.jpg"),
+        row("2", "COVID-19", "PA", "b.jpg"),
+        row("2", "COVID-19", "AP", "b2.jpg"),
+        row("3", "No Finding", "PA", "n.jpg"),
+    ], images={"a.jpg": same, "b.jpg": same})
+    result = relabel(root, Config(data_root=str(root), min_images_per_class=0))
+    labeled = {r["filename"]: r for r in read_labeled(root)}
+    assert result["dropped"]["duplicate_image"] == 1
+    assert "a.jpg" in labeled and "b.jpg" not in labeled
+    assert labeled["a.jpg"]["group_id"] == labeled["b2.jpg"]["group_id"] == "1"
+    assert len({r["sha256"] for r in labeled.values()}) == len(labeled)
+
+
+def test_conflicting_labels_drop_the_image(tmp_path: Path) -> None:
+    root = write_meta(tmp_path, [
+        row("1", "COVID-19", "PA", "x.jpg"),
+        row("2", "No Finding", "PA", "x.jpg"),
+        row("1", "COVID-19", "PA", "y.jpg"),
+        row("2", "No Finding", "PA", "z.jpg"),
+    ])
+    result = relabel(root, Config(data_root=str(root), min_images_per_class=0))
+    assert result["dropped"]["conflicting_label"] == 2
+    assert sorted(r["filename"] for r in read_labeled(root)) == ["y.jpg", "z.jpg"]
+
+
+def test_sample_data_counts(tmp_path: Path) -> None:
+    root = sample_root(tmp_path)
+    result = relabel(root, Config(data_root=str(root)))
+    # 101 rows, all X-ray with real findings in PA, AP or AP Supine; both classes are below 50
+    # PA/AP images, so both take their AP Supine images.
+    assert result["n_images"] == 101
+    assert result["class_counts"] == {"non_covid": 11, "covid": 90}
+    assert result["primary_counts"] == {"non_covid": 10, "covid": 47}
+    assert result["fallback_used"] == {"non_covid": True, "covid": True}
+    assert sum(result["dropped"].values()) == 0
+    assert set(result) >= {"labeled_csv", "n_images", "n_patients", "class_counts", "dropped",
+                           "fallback_used", "report"}
+    json.dumps(result)  # XCom-safe
+
+
+def test_sample_data_without_fallback(tmp_path: Path) -> None:
+    root = sample_root(tmp_path)
+    result = relabel(root, Config(data_root=str(root), min_images_per_class=10))
+    assert result["fallback_used"] == {"non_covid": False, "covid": False}
+    assert result["class_counts"] == {"non_covid": 10, "covid": 47}
+    assert result["dropped"]["fallback_not_needed"] == 44
+    assert {r["view"] for r in read_labeled(root)} == {"PA", "AP"}
+
+
+def test_rerun_gives_identical_files(tmp_path: Path) -> None:
+    root = sample_root(tmp_path)
+    cfg = Config(data_root=str(root))
+    relabel(root, cfg)
+    first = [(root / n).read_bytes() for n in ("labeled.csv", "relabel_report.json")]
+    relabel(root, cfg)
+    assert [(root / n).read_bytes() for n in ("labeled.csv", "relabel_report.json")] == first
+
+
+def test_missing_inputs_fail_early(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="metadata.csv"):
+        relabel(tmp_path, Config(data_root=str(tmp_path)))
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "metadata.csv").write_text("patientid,finding,filename\n1,COVID-19,a.png\n")
+    with pytest.raises(ValueError, match="view, modality"):
+        relabel(tmp_path, Config(data_root=str(tmp_path)))
+
+
+def test_no_image_of_a_class_fails(tmp_path: Path) -> None:
+    root = write_meta(tmp_path, [row("1", "COVID-19", "PA", "a.png"), row("2", "todo", "PA", "b.png")])
+    with pytest.raises(ValueError, match=r"no image of class\(es\) \['non_covid'\]"):
+        relabel(root, Config(data_root=str(root)))
+    assert not (root / "labeled.csv").exists()

@@ -1,0 +1,43 @@
+"""Test-wide set-up: an isolated Airflow home and no leaked COVID_* settings.
+
+Airflow reads its configuration when first imported, so the environment is fixed here,
+before any test module imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="covid-test-airflow-"))
+for _key in [k for k in os.environ if k.startswith("COVID_")]:
+    del os.environ[_key]  # `make test` exports the make-run defaults; tests set their own
+os.environ.update({
+    "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "MPLBACKEND": "Agg",
+})
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
+
+
+@pytest.fixture
+def sample_raw(tmp_path: Path) -> Path:
+    """A data root whose raw/ holds a copy of the shipped sample data set."""
+    shutil.copytree(SAMPLE / "images", tmp_path / "raw" / "images")
+    shutil.copy(SAMPLE / "metadata.csv", tmp_path / "raw" / "metadata.csv")
+    return tmp_path

@@ -1,0 +1,100 @@
+"""DAG integrity: the file parses, the chain, queues, pools, params and defaults are as designed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DAG_FILE = REPO / "dags" / "covid_retraining.py"
+
+EXPECTED_DOWNSTREAM = {
+    "pull": {"check_new_data", "register"},
+    "check_new_data": {"relabel"},
+    "relabel": {"split"},
+    "split": {"train"},
+    "train": {"finetune"},
+    "finetune": {"evaluate"},
+    "evaluate": {"register"},
+    "register": set(),
+}
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAG_FILE.parent))
+
+
+@pytest.fixture(scope="module")
+def dag(dagbag):
+    return dagbag.dags["covid_retraining"]
+
+
+def test_no_import_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert list(dagbag.dag_ids) == ["covid_retraining"]
+
+
+def test_schedule_and_run_settings(dag):
+    assert dag.dag_id == DAG_FILE.stem
+    assert dag.max_active_runs == 1
+    assert dag.catchup is False
+    assert dag.schedule == "@weekly"
+    assert dag.tags and {"covid", "retraining"} <= set(dag.tags)
+    assert dag.doc_md and "min_sensitivity" in dag.doc_md and "weights" in dag.doc_md
+
+
+def test_task_chain(dag):
+    assert {t.task_id: set(t.downstream_task_ids) for t in dag.tasks} == EXPECTED_DOWNSTREAM
+
+
+def test_gpu_tasks_use_gpu_queue_and_pool(dag):
+    for task_id in ("train", "finetune"):
+        task = dag.get_task(task_id)
+        assert (task.queue, task.pool) == ("gpu", "gpu")
+    for task_id in ("pull", "relabel", "split", "evaluate", "register"):
+        assert dag.get_task(task_id).queue != "gpu"
+
+
+def test_retries(dag):
+    assert dag.get_task("pull").retries >= 3
+    assert all(t.retries >= 2 for t in dag.tasks if t.task_id != "check_new_data")
+    assert all(t.owner == "ml-team" for t in dag.tasks)
+
+
+def test_params_are_declared_and_validated(dag):
+    params = dag.params
+    for name in ("source_uri", "min_sensitivity", "min_specificity", "epochs", "finetune_epochs",
+                 "img_size", "batch_size", "weights", "backbone", "force"):
+        assert name in params, name
+    schema = params.get_param("min_sensitivity").schema
+    assert (schema["type"], schema["minimum"], schema["maximum"]) == ("number", 0, 1)
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for name, bad in (("img_size", 8), ("min_specificity", 1.5), ("backbone", "vgg"), ("epochs", "x")):
+        with pytest.raises(ParamValidationError):
+            params.get_param(name).resolve(bad)
+
+
+def test_param_defaults_build_a_valid_config(dag):
+    from covid_tasks.config import Config
+
+    cfg = Config.from_env(dict(dag.params))
+    assert (cfg.min_sensitivity, cfg.min_specificity) == (0.8, 0.7)
+    assert cfg.backbone == "resnet50" and cfg.weights == "imagenet"
+
+
+def test_parsing_imports_no_heavy_modules():
+    code = (
+        "import runpy, sys; runpy.run_path(sys.argv[1]);"
+        "heavy = [m for m in ('tensorflow', 'keras', 'mlflow', 'pandas', 'boto3') if m in sys.modules];"
+        "print(','.join(heavy)); sys.exit(1 if heavy else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(DAG_FILE)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, f"DAG parse imported {out.stdout.strip()}: {out.stderr[-2000:]}"
