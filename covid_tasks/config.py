@@ -72,7 +72,7 @@ class Config:
     force: bool = False
     # pull: parallel downloads, attempts per S3 call, what to do with objects deleted upstream
     # (False keeps the local copy and reports it), and image checks (smaller side in px, pixels).
-    pull_workers: int = 8
+    pull_workers: int = 16
     pull_retries: int = 4
     pull_delete: bool = False
     pull_min_image_side: int = 64
