@@ -31,12 +31,14 @@ Outputs of a run land in `<data_root>/runs/<run id>/` (models, plots, `metrics.j
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pendulum
 from airflow.sdk import Param, dag, task
 
 GPU = {"queue": "gpu", "pool": "gpu"}
+log = logging.getLogger(__name__)
 
 
 @dag(
@@ -78,7 +80,11 @@ def covid_retraining() -> None:
     @task.short_circuit
     def check_new_data(pulled: dict[str, Any], params: dict[str, Any] | None = None) -> bool:
         """Continue only when the pull changed something or the run is forced."""
-        return bool(pulled["has_changes"] or (params or {}).get("force"))
+        proceed = bool(pulled["has_changes"] or (params or {}).get("force"))
+        if not proceed:
+            log.info("No new or changed data (dataset %s) and force is off: skipping training and "
+                     "registration", pulled["dataset_version"])
+        return proceed
 
     @task
     def relabel() -> dict[str, Any]:
