@@ -1,18 +1,30 @@
-"""What ``make run`` prints at the end: the latest run's gate result and the registry's champion."""
+"""What ``make run`` prints at the end: the latest run's gate and decision, and the registry's aliases."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from covid_tasks.config import CHAMPION_ALIAS, Config
+from covid_tasks.config import CHALLENGER_ALIAS, CHAMPION_ALIAS, Config
 from covid_tasks.storage import read_json
 
 
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def summary(cfg: Config) -> tuple[str, dict[str, Any]]:
-    """Return a human-readable summary and the same facts as a dict."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    """Return a human-readable summary and the same facts as a dict.
+
+    Args:
+        cfg: configuration (``data_root``, ``tracking_uri``, ``model_name``).
+
+    Returns:
+        ``(text, {"tracking_uri", "model_name", "latest_run", "champion_version",
+        "challenger_version"})``; a version is ``None`` when the alias is absent or the
+        registry cannot be read.
+    """
+    from covid_tasks.registry import RegistryUnavailableError, alias_version
 
     lines = []
     result: dict[str, Any] = {"tracking_uri": cfg.tracking_uri, "model_name": cfg.model_name}
@@ -20,31 +32,42 @@ def summary(cfg: Config) -> tuple[str, dict[str, Any]]:
     if runs:
         m = read_json(runs[-1])
         result["latest_run"] = {"run_dir": str(runs[-1].parent), **{k: m.get(k) for k in (
-            "passed", "sensitivity", "specificity", "threshold", "roc_auc", "n_test", "reasons")}}
+            "passed", "decision", "sensitivity", "specificity", "threshold", "roc_auc", "n_test", "reasons",
+            "promotion_reasons")}}
         verdict = "PASSED" if m["passed"] else "FAILED: " + "; ".join(m.get("reasons", []))
+        ci = m.get("sensitivity_ci95") or [None, None]
         lines.append(f"Latest run: {runs[-1].parent}")
-        lines.append(f"  test sensitivity {m['sensitivity']:.3f} (min {m['min_sensitivity']}), "
-                     f"specificity {m['specificity']:.3f} (min {m['min_specificity']}), "
-                     f"ROC AUC {m['roc_auc'] if m['roc_auc'] is None else round(m['roc_auc'], 3)}, "
-                     f"threshold {m['threshold']:.3f}, n_test {m['n_test']}")
+        lines.append(f"  test sensitivity {_fmt(m['sensitivity'])} [{_fmt(ci[0])}, {_fmt(ci[1])}] "
+                     f"(min {m['min_sensitivity']}), specificity {_fmt(m['specificity'])} "
+                     f"(min {m['min_specificity']}), ROC AUC {_fmt(m.get('roc_auc'))}, "
+                     f"threshold {_fmt(m['threshold'])}, n_test {m['n_test']}")
         lines.append(f"  gate {verdict}")
-    client = MlflowClient(cfg.tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(cfg.model_name, CHAMPION_ALIAS)
-        result["champion_version"] = int(mv.version)
-        lines.append(f"Registered: {cfg.model_name} version {mv.version} is @{CHAMPION_ALIAS} "
-                     f"(sensitivity {mv.tags.get('sensitivity')}, specificity {mv.tags.get('specificity')}, "
-                     f"run {mv.tags.get('run_key')})")
-    except MlflowException:
-        result["champion_version"] = None
-        lines.append(f"Registered: no {cfg.model_name}@{CHAMPION_ALIAS} in {cfg.tracking_uri} yet")
+        if m.get("champion"):
+            c = m["champion"]
+            lines.append(f"  champion v{c['version']} on the same test split: sensitivity "
+                         f"{_fmt(c.get('sensitivity'))}, specificity {_fmt(c.get('specificity'))}")
+        if "decision" in m:
+            why = "; ".join(m.get("promotion_reasons") or [])
+            lines.append(f"  decision {m['decision']}" + (f" ({why})" if why and m["passed"] else ""))
+    for alias in (CHAMPION_ALIAS, CHALLENGER_ALIAS):
+        try:
+            mv = alias_version(cfg.model_name, alias, cfg.tracking_uri)
+        except RegistryUnavailableError as exc:
+            mv = None
+            lines.append(f"Registry unavailable: {exc}")
+        result[f"{alias}_version"] = int(mv.version) if mv is not None else None
+        if mv is None:
+            lines.append(f"Registered: no {cfg.model_name}@{alias} in {cfg.tracking_uri}")
+        else:
+            tags = mv.tags or {}
+            lines.append(f"Registered: {cfg.model_name} version {mv.version} is @{alias} "
+                         f"(sensitivity {tags.get('sensitivity')}, specificity {tags.get('specificity')}, "
+                         f"run {tags.get('run_key')})")
     sample = next(iter(sorted(Path(cfg.root / "raw" / "images").glob("*"))), None)
     lines += [
         "Look it up:",
-        f"  MLFLOW_TRACKING_URI={cfg.tracking_uri} .venv/bin/mlflow models list 2>/dev/null || "
-        f".venv/bin/python -c \"from mlflow import MlflowClient; "
-        f"print(MlflowClient('{cfg.tracking_uri}').get_model_version_by_alias('{cfg.model_name}', "
-        f"'{CHAMPION_ALIAS}'))\"",
+        f"  .venv/bin/python -c \"from covid_tasks.registry import load_champion; "
+        f"m = load_champion('{cfg.tracking_uri}'); print(m.version, m.threshold, m.class_indices)\"",
         "Predict:",
         f"  COVID_MLFLOW_TRACKING_URI={cfg.tracking_uri} .venv/bin/python -m covid_tasks predict "
         f"{sample or '<image>'} --model models:/{cfg.model_name}@{CHAMPION_ALIAS}",

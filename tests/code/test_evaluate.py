@@ -1,0 +1,214 @@
+"""Evaluate: metrics from hand-made confusion matrices, the swapped-report regression, intervals,
+the threshold rule, the gate and champion comparison, and the files the stage writes.
+
+Every ``metrics.json`` + ``predictions.csv`` pair written here is recomputed from the CSV with
+scikit-learn (``tests.helpers.tiny_run.assert_metrics_match``) and must agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, classification_report, recall_score, roc_auc_score
+
+from covid_tasks.config import Config
+from covid_tasks.evaluate import (
+    binary_metrics,
+    bootstrap_auc_intervals,
+    choose_threshold,
+    compare_with_champion,
+    confusion,
+    gate,
+    weighted_auc,
+    weighted_average_precision,
+    wilson_interval,
+)
+from covid_tasks.evaluate import classification_report as our_report
+from tests.helpers import tiny_run
+
+
+def _labels_from_counts(tp: int, fn: int, tn: int, fp: int) -> tuple[np.ndarray, np.ndarray]:
+    """y_true and P(covid) whose confusion at threshold 0.5 is exactly the given counts."""
+    y = np.array([1] * (tp + fn) + [0] * (tn + fp))
+    prob = np.array([0.9] * tp + [0.1] * fn + [0.2] * tn + [0.7] * fp)
+    return y, prob
+
+
+@pytest.mark.parametrize("tp,fn,tn,fp", [(30, 5, 15, 4), (10, 0, 0, 10), (0, 8, 12, 0), (7, 3, 9, 1)])
+def test_metrics_from_hand_made_confusion(tp: int, fn: int, tn: int, fp: int) -> None:
+    y, prob = _labels_from_counts(tp, fn, tn, fp)
+    m = binary_metrics(y, prob, 0.5, resamples=0)
+    assert (m["tp"], m["fn"], m["tn"], m["fp"]) == (tp, fn, tn, fp)
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else math.nan
+    expected = {"sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
+                "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn), "accuracy": (tp + tn) / len(y),
+                "f1_covid": ratio(2 * tp, 2 * tp + fp + fn), "f1_non_covid": ratio(2 * tn, 2 * tn + fp + fn)}
+    for key, want in expected.items():
+        assert m[key] == pytest.approx(want, nan_ok=True), key
+    assert m["balanced_accuracy"] == pytest.approx((expected["sensitivity"] + expected["specificity"]) / 2,
+                                                   nan_ok=True)
+    assert m["sensitivity_ci95"] == pytest.approx(list(wilson_interval(tp, tp + fn)), nan_ok=True)
+
+
+def test_source_projects_swapped_report_is_not_what_we_report() -> None:
+    """Regression: the source project printed non_covid recall as "sensitivity" (supports 19 / 35)."""
+    tp, fn, tn, fp = 31, 4, 12, 7  # 35 covid, 19 non_covid
+    y, prob = _labels_from_counts(tp, fn, tn, fp)
+    y_pred = (prob >= 0.5).astype(int)
+    m = binary_metrics(y, prob, 0.5, resamples=0)
+    assert m["sensitivity"] == pytest.approx(31 / 35)  # covid recall, over the 35 covid images
+    assert m["specificity"] == pytest.approx(12 / 19)  # non_covid recall, over the 19
+    text, report = our_report(y, y_pred)
+    assert report["covid"]["support"] == 35 and report["non_covid"]["support"] == 19
+    assert report["covid"]["recall"] == pytest.approx(m["sensitivity"])
+    assert report["non_covid"]["recall"] == pytest.approx(m["specificity"])
+    assert "covid" in text and "non_covid" in text
+    # The swap: index 0 taken as the positive class gives other numbers, which we never report.
+    swapped_sensitivity = recall_score(y, y_pred, pos_label=0)
+    swapped_specificity = recall_score(y, y_pred, pos_label=1)
+    assert swapped_sensitivity == pytest.approx(12 / 19) and swapped_specificity == pytest.approx(31 / 35)
+    assert m["sensitivity"] != pytest.approx(swapped_sensitivity)
+    assert m["specificity"] != pytest.approx(swapped_specificity)
+    # sklearn's own report without names lists rows "0" then "1": the row a reader took for
+    # "sensitivity" (the first) is non_covid's recall.
+    plain = classification_report(y, y_pred, output_dict=True)
+    assert plain["0"]["recall"] == pytest.approx(swapped_sensitivity)
+
+
+def test_confusion_has_fixed_cells_whatever_the_data() -> None:
+    assert confusion([1, 1, 1], [1, 0, 1]) == {"tp": 2, "fn": 1, "tn": 0, "fp": 0}
+    assert confusion([0, 0], [0, 1]) == {"tp": 0, "fn": 0, "tn": 1, "fp": 1}
+    m = binary_metrics([1, 1, 1], [0.9, 0.2, 0.8], 0.5)
+    assert math.isnan(m["specificity"]) and math.isnan(m["roc_auc"]) and math.isnan(m["roc_auc_ci95"][0])
+
+
+def test_wilson_interval_known_values_and_scipy() -> None:
+    from scipy.stats import binomtest
+
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    for k, n in [(3, 19), (31, 35), (1, 1), (50, 200)]:
+        ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-6)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_bootstrap_weighted_aucs_equal_sklearn_and_intervals_behave() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    prob = np.round(rng.random(80), 1)  # ties on purpose
+    weights = rng.integers(0, 3, (6, 80)).astype(float)
+    assert weighted_auc(y, prob, weights) == pytest.approx(
+        [roc_auc_score(y, prob, sample_weight=w) for w in weights])
+    assert weighted_average_precision(y, prob, weights) == pytest.approx(
+        [average_precision_score(y, prob, sample_weight=w) for w in weights])
+
+    a = bootstrap_auc_intervals(y, prob, seed=3)
+    assert a == bootstrap_auc_intervals(y, prob, seed=3)  # seeded
+    lo, hi = a["roc_auc_ci95"]
+    assert lo <= roc_auc_score(y, prob) <= hi
+    assert bootstrap_auc_intervals([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])["roc_auc_ci95"] == [1.0, 1.0]
+    big_y, big_p = np.tile(y, 10), np.tile(prob, 10)
+    big = bootstrap_auc_intervals(big_y, big_p, seed=3)["roc_auc_ci95"]
+    assert big[1] - big[0] < hi - lo  # ten times the data, a narrower interval
+
+
+def test_choose_threshold_is_the_highest_reaching_the_target() -> None:
+    y = [1, 1, 1, 1, 1, 0, 0, 0]
+    prob = [0.95, 0.9, 0.6, 0.4, 0.3, 0.5, 0.2, 0.1]
+    t = choose_threshold(y, prob, 0.8)
+    assert t == 0.4  # 4 of 5 covid images at or above it
+    assert binary_metrics(y, prob, t, resamples=0)["sensitivity"] >= 0.8
+    assert binary_metrics(y, prob, np.nextafter(t, 1), resamples=0)["sensitivity"] < 0.8
+    assert choose_threshold(y, prob, 1.0) == 0.3
+    with pytest.raises(ValueError, match="no covid"):
+        choose_threshold([0, 0], [0.1, 0.2], 0.8)
+
+
+def test_gate_and_champion_margin() -> None:
+    assert gate({"sensitivity": 0.8, "specificity": 0.7}, 0.8, 0.7) == []
+    reasons = gate({"sensitivity": 0.79, "specificity": float("nan")}, 0.8, 0.7)
+    assert len(reasons) == 2 and "sensitivity" in reasons[0] and "specificity" in reasons[1]
+    champ = {"version": "3", "sensitivity": 0.90, "specificity": 0.80}
+    assert compare_with_champion({"sensitivity": 0.88, "specificity": 0.78}, champ, 0.02) == []
+    worse = compare_with_champion({"sensitivity": 0.95, "specificity": 0.77}, champ, 0.02)
+    assert len(worse) == 1 and "specificity" in worse[0] and "v3" in worse[0]
+    assert compare_with_champion({"sensitivity": 0.5, "specificity": 0.5}, None, 0.02) == []
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory):
+    return tiny_run.make_data_root(tmp_path_factory.mktemp("evaluate_data"))
+
+
+def _cfg(data_root, tmp_path, **kw) -> Config:
+    # A SQLite registry that does not exist yet: no champion, and evaluate must not create it.
+    uri = f"sqlite:///{tmp_path / 'registry' / 'mlflow.db'}"
+    return Config(data_root=str(data_root), mlflow_tracking_uri=uri, img_size=32, batch_size=8, **kw)
+
+
+def test_evaluate_writes_metrics_that_sklearn_reproduces(data_root, tmp_path) -> None:
+    from covid_tasks.evaluate import evaluate, predict_split
+    from covid_tasks.training import load_splits
+
+    cfg = _cfg(data_root, tmp_path)
+    tiny_run.write_model_run(cfg, "good", tiny_run.channel_model(tiny_run.GOOD))
+    result = evaluate(data_root, cfg, "good")
+    run_dir = cfg.run_dir("good")
+    metrics = tiny_run.load_metrics(run_dir)
+    tiny_run.assert_metrics_match(metrics, run_dir / "predictions.csv")
+    assert {k: result[k] for k in metrics} == metrics  # the returned dict is the file's content
+
+    # The threshold is the val rule's, applied unchanged to test.
+    import keras
+
+    splits = load_splits(data_root)
+    val_prob = predict_split(keras.saving.load_model(run_dir / "finetune.keras"), splits["val"],
+                             data_root / "raw" / "images", cfg)
+    y_val = (splits["val"]["label"] == "covid").astype(int)
+    assert metrics["threshold"] == choose_threshold(y_val, val_prob, cfg.min_sensitivity)
+    assert metrics["val_sensitivity"] >= cfg.min_sensitivity
+
+    assert metrics["passed"] and metrics["promote"] and metrics["decision"] == "promote"
+    assert metrics["champion"] is None and metrics["n_test"] == 35
+    assert metrics["classification_report"]["covid"]["support"] == 15
+    for key in ("sensitivity", "specificity", "threshold", "roc_auc", "tp", "fn", "tn", "fp", "n_test",
+                "min_sensitivity", "min_specificity", "passed", "reasons", "roc_auc_ci95", "pr_auc_ci95"):
+        assert key in metrics
+    for name in ("confusion_matrix.png", "roc_curve.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "non_covid" in (run_dir / "classification_report.txt").read_text()
+    assert not (tmp_path / "registry").exists()
+
+    first = {n: (run_dir / n).read_bytes() for n in ("metrics.json", "predictions.csv")}
+    evaluate(data_root, cfg, "good")
+    assert first == {n: (run_dir / n).read_bytes() for n in ("metrics.json", "predictions.csv")}
+
+
+def test_evaluate_gate_failure_is_a_result_not_an_error(data_root, tmp_path) -> None:
+    from covid_tasks.evaluate import evaluate
+
+    cfg = _cfg(data_root, tmp_path)
+    tiny_run.write_model_run(cfg, "failing", tiny_run.channel_model(tiny_run.FAILING))
+    result = evaluate(data_root, cfg, "failing")
+    assert not result["passed"] and not result["promote"] and result["decision"] == "reject"
+    assert any(r.startswith("specificity") for r in result["reasons"])
+    tiny_run.assert_metrics_match(result, cfg.run_dir("failing") / "predictions.csv")
+
+
+def test_evaluate_fails_when_the_registry_is_unreachable(data_root, tmp_path, monkeypatch) -> None:
+    from covid_tasks.evaluate import evaluate
+    from covid_tasks.registry import RegistryUnavailableError
+    from tests.helpers.mlflow_server import closed_port_uri
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    cfg = _cfg(data_root, tmp_path).replace(mlflow_tracking_uri=closed_port_uri())
+    tiny_run.write_model_run(cfg, "offline", tiny_run.channel_model(tiny_run.GOOD))
+    with pytest.raises(RegistryUnavailableError, match="cannot read"):
+        evaluate(data_root, cfg, "offline")
+    assert not (cfg.run_dir("offline") / "metrics.json").exists()

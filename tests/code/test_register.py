@@ -1,0 +1,268 @@
+"""Register against a real ``mlflow server`` on loopback: gate, champion/challenger, alias order, lookup.
+
+One module-scoped flow runs evaluate + register four times on the same tiny data set, as four
+weekly DAG runs would:
+
+1. a good model, no champion yet           -> registered as v1, promoted (gate only);
+2. a worse model at another input size     -> v2, ``challenger`` only; champion v1 scored on
+                                              the same test split (resized to its 32 px);
+3. a model that fails the gate             -> nothing registered, aliases unchanged;
+4. a model as good as the champion         -> v3, promoted.
+
+Alias moves are recorded (with the version's status at that moment) by wrapping the client.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from covid_tasks.config import Config
+from tests.helpers import tiny_run
+from tests.helpers.mlflow_server import closed_port_uri, shared_server
+
+pytestmark = pytest.mark.mlflow_server
+
+MODEL = "covid-xray-classifier-register-test"
+RUNS = (  # run key, model direction, gain, img_size
+    ("run1_good", tiny_run.GOOD, 10.0, 32),
+    ("run2_worse", tiny_run.WORSE, 10.0, 40),
+    ("run3_failing", tiny_run.FAILING, 10.0, 32),
+    ("run4_as_good", tiny_run.GOOD, 14.0, 32),
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _boot_server(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Start the shared server at once; it boots while the first tests import TensorFlow."""
+    shared_server(tmp_path_factory)
+
+
+def _aliases(client: Any) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()}
+    except MlflowException:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    server = shared_server(tmp_path_factory)  # boots while the data and models are built
+    root = tiny_run.make_data_root(tmp_path_factory.mktemp("register_data"))
+    models = {key: tiny_run.channel_model(d, size, gain) for key, d, gain, size in RUNS}
+
+    from mlflow import MlflowClient
+
+    from covid_tasks.evaluate import evaluate
+    from covid_tasks.register import register
+
+    base = Config(data_root=str(root), mlflow_tracking_uri=server.url, model_name=MODEL,
+                  experiment_name="register-test", batch_size=8, backbone="mobilenet_v3_small")
+    client = MlflowClient(server.url)
+    calls: list[tuple[str, str, str]] = []
+    original = MlflowClient.set_registered_model_alias
+
+    def recording(self: Any, name: str, alias: str, version: Any) -> Any:
+        calls.append((alias, str(version), str(self.get_model_version(name, str(version)).status)))
+        return original(self, name, alias, version)
+
+    out: dict[str, Any] = {"root": root, "base": base, "client": client, "url": server.url, "runs": {}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MlflowClient, "set_registered_model_alias", recording)
+        for key, _, _, size in RUNS:
+            cfg = base.replace(img_size=size)
+            tiny_run.write_model_run(cfg, key, models[key])
+            ev = evaluate(root, cfg, key)
+            start = len(calls)
+            context = {"dataset_version": f"ds-{key}", "airflow_run_id": f"manual__{key}"}
+            reg = register(root, cfg, key, context)
+            out["runs"][key] = {"cfg": cfg, "evaluate": ev, "register": reg, "alias_calls": calls[start:],
+                                "aliases": _aliases(client)}
+    return out
+
+
+def test_first_run_has_no_champion_and_is_promoted_by_the_gate(flow: dict[str, Any]) -> None:
+    run = flow["runs"]["run1_good"]
+    ev, reg = run["evaluate"], run["register"]
+    assert ev["champion"] is None and ev["passed"] and ev["decision"] == "promote"
+    assert reg["registered"] and reg["promoted"] and reg["version"] == 1
+    assert run["aliases"] == {"challenger": "1", "champion": "1"}
+
+
+def test_worse_challenger_is_registered_but_not_promoted(flow: dict[str, Any]) -> None:
+    first, run = flow["runs"]["run1_good"], flow["runs"]["run2_worse"]
+    ev, reg = run["evaluate"], run["register"]
+    assert ev["passed"], ev["reasons"]  # passes the gate ...
+    assert not ev["promote"] and ev["decision"] == "challenger"  # ... but is worse than the champion
+    assert any("below champion v1" in r for r in ev["promotion_reasons"])
+    assert reg["registered"] and not reg["promoted"] and reg["version"] == 2
+    assert run["aliases"] == {"challenger": "2", "champion": "1"}
+    # The champion was scored on the same test split, at its own 32 px and threshold.
+    champ, was = ev["champion"], first["evaluate"]
+    assert champ["version"] == "1" and champ["img_size"] == 32 and ev["img_size"] == 40
+    for key in ("threshold", "tp", "fn", "tn", "fp", "sensitivity", "specificity", "roc_auc"):
+        assert champ[key] == pytest.approx(was[key], abs=1e-6), key
+
+
+def test_gate_failure_registers_nothing_and_keeps_the_champion(flow: dict[str, Any]) -> None:
+    run = flow["runs"]["run3_failing"]
+    ev, reg = run["evaluate"], run["register"]
+    assert not ev["passed"] and ev["decision"] == "reject"
+    assert not reg["registered"] and reg["version"] is None and reg["decision"] == "reject"
+    assert reg["champion_version"] == "1"
+    assert run["aliases"] == {"challenger": "2", "champion": "1"}
+    assert run["alias_calls"] == []
+    client = flow["client"]
+    assert client.search_model_versions(f"name='{MODEL}' and tag.run_key='run3_failing'") == []
+    mlflow_run = client.get_run(reg["mlflow_run_id"])  # the run is kept, with metrics and reason
+    assert mlflow_run.data.tags["decision"] == "reject"
+    assert mlflow_run.data.metrics["gate_passed"] == 0.0
+    assert mlflow_run.data.metrics["test_specificity"] == pytest.approx(ev["specificity"])
+
+
+def test_challenger_not_worse_than_champion_is_promoted(flow: dict[str, Any]) -> None:
+    run = flow["runs"]["run4_as_good"]
+    ev, reg = run["evaluate"], run["register"]
+    assert ev["champion"]["version"] == "1" and ev["promote"]
+    assert reg["promoted"] and reg["version"] == 3
+    assert run["aliases"] == {"challenger": "3", "champion": "3"}
+
+
+def test_aliases_move_in_order_only_onto_ready_versions(flow: dict[str, Any]) -> None:
+    calls = {key: run["alias_calls"] for key, run in flow["runs"].items()}
+    assert calls["run1_good"] == [("challenger", "1", "READY"), ("champion", "1", "READY")]
+    assert calls["run2_worse"] == [("challenger", "2", "READY")]
+    assert calls["run3_failing"] == []
+    assert calls["run4_as_good"] == [("challenger", "3", "READY"), ("champion", "3", "READY")]
+    client = flow["client"]
+    version = client.get_model_version(MODEL, "2")
+    assert version.tags["decision"] == "challenger"
+    assert client.get_model_version(MODEL, "3").tags["decision"] == "promote"
+
+
+def test_registered_version_carries_model_mapping_signature_and_tags(flow: dict[str, Any]) -> None:
+    import mlflow
+    from mlflow.models import Model
+
+    run = flow["runs"]["run2_worse"]
+    ev = run["evaluate"]
+    version = flow["client"].get_model_version(MODEL, "2")
+    tags = version.tags
+    assert tags["run_key"] == "run2_worse" and tags["dataset_version"] == "ds-run2_worse"
+    assert tags["gate"] == "passed" and tags["champion_compared"] == "1"
+    assert float(tags["sensitivity"]) == pytest.approx(ev["sensitivity"], abs=1e-4)
+    assert float(tags["specificity"]) == pytest.approx(ev["specificity"], abs=1e-4)
+    assert float(tags["threshold"]) == pytest.approx(ev["threshold"], abs=1e-6)
+    assert tags["min_sensitivity"] == "0.8" and tags["min_specificity"] == "0.7"
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/2", tracking_uri=flow["url"]))
+    assert json.loads((local / "class_indices.json").read_text()) == {"non_covid": 0, "covid": 1}
+    op = json.loads((local / "operating_point.json").read_text())
+    assert op["threshold"] == ev["threshold"] and op["img_size"] == 40
+    meta = Model.load(str(local))
+    assert meta.signature is not None
+    assert list(meta.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 40, 40, 3]
+    assert meta.saved_input_example_info is not None and (local / "input_example.json").is_file()
+    assert "keras" in meta.flavors and (local / "data" / "model.keras").is_file()
+
+
+def test_mlflow_run_holds_params_metrics_and_artifacts(flow: dict[str, Any]) -> None:
+    client = flow["client"]
+    reg = flow["runs"]["run2_worse"]["register"]
+    run = client.get_run(reg["mlflow_run_id"])
+    params, metrics = run.data.params, run.data.metrics
+    assert params["dataset_version"] == "ds-run2_worse" and params["airflow_run_id"] == "manual__run2_worse"
+    assert params["n_test"] == "35" and params["n_test_covid"] == "15" and params["n_val"] == "24"
+    assert params["img_size"] == "40" and params["min_sensitivity"] == "0.8" and "git_commit" in params
+    assert params["champion_version_compared"] == "1"
+    assert {"test_sensitivity", "test_specificity", "test_roc_auc", "test_sensitivity_ci95_low",
+            "test_roc_auc_ci95_high", "champion_test_sensitivity", "promote"} <= set(metrics)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "finetune_loss")] == [0.7, 0.5]
+    files = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"metrics.json", "predictions.csv", "champion_predictions.csv", "class_indices.json",
+            "confusion_matrix.png", "roc_curve.png", "classification_report.txt"} <= files
+    assert run.data.tags["decision"] == "challenger" and run.data.tags["model_version"] == "2"
+
+
+def test_every_written_metrics_file_matches_sklearn_on_its_predictions(flow: dict[str, Any]) -> None:
+    for key, run in flow["runs"].items():
+        run_dir = run["cfg"].run_dir(key)
+        metrics = tiny_run.load_metrics(run_dir)
+        tiny_run.assert_metrics_match(metrics, run_dir / "predictions.csv")
+        if metrics["champion"]:
+            tiny_run.assert_metrics_match(metrics["champion"], run_dir / "champion_predictions.csv")
+
+
+def test_lookup_resolves_the_champion_with_its_mapping(flow: dict[str, Any], tmp_path: Path) -> None:
+    import mlflow
+    import numpy as np
+
+    from covid_tasks.registry import load_champion
+
+    # MLflow's process-wide URIs point at an empty store: the lookup must use the URI it is given.
+    elsewhere = tmp_path / "elsewhere.db"
+    mlflow.set_tracking_uri(f"sqlite:///{elsewhere}")
+    mlflow.set_registry_uri(f"sqlite:///{elsewhere}")
+    loaded = load_champion(flow["url"], name=MODEL)
+    assert not elsewhere.exists()
+    assert loaded.version == "3" and loaded.source == f"models:/{MODEL}@champion"
+    assert loaded.class_indices == {"non_covid": 0, "covid": 1}
+    assert loaded.threshold == flow["runs"]["run4_as_good"]["evaluate"]["threshold"]
+    assert loaded.img_size == 32 and loaded.run_key == "run4_as_good"
+
+    mlflow.set_tracking_uri(flow["url"])
+    mlflow.set_registry_uri(flow["url"])
+    plain = mlflow.keras.load_model(f"models:/{MODEL}@champion")  # the flavour loads it too
+    batch = np.full((1, 32, 32, 3), 180.0, dtype="float32")
+    assert plain.predict(batch, verbose=0) == pytest.approx(loaded.model.predict(batch, verbose=0))
+
+
+def test_register_retry_does_not_register_twice(flow: dict[str, Any]) -> None:
+    from covid_tasks.register import register
+
+    run = flow["runs"]["run4_as_good"]
+    again = register(flow["root"], run["cfg"], "run4_as_good", {"dataset_version": "ds-run4_as_good"})
+    assert again["version"] == 3 and again["promoted"]
+    assert again["mlflow_run_id"] == run["register"]["mlflow_run_id"]
+    versions = flow["client"].search_model_versions(f"name='{MODEL}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3]
+    assert _aliases(flow["client"]) == {"challenger": "3", "champion": "3"}
+
+
+def test_registry_error_fails_the_task_and_moves_no_alias(flow: dict[str, Any], monkeypatch) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from covid_tasks.evaluate import evaluate
+    from covid_tasks.register import register
+
+    client, root = flow["client"], flow["root"]
+    before = _aliases(client)
+    cfg = flow["base"].replace(img_size=32)
+    tiny_run.write_model_run(cfg, "run5_good", tiny_run.channel_model(tiny_run.GOOD, 32, 20.0))
+    assert evaluate(root, cfg, "run5_good")["promote"]
+
+    # 1. The registry is down: the task fails fast.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(MlflowException):
+        register(root, cfg.replace(mlflow_tracking_uri=closed_port_uri()), "run5_good")
+    # 2. The registry refuses the registration itself, after the run was logged.
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise MlflowException("registry refused the new version")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(mlflow, "register_model", refuse)
+        with pytest.raises(MlflowException, match="refused"):
+            register(root, cfg, "run5_good")
+    assert _aliases(client) == before
+    assert client.search_model_versions(f"name='{MODEL}' and tag.run_key='run5_good'") == []
+    # Airflow's retry then completes the step.
+    done = register(root, cfg, "run5_good")
+    assert done["promoted"] and done["version"] == 4
+    assert _aliases(client) == {"challenger": "4", "champion": "4"}
