@@ -13,8 +13,10 @@ ieee8023 covid-chestxray-dataset) and, step by step:
 6. **finetune**: all layers unfrozen (BatchNorm frozen), class weights, lr 1e-5,
    best-epoch checkpoint and early stopping (queue and pool `gpu`);
 7. **evaluate**: threshold chosen on val; sensitivity and specificity on test, COVID positive;
+   the current champion is scored on the same test images;
 8. **register**: logs the run to MLflow; a model that passes the gate becomes a new version of
-   `covid-xray-classifier` and takes the alias `champion` that services read.
+   `covid-xray-classifier` with the alias `challenger`, and takes the alias `champion` that
+   services read only when it is not worse than the champion by more than **promotion_margin**.
 
 Outputs of a run land in `<data_root>/runs/<run id>/` (models, plots, `metrics.json`,
 `predictions.csv`); the registry holds the passing models.
@@ -22,6 +24,8 @@ Outputs of a run land in `<data_root>/runs/<run id>/` (models, plots, `metrics.j
 #### Params
 - **source_uri**: `s3://bucket/prefix`, `file:///path` or a folder; empty uses `COVID_SOURCE_URI`.
 - **min_sensitivity** / **min_specificity**: the gate on the test split (0..1).
+- **promotion_margin**: how much lower than the champion's test sensitivity or specificity a
+  challenger may be and still be promoted.
 - **epochs** / **finetune_epochs**: epochs of the frozen and the unfrozen phase.
 - **img_size** / **batch_size**: square input size in pixels and images per batch (per GPU).
 - **backbone**: `resnet50`, `mobilenet_v3_small` or `efficientnet_lite0`.
@@ -57,6 +61,8 @@ log = logging.getLogger(__name__)
                                  description="Gate: minimum test sensitivity (COVID recall)"),
         "min_specificity": Param(0.70, type="number", minimum=0, maximum=1,
                                  description="Gate: minimum test specificity (non-COVID recall)"),
+        "promotion_margin": Param(0.02, type="number", minimum=0, maximum=1,
+                                  description="Allowed drop vs the champion on either gate metric"),
         "epochs": Param(5, type="integer", minimum=0, maximum=200, description="Frozen-backbone epochs"),
         "finetune_epochs": Param(10, type="integer", minimum=0, maximum=200,
                                  description="Fine-tuning epochs (early stopping may end sooner)"),
