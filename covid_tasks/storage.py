@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 

@@ -67,8 +67,9 @@ def _constant_model(path: Path, prob: float) -> None:
 
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.GlobalAveragePooling2D()(inputs)
+    logit = float(np.log(prob / (1 - prob)))
     out = keras.layers.Dense(1, activation="sigmoid", kernel_initializer="zeros",
-                             bias_initializer=keras.initializers.Constant(float(np.log(prob / (1 - prob)))))(x)
+                             bias_initializer=keras.initializers.Constant(logit))(x)
     keras.Model(inputs, out).save(path)
 
 

@@ -8,7 +8,13 @@ import math
 import pytest
 
 from covid_tasks.storage import (
-    UnsafePathError, atomic_path, jsonable, read_json, resolve_under, safe_relpath, write_json,
+    UnsafePathError,
+    atomic_path,
+    jsonable,
+    read_json,
+    resolve_under,
+    safe_relpath,
+    write_json,
 )
 
 

@@ -69,8 +69,8 @@ def test_retries(dag):
 
 def test_params_are_declared_and_validated(dag):
     params = dag.params
-    for name in ("source_uri", "min_sensitivity", "min_specificity", "promotion_margin", "epochs", "finetune_epochs",
-                 "img_size", "batch_size", "weights", "backbone", "force"):
+    for name in ("source_uri", "min_sensitivity", "min_specificity", "promotion_margin", "epochs",
+                 "finetune_epochs", "img_size", "batch_size", "weights", "backbone", "force"):
         assert name in params, name
     schema = params.get_param("min_sensitivity").schema
     assert (schema["type"], schema["minimum"], schema["maximum"]) == ("number", 0, 1)

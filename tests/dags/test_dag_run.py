@@ -37,8 +37,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _dags_test(env: dict[str, str], conf: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "airflow"), "dags", "test", "covid_retraining", "--conf", json.dumps(conf)],
-                          env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    cmd = [str(BIN / "airflow"), "dags", "test", "covid_retraining", "--conf", json.dumps(conf)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
 def _task_states(log: str) -> str:

@@ -12,7 +12,8 @@ pytest.importorskip("kubernetes")
 
 
 def _policy():
-    spec = importlib.util.spec_from_file_location("covid_k8s_policy", REPO / "docker/k8s/airflow_local_settings.py")
+    path = REPO / "docker" / "k8s" / "airflow_local_settings.py"
+    spec = importlib.util.spec_from_file_location("covid_k8s_policy", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.task_policy
