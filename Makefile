@@ -63,7 +63,7 @@ test: install-dev
 	$(BIN)/python -m pytest -q
 
 lint: install-dev
-	$(PIP) install -q ruff
+	$(PIP) install -q ruff==0.17.6
 	$(BIN)/ruff check dags covid_tasks tests
 
 bench: install-dev
