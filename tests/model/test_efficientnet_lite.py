@@ -62,15 +62,16 @@ def _center_crop_resize(img: np.ndarray, size: int = 224) -> np.ndarray:
 # ----------------------------------------------------------------------------- the decisive test
 def test_bundled_weights_classify_sample_photos(classifier: keras.Model) -> None:
     skimage_data = pytest.importorskip("skimage.data")
-    images = np.stack([_center_crop_resize(skimage_data.chelsea()), _center_crop_resize(skimage_data.coffee())])
+    images = np.stack([_center_crop_resize(img) for img in (skimage_data.chelsea(), skimage_data.coffee())])
     probs = classifier.predict(images, verbose=0)
     cat, coffee = probs
     # Chelsea: the network splits its belief between the three cat breeds (about 0.4/0.33/0.16).
     assert int(np.argmax(cat)) in CAT_CLASSES
     assert cat[list(CAT_CLASSES)].sum() >= 0.8
-    # Espresso: one class, about 0.94; spatially transposed kernels give about 0.49.
-    assert int(np.argmax(coffee)) == 967
-    assert coffee[967] >= 0.9
+    # Espresso (967) at about 0.94; spatially transposed kernels give about 0.49, torchvision's
+    # mean/std normalisation instead of the reference's (x - 127) / 128 about 0.82.
+    assert int(np.argmax(coffee)) in COFFEE_CLASSES
+    assert coffee.max() >= 0.9
 
 
 # ----------------------------------------------------------------------------- state-dict reader
@@ -265,7 +266,8 @@ def test_backbone_loads_cached_weights_and_roundtrips_in_the_pipeline_model(
     path = tmp_path / "model.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)  # plain Keras: no custom_objects, no covid_tasks layers
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    want = model.predict(x, verbose=0)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
 
     unfreeze(loaded, 1e-5)
     bns = [lay for lay in loaded.get_layer(BACKBONE_LAYER).layers
