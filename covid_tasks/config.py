@@ -54,7 +54,7 @@ class Config:
     img_size: int = 224
     batch_size: int = 16
     epochs: int = 5
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-2  # the head only (backbone frozen); see README quality benchmark
     finetune_epochs: int = 10
     finetune_learning_rate: float = 1e-5
     early_stopping_patience: int = 3

@@ -1,0 +1,203 @@
+"""Quality benchmark: does the offline ImageNet-pretrained backbone beat random initialisation?
+
+Runs the pipeline's own stages (pull, relabel, split once; then train, finetune and evaluate per
+configuration) on the COVID-19 chest X-ray data and prints, on the patient-disjoint test split,
+sensitivity and specificity (95% Wilson intervals, at the threshold ``evaluate`` picks on val) and
+ROC AUC (95% patient-level bootstrap interval), with each configuration's wall time, as a markdown
+table for the README. Every configuration uses the same recipe (epochs, learning rates, seed).
+
+Usage::
+
+    python benchmarks/quality_bench.py                       # ../shared/data/covid-chestxray, 224 px
+    python benchmarks/quality_bench.py --epochs 3 --finetune-epochs 5 --batch-size 32 --work /tmp/qb
+
+Exits 0 with a note when the data set is absent. This is a script, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "covid-chestxray"
+CONFIGS: tuple[tuple[str, str], ...] = (
+    ("efficientnet_lite0", "bundled"),
+    ("efficientnet_lite0", "none"),
+    ("resnet50", "none"),
+)
+BOOTSTRAP_ROUNDS = 2000
+
+
+def bootstrap_auc_ci(labels: Any, probs: Any, groups: Any, rounds: int = BOOTSTRAP_ROUNDS,
+                     seed: int = 1234) -> tuple[float, float]:
+    """95% percentile interval of ROC AUC, resampling patients (images of one patient move together).
+
+    Args:
+        labels: 0/1 labels (1 = covid), one per image.
+        probs: P(covid), one per image.
+        groups: patient id per image.
+        rounds: bootstrap resamples.
+        seed: random seed.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` when no resample holds both classes.
+    """
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    y, p, g = np.asarray(labels, int), np.asarray(probs, float), np.asarray(groups).astype(str)
+    patients, inverse = np.unique(g, return_inverse=True)
+    members = [np.flatnonzero(inverse == i) for i in range(len(patients))]
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(rounds):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(patients), len(patients))])
+        if len(set(y[idx].tolist())) == 2:
+            aucs.append(roc_auc_score(y[idx], p[idx]))
+    if not aucs:
+        return (float("nan"), float("nan"))
+    low, high = np.percentile(aucs, [2.5, 97.5])
+    return (float(low), float(high))
+
+
+def _auc_ci(result: dict[str, Any]) -> tuple[float, float]:
+    if result.get("roc_auc_ci95"):
+        low, high = result["roc_auc_ci95"]
+        return (float(low), float(high))
+    import pandas as pd
+
+    preds = pd.read_csv(result["predictions_path"])
+    labels = (preds["label"] == "covid").astype(int)
+    return bootstrap_auc_ci(labels, preds["prob_covid"], preds["patientid"])
+
+
+def _fmt(value: float, ci: Any) -> str:
+    return f"{value:.3f} ({float(ci[0]):.3f}–{float(ci[1]):.3f})"
+
+
+def run_config(work: Path, cfg: Any, backbone: str, weights: str) -> dict[str, Any]:
+    """Train, fine-tune and evaluate one backbone/weights pair on the prepared data root."""
+    from covid_tasks.evaluate import evaluate
+    from covid_tasks.finetune import finetune
+    from covid_tasks.train import train
+
+    run_cfg = cfg.replace(backbone=backbone, weights=weights)
+    run_key = f"quality-{backbone}-{weights}"
+    start = time.perf_counter()
+    trained = train(work, run_cfg, run_key)
+    tuned = finetune(work, run_cfg, run_key)
+    result = evaluate(work, run_cfg, run_key)
+    wall = time.perf_counter() - start
+    return {
+        "backbone": backbone,
+        "weights": weights,
+        "wall_s": wall,
+        "epochs_run": [trained.get("epochs_run"), tuned.get("epochs_run")],
+        "best_val_auc": tuned.get("best_val_auc"),
+        "threshold": result["threshold"],
+        "n_test": result.get("n_test", result.get("n")),
+        "sensitivity": result["sensitivity"],
+        "sensitivity_ci95": result["sensitivity_ci95"],
+        "specificity": result["specificity"],
+        "specificity_ci95": result["specificity_ci95"],
+        "roc_auc": result["roc_auc"],
+        "roc_auc_ci95": list(_auc_ci(result)),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The markdown results table."""
+    lines = [
+        "| backbone | weights | test ROC AUC (95% CI) | sensitivity (95% CI) | specificity (95% CI) "
+        "| threshold | epochs (train+finetune) | wall time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        epochs = "+".join(str(e) for e in r["epochs_run"])
+        lines.append(
+            f"| {r['backbone']} | {r['weights']} | {_fmt(r['roc_auc'], r['roc_auc_ci95'])} "
+            f"| {_fmt(r['sensitivity'], r['sensitivity_ci95'])} "
+            f"| {_fmt(r['specificity'], r['specificity_ci95'])} "
+            f"| {r['threshold']:.3f} | {epochs} | {r['wall_s'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with metadata.csv and images/")
+    parser.add_argument("--work", default="", help="data root to use (default: a new temporary folder)")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=None, help="head phase (default: Config's)")
+    parser.add_argument("--finetune-learning-rate", type=float, default=None,
+                        help="fine-tuning phase (default: Config's)")
+    parser.add_argument("--configs", default=",".join(f"{b}:{w}" for b, w in CONFIGS),
+                        help="comma-separated backbone:weights pairs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices
+    warnings.filterwarnings("ignore", category=UserWarning, module="keras")
+
+    data = Path(args.data).resolve()
+    if not (data / "metadata.csv").is_file():
+        print(f"quality_bench: {data}/metadata.csv not found; nothing to benchmark.")
+        return 0
+    sys.path.insert(0, str(REPO))
+    from covid_tasks.config import Config
+    from covid_tasks.pull import pull
+    from covid_tasks.relabel import relabel
+    from covid_tasks.split import split
+
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="quality-bench-"))
+    rates = {"learning_rate": args.learning_rate, "finetune_learning_rate": args.finetune_learning_rate}
+    cfg = Config(data_root=str(work), source_uri=str(data), img_size=args.img_size, epochs=args.epochs,
+                 finetune_epochs=args.finetune_epochs, batch_size=args.batch_size,
+                 **{k: v for k, v in rates.items() if v is not None})
+    configs = [tuple(c.split(":", 1)) for c in args.configs.split(",") if c]
+
+    start = time.perf_counter()
+    pull(str(data), work, cfg)
+    labelled = relabel(work, cfg)
+    splits = split(work, cfg)
+    prep_s = time.perf_counter() - start
+    print(f"data: {data} -> {work} ({prep_s:.0f} s for pull, relabel, split)")
+    split_counts = {k: v for k, v in splits.items() if not str(k).endswith("csv")}
+    print(f"split: {json.dumps(split_counts, default=str)}")
+    print(f"relabel: {json.dumps({k: v for k, v in labelled.items() if isinstance(v, (int, float))})}")
+
+    rows = []
+    for backbone, weights in configs:
+        print(f"{time.strftime('%H:%M:%S')} running {backbone} + {weights} ...", flush=True)
+        rows.append(run_config(work, cfg, backbone, weights))
+        print(json.dumps(rows[-1], default=str), flush=True)
+
+    settings = (f"Settings: img_size {cfg.img_size}, batch {cfg.batch_size}, train {cfg.epochs} epochs at "
+                f"lr {cfg.learning_rate:g} (frozen backbone), finetune up to {cfg.finetune_epochs} epochs at "
+                f"lr {cfg.finetune_learning_rate:g} (all but BatchNorm, early stopping patience "
+                f"{cfg.early_stopping_patience} on val AUC), seed {cfg.seed}, threshold: highest reaching "
+                f"sensitivity {cfg.min_sensitivity:g} on val; {os.cpu_count()} CPU cores. "
+                f"AUC interval: {BOOTSTRAP_ROUNDS} patient-level bootstrap resamples; "
+                "sensitivity/specificity: Wilson.")
+    print()
+    print(settings)
+    print()
+    print(table(rows))
+    (work / "quality_bench.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
