@@ -41,3 +41,14 @@ def sample_raw(tmp_path: Path) -> Path:
     shutil.copytree(SAMPLE / "images", tmp_path / "raw" / "images")
     shutil.copy(SAMPLE / "metadata.csv", tmp_path / "raw" / "metadata.csv")
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uris():
+    """Tests and stages set MLflow's process-wide URIs; put them back after every test."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    before = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    yield
+    tracking_utils._tracking_uri, registry_utils._registry_uri = before

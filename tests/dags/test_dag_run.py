@@ -65,7 +65,8 @@ def test_first_run_registers_a_champion(env, first_run):
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(env["COVID_MLFLOW_TRACKING_URI"])
+    uri = env["COVID_MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     champion = client.get_model_version_by_alias("covid-xray-classifier", "champion")
     assert champion.tags["run_key"] == run_dir.name
     assert "register: done" in log
@@ -82,7 +83,8 @@ def test_second_run_without_new_data_skips_training(env, first_run):
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(env["COVID_MLFLOW_TRACKING_URI"])
+    uri = env["COVID_MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert len(client.search_model_versions("name='covid-xray-classifier'")) == 1
 
 
