@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_tasks.config import CHALLENGER_ALIAS, CHAMPION_ALIAS, CLASS_NAMES, POSITIVE_INDEX, Config
+from covid_tasks.registry import alias_version_number
 from covid_tasks.storage import jsonable, read_json, require_file, write_json
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def register(data_root: str | Path, cfg: Config, run_key: str, context: dict[str
             mlflow.set_tag(_LOGGED_TAG, "true")
         if not metrics["passed"]:
             mlflow.set_tag("decision", "reject")
-            current = _alias(client, cfg.model_name, CHAMPION_ALIAS)
+            current = alias_version_number(client, cfg.model_name, CHAMPION_ALIAS)
             result.update(decision="reject", champion_version=current)
             logger.warning("register: gate failed, nothing registered (champion stays %s): %s", current,
                            "; ".join(result["reasons"]))
@@ -118,7 +119,7 @@ def register(data_root: str | Path, cfg: Config, run_key: str, context: dict[str
     client.set_tag(run_id, "decision", decision)
     result.update(registered=True, version=int(version), aliases=aliases, alias=aliases[-1],
                   promoted=promoted, decision=decision,
-                  champion_version=_alias(client, cfg.model_name, CHAMPION_ALIAS),
+                  champion_version=alias_version_number(client, cfg.model_name, CHAMPION_ALIAS),
                   promotion_reasons=result["promotion_reasons"] + why_not,
                   model_uri=f"models:/{cfg.model_name}/{version}")
     logger.info("register: done %s", json.dumps(jsonable(result)))
@@ -132,7 +133,7 @@ def _promote(client: Any, name: str, version: str, metrics: dict[str, Any]) -> t
         ``(promoted, reasons_not_promoted)``. When the champion changed after evaluate compared
         against it, the version is not promoted (re-run evaluate to compare with the new one).
     """
-    current = _alias(client, name, CHAMPION_ALIAS)
+    current = alias_version_number(client, name, CHAMPION_ALIAS)
     if current == version:
         return True, []  # a retry after the alias had already moved
     if not metrics.get("promote", False):
@@ -148,20 +149,6 @@ def _promote(client: Any, name: str, version: str, metrics: dict[str, Any]) -> t
     client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
     logger.info("register: version %s is now %s (was %s)", version, CHAMPION_ALIAS, current)
     return True, []
-
-
-def _alias(client: Any, name: str, alias: str) -> str | None:
-    """The version number ``name@alias`` points to, ``None`` if the model or alias is absent."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    version = (model.aliases or {}).get(alias)
-    return None if version is None else str(version)
 
 
 def _experiment(client: Any, cfg: Config) -> str:

@@ -64,6 +64,24 @@ def check_class_indices(mapping: dict[str, int]) -> dict[str, int]:
     return expected
 
 
+def alias_version_number(client: Any, name: str, alias: str) -> str | None:
+    """The version number ``name@alias`` points to, ``None`` if the model or alias is absent.
+
+    Raises:
+        mlflow.exceptions.MlflowException: any registry error other than "model does not exist".
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = (model.aliases or {}).get(alias)
+    return None if version is None else str(version)
+
+
 def alias_version(name: str, alias: str, tracking_uri: str) -> Any | None:
     """The ``ModelVersion`` that ``name@alias`` points to, or ``None`` when there is none.
 
@@ -87,14 +105,8 @@ def alias_version(name: str, alias: str, tracking_uri: str) -> Any | None:
 
     try:
         client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        try:
-            model = client.get_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise
-        version = (model.aliases or {}).get(alias)
-        return None if version is None else client.get_model_version(name, str(version))
+        version = alias_version_number(client, name, alias)
+        return None if version is None else client.get_model_version(name, version)
     except MlflowException as exc:
         raise RegistryUnavailableError(
             f"cannot read {name}@{alias} from the MLflow registry at {tracking_uri}: {exc}") from exc
