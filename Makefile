@@ -48,7 +48,7 @@ airflow-init: install
 	$(BIN)/airflow pools set gpu 1 "GPU slots for train and finetune" > /dev/null
 
 run: airflow-init
-	@echo "make run: one DAG run on $(COVID_SOURCE_URI) with $(RUN_CONF) (CPU settings; see README)"
+	@echo 'make run: one DAG run on $(COVID_SOURCE_URI) with CPU settings $(RUN_CONF) (see README)'
 	$(BIN)/airflow dags test covid_retraining --conf '$(RUN_CONF)' > $(AIRFLOW_HOME)/last-run.log 2>&1 \
 	  || { tail -n 60 $(AIRFLOW_HOME)/last-run.log; echo "DAG run failed; full log: $(AIRFLOW_HOME)/last-run.log"; exit 1; }
 	@grep -E "covid_tasks\.[a-z_]+: [a-z_]+: (done|gate)|Marking run|state=" $(AIRFLOW_HOME)/last-run.log | cut -c1-240 || true

@@ -33,9 +33,17 @@ def finetune(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]
     """
     import keras
 
-    from covid_tasks.model import unfreeze
+    from covid_tasks.model import unfreeze, with_dtype_policy
     from covid_tasks.storage import require_file
-    from covid_tasks.training import configure_devices, finish, fit, load_splits, save_model, set_seeds
+    from covid_tasks.training import (
+        configure_devices,
+        finish,
+        fit,
+        global_batch,
+        load_splits,
+        save_model,
+        set_seeds,
+    )
 
     run_dir = cfg.run_dir(run_key)
     trained = require_file(run_dir / "train.keras", "train")
@@ -45,7 +53,9 @@ def finetune(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]
     devices = configure_devices()
     splits = load_splits(data_root)
     with devices["strategy"].scope():
-        model = keras.saving.load_model(trained)
+        # train.keras is saved in float32; on a GPU, fine-tune under the mixed precision policy.
+        policy = keras.mixed_precision.global_policy().name
+        model = with_dtype_policy(keras.saving.load_model(trained), policy)
         n_trainable = unfreeze(model, cfg.finetune_learning_rate)
     checkpoint = run_dir / "finetune.best.weights.h5"
     callbacks = [
@@ -54,8 +64,8 @@ def finetune(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping_patience,
                                       restore_best_weights=True),
     ]
-    batch_cfg = cfg.replace(batch_size=cfg.batch_size * max(devices["gpus"], 1))
-    history = fit(model, splits, data_root, batch_cfg, cfg.finetune_epochs, "finetune", callbacks)
+    history = fit(model, splits, data_root, global_batch(cfg, devices), cfg.finetune_epochs, "finetune",
+                  callbacks)
     if checkpoint.is_file():
         model.load_weights(checkpoint)  # the best epoch, also when early stopping never fired
         checkpoint.unlink()  # finetune.keras below holds the same weights

@@ -1,4 +1,4 @@
-"""Train stage: fit the classifier head on a frozen ImageNet backbone."""
+"""Train stage: fit the classifier head on a frozen ImageNet backbone (Airflow queue and pool ``gpu``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,15 @@ def train(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]:
         covid_tasks.model.WeightsUnavailableError: ImageNet weights cannot be had.
     """
     from covid_tasks.model import build_model
-    from covid_tasks.training import configure_devices, finish, fit, load_splits, save_model, set_seeds
+    from covid_tasks.training import (
+        configure_devices,
+        finish,
+        fit,
+        global_batch,
+        load_splits,
+        save_model,
+        set_seeds,
+    )
 
     run_dir = cfg.run_dir(run_key)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -39,8 +47,7 @@ def train(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]:
     splits = load_splits(data_root)
     with devices["strategy"].scope():
         model = build_model(cfg)
-    batch_cfg = cfg.replace(batch_size=cfg.batch_size * max(devices["gpus"], 1))
-    history = fit(model, splits, data_root, batch_cfg, cfg.epochs, "train")
+    history = fit(model, splits, data_root, global_batch(cfg, devices), cfg.epochs, "train")
     path = save_model(model, run_dir / "train.keras")
     return finish("train", run_dir, path, history, {
         "trainable_weights": len(model.trainable_weights),

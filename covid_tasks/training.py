@@ -19,7 +19,11 @@ PLOT_METRICS = ("accuracy", "loss", "precision", "recall", "auc")
 
 
 def set_seeds(seed: int) -> None:
-    """Seed Python, NumPy and the Keras/TensorFlow generators in one place."""
+    """Seed Python, NumPy and the Keras/TensorFlow generators in one place.
+
+    Args:
+        seed: the run's seed (``cfg.seed``).
+    """
     import keras
     import numpy as np
 
@@ -30,75 +34,136 @@ def set_seeds(seed: int) -> None:
 
 
 def configure_devices() -> dict[str, Any]:
-    """GPU set-up: memory growth, mixed precision when a GPU is visible, a mirrored strategy for >1.
+    """Set up the visible accelerators for a training stage.
+
+    No GPU: float32 and the default strategy. One GPU or more: memory growth (TensorFlow does not
+    take the whole card up front) and the ``mixed_float16`` policy (the model's output layer stays
+    float32). More than one: a ``MirroredStrategy`` over all of them; callers multiply the batch
+    size by ``replicas`` so each GPU gets ``cfg.batch_size`` images.
 
     Returns:
-        ``{"gpus": n, "mixed_precision": bool, "strategy": tf.distribute.Strategy}``.
+        ``{"gpus": n, "replicas": n_in_sync, "mixed_precision": bool, "strategy": strategy}``.
     """
     import keras
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
+    for gpu in gpus:  # pragma: no cover - no GPU on CI
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # pragma: no cover - already initialised
+        except RuntimeError:  # already initialised by an earlier call in this process
             pass
-    if gpus:  # pragma: no cover - no GPU on CI
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    else:
-        keras.mixed_precision.set_global_policy("float32")
+    keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "float32")
     strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-    return {"gpus": len(gpus), "mixed_precision": bool(gpus), "strategy": strategy}
+    devices = {"gpus": len(gpus), "replicas": int(strategy.num_replicas_in_sync),
+               "mixed_precision": bool(gpus), "strategy": strategy}
+    logger.info("devices: %d GPU(s), %d replica(s), mixed precision %s, %s", len(gpus),
+                devices["replicas"], devices["mixed_precision"], type(strategy).__name__)
+    return devices
+
+
+def global_batch(cfg: Config, devices: dict[str, Any]) -> Config:
+    """``cfg`` with ``batch_size`` scaled to the global batch (per-replica batch x replicas)."""
+    return cfg.replace(batch_size=cfg.batch_size * max(int(devices["replicas"]), 1))
 
 
 def load_splits(data_root: str | Path) -> dict[str, Any]:
+    """Read ``<data_root>/splits.csv`` into ``{"train", "val", "test"}`` frames.
+
+    Raises:
+        FileNotFoundError: ``splits.csv`` is missing (run ``split`` first).
+    """
     import pandas as pd
 
-    frame = pd.read_csv(require_file(Path(data_root) / "splits.csv", "split"), dtype=str, keep_default_na=False)
+    path = require_file(Path(data_root) / "splits.csv", "split")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     return {s: frame[frame["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
 
 
-class EpochLogger:
-    """Keras callback: one log line per epoch with its metrics and images per second."""
+def epoch_logger(n_images: int, phase: str) -> Any:
+    """A Keras callback logging one line per epoch: its metrics and training images per second.
 
-    def __new__(cls, n_images: int, phase: str) -> Any:
-        import keras
+    Args:
+        n_images: training images per epoch.
+        phase: ``train`` or ``finetune``, the line's prefix.
 
-        class _EpochLogger(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                self._t0 = time.perf_counter()
+    Returns:
+        The callback. Images per second count the training part of the epoch only (up to the
+        start of validation).
+    """
+    import keras
 
-            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-                dt = time.perf_counter() - self._t0
-                metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()))
-                logger.info("%s epoch %d: %s images/s=%.1f (%.1fs)", phase, epoch + 1, metrics,
-                            n_images / dt if dt > 0 else 0.0, dt)
+    class _EpochLogger(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self._t0 = time.perf_counter()
+            self._t_train: float | None = None
 
-        return _EpochLogger()
+        def on_test_begin(self, logs: Any = None) -> None:
+            if getattr(self, "_t_train", 0.0) is None:
+                self._t_train = time.perf_counter() - self._t0
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            total = time.perf_counter() - self._t0
+            train_s = self._t_train if self._t_train is not None else total
+            metrics = " ".join(f"{k}={float(v):.4f}" for k, v in sorted((logs or {}).items()))
+            logger.info("%s epoch %d: %s images/s=%.1f (%.1fs, %.1fs training)", phase, epoch + 1, metrics,
+                        n_images / train_s if train_s > 0 else 0.0, total, train_s)
+
+    return _EpochLogger()
 
 
 def fit(model: Any, splits: dict[str, Any], data_root: str | Path, cfg: Config, epochs: int,
         phase: str, callbacks: list[Any] | None = None) -> dict[str, list[float]]:
-    """Fit ``model`` on the train split with class weights, validating on the val split."""
+    """Fit ``model`` on the train split with balanced class weights, validating on the val split.
+
+    Args:
+        model: a compiled model.
+        splits: ``{"train", "val", ...}`` frames from :func:`load_splits`.
+        data_root: the data root (images under ``raw/images``, file caches under ``cache/``).
+        cfg: configuration; ``batch_size`` is the global batch (already scaled by the GPU count).
+        epochs: epochs to run.
+        phase: ``train`` or ``finetune``, for the log lines.
+        callbacks: extra Keras callbacks.
+
+    Returns:
+        Keras' history: ``loss``, ``accuracy``, ``precision``, ``recall``, ``auc`` and their
+        ``val_`` versions, one float per epoch.
+    """
     from covid_tasks.data import class_weights, label_index, make_dataset
 
     images = Path(data_root) / "raw" / "images"
-    cache = Path(data_root) / "cache" / f"{cfg.img_size}"
+    cache = Path(data_root) / "cache"
     train_ds = make_dataset(splits["train"], images, cfg, training=True, cache_dir=cache)
     val_ds = make_dataset(splits["val"], images, cfg, training=False, cache_dir=cache)
     weights = class_weights(label_index(splits["train"]["label"]))
     logger.info("%s: %d epochs, %d train / %d val images, class weights %s", phase, epochs,
                 len(splits["train"]), len(splits["val"]), weights)
-    cbs = [EpochLogger(len(splits["train"]), phase), *(callbacks or [])]
+    cbs = [epoch_logger(len(splits["train"]), phase), *(callbacks or [])]
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights,
-                        callbacks=cbs, verbose=0)
+                        callbacks=cbs, shuffle=False, verbose=0)  # the dataset shuffles itself
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
 
 def save_model(model: Any, path: str | Path) -> str:
-    """Save a ``.keras`` file atomically with ``class_indices.json`` beside it."""
+    """Save a float32 ``.keras`` file atomically with ``class_indices.json`` beside it.
+
+    A model trained under mixed precision is saved with float32 layers (same weights), so a
+    service on a CPU computes in float32.
+
+    Args:
+        model: the model to save.
+        path: the ``.keras`` file to write.
+
+    Returns:
+        ``path`` as a string.
+    """
+    from covid_tasks.model import compile_model, with_dtype_policy
+
     path = Path(path)
+    float32 = with_dtype_policy(model, "float32")
+    if float32 is not model:
+        compile_model(float32, float(model.optimizer.learning_rate))
+        model = float32
     with atomic_path(path) as tmp:
         keras_tmp = tmp.with_suffix(".keras")
         model.save(keras_tmp)
@@ -108,7 +173,16 @@ def save_model(model: Any, path: str | Path) -> str:
 
 
 def plot_history(history: dict[str, list[float]], out_dir: str | Path, phase: str) -> list[str]:
-    """One PNG per metric (train and validation curves per epoch); returns the file paths."""
+    """One PNG per metric of ``PLOT_METRICS``: train and validation curves per epoch.
+
+    Args:
+        history: Keras' history, as returned by :func:`fit`.
+        out_dir: the run folder.
+        phase: ``train`` or ``finetune``; files are ``<phase>_<metric>.png``.
+
+    Returns:
+        The paths written, in ``PLOT_METRICS`` order.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +210,18 @@ def plot_history(history: dict[str, list[float]], out_dir: str | Path, phase: st
 
 def finish(phase: str, run_dir: Path, model_path: str, history: dict[str, list[float]],
            extra: dict[str, Any]) -> dict[str, Any]:
-    """Write the phase's history and plots and build its small result dict."""
+    """Write the phase's history and plots and build its small result dict.
+
+    Args:
+        phase: ``train`` or ``finetune``.
+        run_dir: the run folder.
+        model_path: the saved ``.keras`` file.
+        history: Keras' history, written as ``<phase>_history.json`` (``register`` logs it to MLflow).
+        extra: stage-specific keys added to the result.
+
+    Returns:
+        The JSON-able result dict the stage returns (and XCom stores).
+    """
     write_json(run_dir / f"{phase}_history.json", history)
     plots = plot_history(history, run_dir, phase)
     best_val_auc = max(history.get("val_auc", [float("nan")]))

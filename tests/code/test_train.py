@@ -1,0 +1,158 @@
+"""The train and finetune stages end to end on a tiny synthetic data set (MobileNetV3Small, 32 px)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from covid_tasks.config import Config
+from covid_tasks.finetune import MONITOR, finetune
+from covid_tasks.model import BACKBONE_LAYER, OUTPUT_LAYER, build_model
+from covid_tasks.train import train
+from covid_tasks.training import set_seeds
+
+RUN_KEY = "manual__2026-01-05T00:00:00+00:00"
+METRICS = ("loss", "accuracy", "precision", "recall", "auc")
+RESULT_KEYS = {"model_path", "class_indices", "history", "plots", "epochs_run", "final_val_loss",
+               "best_val_auc", "trainable_weights"}
+
+
+def _make_data_root(root: Path) -> None:
+    """Images with a class-dependent bright blob (PNG and JPEG, grey and RGB) and a ``splits.csv``."""
+    rng = np.random.default_rng(0)
+    images = root / "raw" / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for split, n in (("train", 16), ("val", 8), ("test", 4)):
+        for i in range(n):
+            label = ("non_covid", "covid")[i % 2]
+            img = rng.integers(0, 60, size=(40, 40), dtype=np.uint8)
+            if label == "covid":
+                img[10:30, 10:30] += 150
+            name = f"{split}{i}.{'png' if i % 3 else 'jpg'}"
+            pil = Image.fromarray(img) if i % 4 else Image.fromarray(np.stack([img] * 3, -1))
+            pil.save(images / name)
+            rows.append({"filename": name, "label": label, "split": split, "patientid": f"{split}{i}"})
+    pd.DataFrame(rows).to_csv(root / "splits.csv", index=False)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("data_root")
+    _make_data_root(root)
+    cfg = Config(data_root=str(root), backbone="mobilenet_v3_small", weights="none", img_size=32,
+                 batch_size=8, epochs=2, finetune_epochs=2, early_stopping_patience=1, seed=3)
+    records = _Records()
+    log = logging.getLogger("covid_tasks")
+    log.addHandler(records)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        trained = train(root, cfg, RUN_KEY)
+        tuned = finetune(root, cfg, RUN_KEY)
+    finally:
+        log.removeHandler(records)
+        log.setLevel(old_level)
+    return {"root": root, "cfg": cfg, "train": trained, "finetune": tuned, "log": records.lines,
+            "run_dir": cfg.run_dir(RUN_KEY)}
+
+
+def _check_outputs(result: dict[str, Any], run_dir: Path, phase: str) -> dict[str, list[float]]:
+    assert RESULT_KEYS <= set(result)
+    assert result["model_path"] == str(run_dir / f"{phase}.keras") and Path(result["model_path"]).is_file()
+    assert json.loads(Path(result["class_indices"]).read_text()) == {"non_covid": 0, "covid": 1}
+    history = json.loads(Path(result["history"]).read_text())
+    assert set(history) >= {*METRICS, *(f"val_{m}" for m in METRICS)}
+    assert all(len(history[m]) == result["epochs_run"] for m in METRICS)
+    assert result["plots"] == [str(run_dir / f"{phase}_{m}.png") for m in ("accuracy", "loss", "precision",
+                                                                              "recall", "auc")]
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in result["plots"])
+    json.dumps(result)  # the XCom value is JSON-able
+    return history
+
+
+def _bn_and_conv(model: Any) -> tuple[list[Any], list[Any]]:
+    base = model.get_layer(BACKBONE_LAYER)
+    return ([layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)],
+            [layer for layer in base.layers if isinstance(layer, keras.layers.Conv2D)])
+
+
+def test_train_saves_a_frozen_model_history_and_plots(stages: dict[str, Any]) -> None:
+    result, run_dir = stages["train"], stages["run_dir"]
+    history = _check_outputs(result, run_dir, "train")
+    assert result["epochs_run"] == 2 and result["trainable_weights"] == 2
+    assert result["gpus"] == 0 and result["mixed_precision"] is False
+    assert np.isfinite(history["loss"]).all()
+    model = keras.saving.load_model(result["model_path"])
+    assert model.get_layer(BACKBONE_LAYER).trainable_weights == []
+    # Seeded: the same seed builds the same initial model, and training left its backbone untouched
+    # (BatchNorm statistics included) while the head learned.
+    set_seeds(stages["cfg"].seed)
+    initial = build_model(stages["cfg"])
+    before, after = (m.get_layer(BACKBONE_LAYER).weights for m in (initial, model))
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not np.array_equal(initial.get_layer(OUTPUT_LAYER).get_weights()[0],
+                              model.get_layer(OUTPUT_LAYER).get_weights()[0])
+    epoch_lines = [line for line in stages["log"] if line.startswith("train epoch ")]
+    assert len(epoch_lines) == 2 and all("val_auc=" in line and "images/s=" in line for line in epoch_lines)
+
+
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+def test_finetune_unfreezes_the_backbone_but_not_batchnorm(stages: dict[str, Any]) -> None:
+    result, run_dir = stages["finetune"], stages["run_dir"]
+    _check_outputs(result, run_dir, "finetune")
+    assert result["monitor"] == MONITOR == "val_auc"
+    assert not list(run_dir.glob("*.weights.h5"))  # the checkpoint was folded into finetune.keras
+    trained = keras.saving.load_model(stages["train"]["model_path"])
+    tuned = keras.saving.load_model(result["model_path"])
+    (bn_t, conv_t), (bn_f, conv_f) = _bn_and_conv(trained), _bn_and_conv(tuned)
+    assert tuned.get_layer(BACKBONE_LAYER).trainable_weights and all(c.trainable for c in conv_f)
+    assert not any(bn.trainable for bn in bn_f)
+    # BatchNorm ran in inference mode throughout: its moving statistics are the trained model's.
+    for a, b in zip(bn_t, bn_f, strict=True):
+        for va, vb in zip(a.weights, b.weights, strict=True):
+            np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    assert any(not np.array_equal(a.kernel.numpy(), b.kernel.numpy())
+               for a, b in zip(conv_t, conv_f, strict=True))
+
+
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+def test_finetuned_model_holds_the_best_epoch_and_predicts_raw_images(stages: dict[str, Any]) -> None:
+    from covid_tasks.data import load_image, make_dataset
+    from covid_tasks.training import load_splits
+
+    cfg, root = stages["cfg"], stages["root"]
+    history = json.loads(Path(stages["finetune"]["history"]).read_text())
+    model = keras.saving.load_model(stages["finetune"]["model_path"])
+    val = load_splits(root)["val"]
+    scores = model.evaluate(make_dataset(val, root / "raw" / "images", cfg, training=False), verbose=0,
+                            return_dict=True)
+    assert scores["auc"] == pytest.approx(max(history["val_auc"]), abs=1e-6)
+    assert stages["finetune"]["best_val_auc"] == pytest.approx(max(history["val_auc"]))
+    raw = np.stack([load_image(root / "raw" / "images" / f, cfg.img_size) for f in val["filename"]])
+    prob = model.predict(raw, verbose=0)
+    assert prob.shape == (len(val), 1) and np.all((prob >= 0) & (prob <= 1))
+
+
+def test_finetune_needs_the_trained_model(tmp_path: Path) -> None:
+    cfg = Config(data_root=str(tmp_path), backbone="mobilenet_v3_small", weights="none", img_size=32)
+    with pytest.raises(FileNotFoundError, match="train"):
+        finetune(tmp_path, cfg, "run-without-train")
