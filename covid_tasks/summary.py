@@ -64,6 +64,14 @@ def summary(cfg: Config) -> tuple[str, dict[str, Any]]:
                          f"(sensitivity {tags.get('sensitivity')}, specificity {tags.get('specificity')}, "
                          f"run {tags.get('run_key')})")
     sample = next(iter(sorted(Path(cfg.root / "raw" / "images").glob("*"))), None)
+    if result.get(f"{CHAMPION_ALIAS}_version") is None:
+        lines += [
+            "No champion yet, so there is nothing to look up: the gate above says which metric fell",
+            "short of which threshold. Retrain with more epochs, or lower the gate for a demo, e.g.",
+            "  make run RUN_CONF='{\"min_sensitivity\": 0.3, \"min_specificity\": 0.0, ...}'",
+            f"Browse the logged run: .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri}",
+        ]
+        return "\n".join(lines), result
     lines += [
         "Look it up:",
         f"  .venv/bin/python -c \"from covid_tasks.registry import load_champion; "
