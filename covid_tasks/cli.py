@@ -109,3 +109,4 @@ def _predict(args: argparse.Namespace) -> None:
         print(f"Image : {pred['image']}")
         print(f"Class : {pred['class']}")
         print(f"Confidence : {pred['confidence'] * 100:.1f}%")
+        print(f"P(covid) : {pred['prob_covid'] * 100:.1f}% (covid at >= {result['threshold'] * 100:.1f}%)")
