@@ -26,6 +26,15 @@ BACKBONES = ("resnet50", "mobilenet_v3_small", "efficientnet_lite0")
 _ENV_PREFIX = "COVID_"
 
 
+#: The upstream ``metadata.csv`` columns every stage relies on (pull checks them, relabel reads them).
+METADATA_COLUMNS: tuple[str, ...] = ("patientid", "finding", "view", "modality", "filename")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` MLflow URI, ``None`` for any other URI."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def class_indices() -> dict[str, int]:
     """The class-name to index mapping saved next to every model (``class_indices.json``)."""
     return {name: i for i, name in enumerate(CLASS_NAMES)}

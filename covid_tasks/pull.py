@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from covid_tasks.config import Config
+from covid_tasks.config import METADATA_COLUMNS, Config
 from covid_tasks.sources import (
     METADATA_KEY,
     Fetched,
@@ -65,7 +65,7 @@ REPORT = "pull_report.json"
 WORK_DIR = ".pull"
 JOURNAL = "journal.jsonl"
 QUARANTINE = "quarantine"
-REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
+REQUIRED_COLUMNS = METADATA_COLUMNS
 #: Formats the training pipeline (``tf.io.decode_image``) reads.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")
 #: Seconds between progress lines in the task log.

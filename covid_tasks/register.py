@@ -25,7 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from covid_tasks.config import CHALLENGER_ALIAS, CHAMPION_ALIAS, CLASS_NAMES, POSITIVE_INDEX, Config
+from covid_tasks.config import (
+    CHALLENGER_ALIAS,
+    CHAMPION_ALIAS,
+    CLASS_NAMES,
+    POSITIVE_INDEX,
+    Config,
+    sqlite_path,
+)
 from covid_tasks.registry import alias_version_number
 from covid_tasks.storage import jsonable, read_json, require_file, write_json
 
@@ -70,8 +77,9 @@ def register(data_root: str | Path, cfg: Config, run_key: str, context: dict[str
     tracking_uri = cfg.tracking_uri
     logger.info("register: %s -> %s (passed=%s, decision=%s)", run_dir, tracking_uri, metrics["passed"],
                 metrics.get("decision"))
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    db_file = sqlite_path(tracking_uri)
+    if db_file is not None:
+        db_file.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)  # mlflow.register_model uses the process-wide registry
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
@@ -155,9 +163,8 @@ def _experiment(client: Any, cfg: Config) -> str:
     exp = client.get_experiment_by_name(cfg.experiment_name)
     if exp is not None:
         return exp.experiment_id
-    artifact_location = None
-    if cfg.tracking_uri.startswith("sqlite:///"):
-        artifact_location = (Path(cfg.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    db_file = sqlite_path(cfg.tracking_uri)
+    artifact_location = (db_file.parent / "artifacts").as_uri() if db_file is not None else None
     return client.create_experiment(cfg.experiment_name, artifact_location=artifact_location)
 
 

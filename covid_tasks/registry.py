@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, MODEL_NAME
+from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, MODEL_NAME, sqlite_path
 from covid_tasks.storage import read_json
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ def alias_version(name: str, alias: str, tracking_uri: str) -> Any | None:
     Raises:
         RegistryUnavailableError: the registry cannot be reached or refuses the request.
     """
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+    db_file = sqlite_path(tracking_uri)
+    if db_file is not None and not db_file.is_file():
         return None
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

@@ -24,12 +24,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from covid_tasks.config import CLASS_NAMES, Config
+from covid_tasks.config import CLASS_NAMES, METADATA_COLUMNS, Config
 from covid_tasks.storage import UnsafePathError, require_file, safe_relpath, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("patientid", "finding", "view", "modality", "filename")
+REQUIRED_COLUMNS = METADATA_COLUMNS
 COVID_TOKENS = frozenset({"covid-19", "covid19", "sars-cov-2"})
 PLACEHOLDER_FINDINGS = frozenset({"todo", "unknown", ""})
 KEEP_MODALITY = "X-ray"
