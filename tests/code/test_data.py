@@ -164,12 +164,18 @@ def test_large_set_is_cached_on_disk_and_reused_until_files_change(tmp_path: Pat
     assert len(list(cache.iterdir())) == 2
 
 
+def _cache_folder(cache: Path, images: Path, frame: pd.DataFrame) -> Path:
+    """Create and return the file-cache folder make_dataset will use for ``frame``."""
+    paths = [str(images / f) for f in frame["filename"]]
+    folder = cache / data._cache_key(paths, data.label_index(frame["label"]), PIPE)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def test_a_killed_runs_partial_cache_does_not_break_the_next_run(tmp_path: Path) -> None:
     frame, cfg, one_image = _cached_setup(tmp_path)
     cache = tmp_path / "cache"
-    paths = [str(tmp_path / "images" / f) for f in frame["filename"]]
-    folder = cache / data._cache_key(paths, data.label_index(frame["label"]), PIPE)
-    folder.mkdir(parents=True)
+    folder = _cache_folder(cache, tmp_path / "images", frame)
     # What TensorFlow leaves when the writing process is killed: its lockfile and a temp shard.
     (folder / "images_0.lockfile").write_text("Created at: 1")
     (folder / "images_0.data-00000-of-00001.tempstate123").write_bytes(b"partial")
@@ -198,9 +204,7 @@ def test_new_file_cache_prunes_old_unused_ones(tmp_path: Path) -> None:
 def test_cache_written_by_another_live_process_is_left_alone(tmp_path: Path) -> None:
     frame, cfg, one_image = _cached_setup(tmp_path)
     cache = tmp_path / "cache"
-    paths = [str(tmp_path / "images" / f) for f in frame["filename"]]
-    folder = cache / data._cache_key(paths, data.label_index(frame["label"]), PIPE)
-    folder.mkdir(parents=True)
+    folder = _cache_folder(cache, tmp_path / "images", frame)
     (folder / "images_0.lockfile").write_text("Created at: 1")
     with open(folder / "writer.lock", "a") as other_writer:  # a separate open file: a second owner
         fcntl.flock(other_writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
