@@ -21,7 +21,7 @@ MODEL_NAME = "covid-xray-classifier"
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"
 
-BACKBONES = ("resnet50", "mobilenet_v3_small", "efficientnet_lite0")
+BACKBONES = ("resnet50", "mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 _ENV_PREFIX = "COVID_"
 

