@@ -1,15 +1,24 @@
-"""Quality benchmark: does the offline ImageNet-pretrained backbone beat random initialisation?
+"""Quality benchmark: cross-validated recipes (``--cv``) and the single fixed split.
 
-Runs the pipeline's own stages (pull, relabel, split once; then train, finetune and evaluate per
-configuration) on the COVID-19 chest X-ray data and prints, on the patient-disjoint test split,
-sensitivity and specificity (95% Wilson intervals, at the threshold ``evaluate`` picks on val) and
-ROC AUC (95% patient-level bootstrap interval), with each configuration's wall time, as a markdown
-table for the README. Every configuration uses the same recipe (epochs, learning rates, seed).
+``--cv`` runs repeated, patient-grouped, label-stratified k-fold cross-validation (default 5 folds
+x 2 repeats, ``covid_tasks.folds``) over the whole labelled set for each configuration named in
+``--configs`` (see ``CV_CONFIGS``): frozen-feature linear probes (``probe-*``, cheap screening) and
+the pipeline's own train + finetune stages per fold (``ft-*``). Within a fold, everything that
+learns (weights, early stopping, the threshold) sees only that fold's training part. Each
+configuration saves ``benchmarks/results/<configuration>/predictions.csv`` (out-of-fold P(covid)
+per image and repeat, also with the lungs hidden and with everything outside them hidden),
+``folds.csv`` and ``run.json`` (settings, wall time, images/s); ``--report`` recomputes every
+figure of the README's table from those files alone (``benchmarks/cv_metrics.py``).
+
+Without ``--cv`` it runs the pipeline's stages once on the fixed split (pull, relabel, split; then
+train, finetune and evaluate per backbone/weights pair) and prints test sensitivity and
+specificity (Wilson intervals) and ROC AUC (patient bootstrap interval), as before.
 
 Usage::
 
-    python benchmarks/quality_bench.py                       # ../shared/data/covid-chestxray, 224 px
-    python benchmarks/quality_bench.py --epochs 3 --finetune-epochs 5 --batch-size 32 --work /tmp/qb
+    python benchmarks/quality_bench.py --cv --configs probe-lite0-224,ft-lite0-224
+    python benchmarks/quality_bench.py --report            # the README table from benchmarks/results/
+    python benchmarks/quality_bench.py --epochs 3 --finetune-epochs 5 --work /tmp/qb   # fixed split
 
 Exits 0 with a note when the data set is absent. This is a script, not a test.
 """
@@ -31,6 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "covid-chestxray"
+RESULTS = REPO / "benchmarks" / "results"
 CONFIGS: tuple[tuple[str, str], ...] = (
     ("efficientnet_lite0", "bundled"),
     ("efficientnet_lite0", "none"),
@@ -133,7 +143,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with metadata.csv and images/")
     parser.add_argument("--work", default="", help="data root to use (default: a new temporary folder)")
@@ -144,18 +154,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=None, help="head phase (default: Config's)")
     parser.add_argument("--finetune-learning-rate", type=float, default=None,
                         help="fine-tuning phase (default: Config's)")
-    parser.add_argument("--configs", default=",".join(f"{b}:{w}" for b, w in CONFIGS),
-                        help="comma-separated backbone:weights pairs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices
-    warnings.filterwarnings("ignore", category=UserWarning, module="keras")
+    parser.add_argument("--configs", default=None,
+                        help="fixed split: comma-separated backbone:weights pairs; --cv: configuration "
+                             "names from CV_CONFIGS (default: all probes)")
+    parser.add_argument("--cv", action="store_true", help="repeated patient-grouped k-fold cross-validation")
+    parser.add_argument("--report", action="store_true", help="recompute the table from benchmarks/results/")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--target-sensitivity", type=float, default=0.80,
+                        help="the sensitivity each fold's threshold aims for on its training part")
+    parser.add_argument("--results", default=str(RESULTS), help="where per-configuration results go")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.cv else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="keras")
+    sys.path.insert(0, str(REPO))
+    if args.report:
+        from cv_run import report
+
+        print(report(Path(args.results)))
+        return 0
     data = Path(args.data).resolve()
     if not (data / "metadata.csv").is_file():
         print(f"quality_bench: {data}/metadata.csv not found; nothing to benchmark.")
         return 0
-    sys.path.insert(0, str(REPO))
+    if args.cv:
+        from cv_run import run_cv
+
+        return run_cv(args, data)
+    return fixed_split(args, data)
+
+
+def fixed_split(args: argparse.Namespace, data: Path) -> int:
+    """The single fixed split: the pipeline's stages once per backbone/weights pair."""
     from covid_tasks.config import Config
     from covid_tasks.pull import pull
     from covid_tasks.relabel import relabel
@@ -166,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(data_root=str(work), source_uri=str(data), img_size=args.img_size, epochs=args.epochs,
                  finetune_epochs=args.finetune_epochs, batch_size=args.batch_size,
                  **{k: v for k, v in rates.items() if v is not None})
-    configs = [tuple(c.split(":", 1)) for c in args.configs.split(",") if c]
+    pairs = args.configs or ",".join(f"{b}:{w}" for b, w in CONFIGS)
+    configs = [tuple(c.split(":", 1)) for c in pairs.split(",") if c]
 
     start = time.perf_counter()
     pull(str(data), work, cfg)

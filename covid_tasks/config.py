@@ -23,6 +23,9 @@ CHALLENGER_ALIAS = "challenger"
 
 BACKBONES = ("resnet50", "mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
+HEADS = ("adam", "probe")
+SCHEDULES = ("constant", "cosine")
+
 _ENV_PREFIX = "COVID_"
 
 
@@ -68,6 +71,17 @@ class Config:
     finetune_learning_rate: float = 1e-5
     early_stopping_patience: int = 3
     dropout: float = 0.3
+    # model: hide everything outside the lungs (a frozen segmenter inside the model, see lungs.py);
+    # lung_segmenter: its weights file, empty for the one shipped in covid_tasks/assets/.
+    lung_gate: bool = False
+    lung_segmenter: str = ""
+    # train: "adam" fits the head with Adam for `epochs`; "probe" sets it to an L2 logistic
+    # regression on the frozen features (C by grouped CV on train; `epochs` is then unused).
+    head: str = "adam"
+    # finetune: 0 unfreezes the whole backbone, n > 0 only its last n blocks (EfficientNet-Lite);
+    # "constant" learning rate, or "cosine" (one warm-up epoch, then cosine decay to 0).
+    finetune_top_blocks: int = 0
+    finetune_schedule: str = "constant"
     seed: int = 1234
     views: tuple[str, ...] = ("PA", "AP")
     fallback_views: tuple[str, ...] = ("AP Supine",)
@@ -104,6 +118,12 @@ class Config:
             errors.append(f"split_fractions must be three positive numbers summing to 1, got {fr}")
         if not self.views:
             errors.append("views must not be empty")
+        if self.head not in HEADS:
+            errors.append(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.finetune_schedule not in SCHEDULES:
+            errors.append(f"finetune_schedule must be one of {SCHEDULES}, got {self.finetune_schedule!r}")
+        if self.finetune_top_blocks < 0:
+            errors.append(f"finetune_top_blocks must be >= 0, got {self.finetune_top_blocks}")
         if errors:
             raise ValueError("invalid config: " + "; ".join(errors))
 

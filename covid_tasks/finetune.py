@@ -20,7 +20,8 @@ def finetune(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]
 
     Args:
         data_root: the data root holding ``splits.csv`` and ``raw/images``.
-        cfg: configuration (``finetune_epochs``, ``finetune_learning_rate``, ``early_stopping_patience``).
+        cfg: configuration (``finetune_epochs``, ``finetune_learning_rate``, ``finetune_schedule``,
+            ``finetune_top_blocks``, ``early_stopping_patience``).
         run_key: this run's key; reads and writes ``<data_root>/runs/<run_key>/``.
 
     Returns:
@@ -37,6 +38,7 @@ def finetune(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]
     from covid_tasks.storage import require_file
     from covid_tasks.training import (
         configure_devices,
+        finetune_schedule,
         finish,
         fit,
         global_batch,
@@ -56,7 +58,8 @@ def finetune(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]
         # train.keras is saved in float32; on a GPU, fine-tune under the mixed precision policy.
         policy = keras.mixed_precision.global_policy().name
         model = with_dtype_policy(keras.saving.load_model(trained), policy)
-        n_trainable = unfreeze(model, cfg.finetune_learning_rate)
+        schedule = finetune_schedule(global_batch(cfg, devices), len(splits["train"]))
+        n_trainable = unfreeze(model, schedule, cfg.finetune_top_blocks)
     checkpoint = run_dir / "finetune.best.weights.h5"
     callbacks = [
         keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=MONITOR, mode="max",

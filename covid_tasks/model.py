@@ -9,6 +9,7 @@ and loading the model needs no code from this package.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ def build_model(cfg: Config, weights: str | None = None) -> Any:
     """Build and compile the frozen-backbone classifier.
 
     Args:
-        cfg: configuration (``backbone``, ``img_size``, ``dropout``, ``learning_rate``).
+        cfg: configuration (``backbone``, ``img_size``, ``dropout``, ``learning_rate``,
+            ``lung_gate`` and ``lung_segmenter``: with the gate, a frozen lung segmenter inside the
+            model replaces everything outside the lungs by mid-grey before the backbone).
         weights: ``imagenet``, ``bundled``, ``none`` or a path to a weights file; defaults to
             ``cfg.weights``.
 
@@ -49,7 +52,12 @@ def build_model(cfg: Config, weights: str | None = None) -> Any:
     size = cfg.img_size
     inputs = keras.Input(shape=(size, size, 3), name="image", dtype="float32")
     preprocess, base = _backbone(cfg.backbone, size, weights)
-    x = preprocess(inputs) if preprocess is not None else inputs
+    x = inputs
+    if cfg.lung_gate:
+        from covid_tasks.lungs import load_segmenter, lung_gate
+
+        x = lung_gate(x, load_segmenter(cfg.lung_segmenter or None), size)
+    x = preprocess(x) if preprocess is not None else x
     base.trainable = False
     x = base(x, training=False)  # BatchNorm stays in inference mode, also when fine-tuning
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
@@ -60,7 +68,7 @@ def build_model(cfg: Config, weights: str | None = None) -> Any:
     return model
 
 
-def compile_model(model: Any, learning_rate: float) -> None:
+def compile_model(model: Any, learning_rate: Any) -> None:
     """Compile with Adam, binary cross-entropy and the metrics plotted per epoch (positive = covid).
 
     XLA compilation is left to Keras ("auto") where a GPU is visible and turned off on CPUs,
@@ -68,7 +76,7 @@ def compile_model(model: Any, learning_rate: float) -> None:
 
     Args:
         model: the model to compile (in place).
-        learning_rate: Adam's learning rate.
+        learning_rate: Adam's learning rate (a float or a ``keras.optimizers.schedules`` schedule).
     """
     import keras
 
@@ -85,21 +93,24 @@ def compile_model(model: Any, learning_rate: float) -> None:
     )
 
 
-def unfreeze(model: Any, learning_rate: float) -> int:
-    """Make every backbone layer trainable except BatchNormalization, then recompile.
+def unfreeze(model: Any, learning_rate: Any, top_blocks: int = 0) -> int:
+    """Make backbone layers trainable except BatchNormalization, then recompile.
 
     BatchNorm layers keep their ImageNet statistics frozen (and the backbone is called with
     ``training=False``), which is what keeps fine-tuning on a small data set stable.
 
     Args:
         model: a model from :func:`build_model` (or loaded from its ``.keras`` file).
-        learning_rate: the fine-tuning learning rate (1e-5 by default).
+        learning_rate: the fine-tuning learning rate (a float or a Keras schedule).
+        top_blocks: 0 unfreezes the whole backbone; ``n > 0`` only the last ``n`` MBConv blocks
+            and the head conv of an EfficientNet-Lite backbone.
 
     Returns:
         The number of trainable weight tensors after unfreezing.
 
     Raises:
-        ValueError: the model has no ``backbone`` layer.
+        ValueError: the model has no ``backbone`` layer, or ``top_blocks`` is set for a backbone
+            without numbered blocks.
     """
     import keras
 
@@ -108,6 +119,14 @@ def unfreeze(model: Any, learning_rate: float) -> int:
     except ValueError as exc:
         raise ValueError(f"model has no '{BACKBONE_LAYER}' layer to unfreeze") from exc
     base.trainable = True
+    if top_blocks > 0:
+        blocks = sorted({int(layer.name[5:7]) for layer in base.layers if re.match(r"block\d\d_", layer.name)})
+        if not blocks:
+            raise ValueError(f"top_blocks={top_blocks} needs an EfficientNet-Lite backbone (numbered blocks)")
+        first = blocks[-1] - top_blocks + 1
+        for layer in base.layers:
+            m = re.match(r"block(\d\d)_", layer.name)
+            layer.trainable = (int(m.group(1)) >= first) if m else layer.name.startswith("top_")
     for layer in _all_layers(base):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
@@ -115,6 +134,18 @@ def unfreeze(model: Any, learning_rate: float) -> int:
         model.get_layer(PREPROCESS_LAYER).trainable = False
     compile_model(model, learning_rate)
     return len(model.trainable_weights)
+
+
+def head_layer(model: Any) -> Any:
+    """The output ``Dense`` layer ``prob_covid`` (its input is the pooled backbone feature vector)."""
+    return model.get_layer(OUTPUT_LAYER)
+
+
+def feature_model(model: Any) -> Any:
+    """A model from the classifier's input to the vector its ``prob_covid`` layer reads (same weights)."""
+    import keras
+
+    return keras.Model(model.inputs, head_layer(model).input)
 
 
 def with_dtype_policy(model: Any, policy: str) -> Any:

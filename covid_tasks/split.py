@@ -81,7 +81,7 @@ def split(data_root: str | Path, cfg: Config) -> dict[str, Any]:
                 list(cfg.split_fractions), cfg.seed)
     _validate(labeled, root)
 
-    groups = _groups(labeled)
+    groups = patient_groups(labeled)
     labeled["split_group"] = labeled["patientid"].map(groups)
     assign_path = root / ASSIGNMENTS
     previous = _load_assignments(assign_path, cfg)
@@ -167,7 +167,7 @@ def _validate(labeled: Any, root: Path) -> None:
                                 f"e.g. {absent[:3]}: run 'relabel' again")
 
 
-def _groups(labeled: Any) -> dict[str, str]:
+def patient_groups(labeled: Any) -> dict[str, str]:
     """Patient -> group id, linking patients that share a ``group_id``, a file or a SHA-256."""
     patients = labeled["patientid"].tolist()
     links: list[set[str]] = []

@@ -16,7 +16,8 @@ def train(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]:
 
     Args:
         data_root: the data root holding ``splits.csv`` and ``raw/images``.
-        cfg: configuration (``backbone``, ``weights``, ``img_size``, ``epochs``, ``learning_rate``).
+        cfg: configuration (``backbone``, ``weights``, ``img_size``, ``head``, ``epochs``,
+            ``learning_rate``).
         run_key: this run's key; outputs go to ``<data_root>/runs/<run_key>/``.
 
     Returns:
@@ -32,6 +33,7 @@ def train(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]:
         configure_devices,
         finish,
         fit,
+        fit_probe_head,
         global_batch,
         load_splits,
         save_model,
@@ -47,7 +49,10 @@ def train(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]:
     splits = load_splits(data_root)
     with devices["strategy"].scope():
         model = build_model(cfg)
-    history = fit(model, splits, data_root, global_batch(cfg, devices), cfg.epochs, "train")
+    if cfg.head == "probe":
+        history = fit_probe_head(model, splits, data_root, cfg)
+    else:
+        history = fit(model, splits, data_root, global_batch(cfg, devices), cfg.epochs, "train")
     path = save_model(model, run_dir / "train.keras")
     return finish("train", run_dir, path, history, {
         "trainable_weights": len(model.trainable_weights),

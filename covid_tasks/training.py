@@ -144,6 +144,79 @@ def fit(model: Any, splits: dict[str, Any], data_root: str | Path, cfg: Config, 
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
 
+#: Inverse L2 strengths tried by the linear-probe head (``cfg.head == "probe"``).
+PROBE_C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def fit_probe_head(model: Any, splits: dict[str, Any], data_root: str | Path, cfg: Config
+                   ) -> dict[str, list[float]]:
+    """Set the ``prob_covid`` layer to an L2 logistic regression on the frozen pooled features.
+
+    The features of the train split (no augmentation) are standardised and fitted with
+    scikit-learn's class-balanced ``LogisticRegression``; its strength C is the one with the best
+    mean ROC AUC in a 3-fold cross-validation on the train split grouped by patient
+    (``split_group``). The standardisation is folded into the layer's kernel and bias, so the
+    model stays plain Keras.
+
+    Returns:
+        A one-epoch history (``loss``, ``auc`` on train; ``val_loss``, ``val_auc`` on val).
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss, roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from covid_tasks.data import label_index, make_dataset
+    from covid_tasks.model import feature_model, head_layer
+
+    images = Path(data_root) / "raw" / "images"
+    feats = feature_model(model)
+    x = {s: feats.predict(make_dataset(splits[s], images, cfg, training=False), verbose=0) for s in ("train", "val")}
+    y = {s: label_index(splits[s]["label"]).astype(int) for s in ("train", "val")}
+    mu, sigma = x["train"].mean(axis=0), x["train"].std(axis=0) + 1e-6
+    z = {s: (x[s] - mu) / sigma for s in x}
+    groups = splits["train"].get("split_group", splits["train"]["patientid"]).to_numpy()
+    folds = list(StratifiedGroupKFold(3, shuffle=True, random_state=cfg.seed).split(z["train"], y["train"], groups))
+
+    def clf(c: float) -> Any:
+        return LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+
+    scores = {}
+    for c in PROBE_C_GRID:
+        oof = np.zeros(len(y["train"]))
+        for tr, te in folds:
+            oof[te] = clf(c).fit(z["train"][tr], y["train"][tr]).predict_proba(z["train"][te])[:, 1]
+        scores[c] = roc_auc_score(y["train"], oof)
+    best = max(PROBE_C_GRID, key=lambda c: (scores[c], -c))
+    fitted = clf(best).fit(z["train"], y["train"])
+    w = fitted.coef_[0] / sigma
+    head_layer(model).set_weights([w[:, None].astype("float32"),
+                                   np.array([fitted.intercept_[0] - float(w @ mu)], dtype="float32")])
+    logger.info("train: linear-probe head, C=%g (inner CV AUC %s)", best,
+                {c: round(v, 3) for c, v in scores.items()})
+    history = {}
+    for split, prefix in (("train", ""), ("val", "val_")):
+        p = fitted.predict_proba(z[split])[:, 1]
+        history[f"{prefix}loss"] = [float(log_loss(y[split], p, labels=[0, 1]))]
+        history[f"{prefix}auc"] = [float(roc_auc_score(y[split], p)) if len(set(y[split])) == 2 else float("nan")]
+    return history
+
+
+def finetune_schedule(cfg: Config, n_train: int) -> Any:
+    """The fine-tuning learning rate: constant, or one warm-up epoch then cosine decay (``cosine``)."""
+    import math
+
+    import keras
+
+    if cfg.finetune_schedule == "constant":
+        return cfg.finetune_learning_rate
+    steps = max(math.ceil(n_train / cfg.batch_size), 1)
+    warmup = steps
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(steps * cfg.finetune_epochs - warmup, 1), warmup_target=cfg.finetune_learning_rate,
+        warmup_steps=warmup)
+
+
 def save_model(model: Any, path: str | Path) -> str:
     """Save a float32 ``.keras`` file atomically with ``class_indices.json`` beside it.
 
@@ -157,12 +230,14 @@ def save_model(model: Any, path: str | Path) -> str:
     Returns:
         ``path`` as a string.
     """
+    import keras
+
     from covid_tasks.model import compile_model, with_dtype_policy
 
     path = Path(path)
     float32 = with_dtype_policy(model, "float32")
     if float32 is not model:
-        compile_model(float32, float(model.optimizer.learning_rate))
+        compile_model(float32, float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
         model = float32
     with atomic_path(path) as tmp:
         keras_tmp = tmp.with_suffix(".keras")

@@ -156,3 +156,29 @@ def test_finetune_needs_the_trained_model(tmp_path: Path) -> None:
     cfg = Config(data_root=str(tmp_path), backbone="mobilenet_v3_small", weights="none", img_size=32)
     with pytest.raises(FileNotFoundError, match="train"):
         finetune(tmp_path, cfg, "run-without-train")
+
+
+def test_probe_head_top_blocks_and_cosine_schedule(tmp_path: Path) -> None:
+    """The linear-probe head separates the blobs; top-block fine-tuning leaves earlier blocks as they were."""
+    _make_data_root(tmp_path)
+    cfg = Config(data_root=str(tmp_path), backbone="efficientnet_lite0", weights="bundled", img_size=32,
+                 batch_size=8, head="probe", finetune_epochs=2, finetune_top_blocks=2,
+                 finetune_schedule="cosine", early_stopping_patience=2, seed=3)
+    trained = train(tmp_path, cfg, RUN_KEY)
+    history = json.loads(Path(trained["history"]).read_text())
+    assert set(history) == {"loss", "auc", "val_loss", "val_auc"} and history["val_auc"][0] > 0.9
+    before = keras.saving.load_model(trained["model_path"])
+    head_kernel = before.get_layer(OUTPUT_LAYER).get_weights()[0]
+    assert np.abs(head_kernel).sum() > 0
+
+    tuned = finetune(tmp_path, cfg, RUN_KEY)
+    after = keras.saving.load_model(tuned["model_path"])
+    old, new = before.get_layer(BACKBONE_LAYER), after.get_layer(BACKBONE_LAYER)
+    np.testing.assert_array_equal(old.get_layer("block00_dwconv").get_weights()[0],
+                                  new.get_layer("block00_dwconv").get_weights()[0])
+    assert not np.array_equal(old.get_layer("block15_project_conv").get_weights()[0],
+                              new.get_layer("block15_project_conv").get_weights()[0])
+    with pytest.raises(ValueError, match="numbered blocks"):
+        from covid_tasks.model import unfreeze
+
+        unfreeze(build_model(cfg.replace(backbone="mobilenet_v3_small", weights="none")), 1e-5, top_blocks=2)

@@ -1,0 +1,136 @@
+"""Driver of ``quality_bench.py --cv`` and ``--report``: folds, configurations, saved results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+logger = logging.getLogger("quality_cv")
+
+SHORT = {"lite0": "efficientnet_lite0", "lite1": "efficientnet_lite1", "lite2": "efficientnet_lite2"}
+
+
+def parse(name: str) -> dict[str, Any]:
+    """``probe-lite2-300-clahe`` -> kind, backbone, size, prep (``ft-...`` adds fine-tuning options)."""
+    parts = name.split("-")
+    if len(parts) < 3 or parts[0] not in ("probe", "ft") or parts[1] not in SHORT:
+        raise ValueError(f"bad configuration name {name!r}: expected probe|ft-lite0|1|2-<size>[-<prep>...]")
+    return {"kind": parts[0], "backbone": SHORT[parts[1]], "size": int(parts[2]),
+            "prep": parts[3] if len(parts) > 3 else "none", "options": parts[4:]}
+
+
+def prepare_data(data: Path, work: Path, seed: int) -> pd.DataFrame:
+    """Pull (incremental) and relabel into ``work/data`` with the pipeline's own stages."""
+    from covid_tasks.config import Config
+    from covid_tasks.pull import pull
+    from covid_tasks.relabel import relabel
+
+    root = work / "data"
+    cfg = Config(data_root=str(root), source_uri=str(data), seed=seed)
+    pull(str(data), root, cfg)
+    relabel(root, cfg)
+    return pd.read_csv(root / "labeled.csv", dtype=str, keep_default_na=False)
+
+
+def run_cv(args: argparse.Namespace, data: Path) -> int:
+    from cv_metrics import summarise, table
+
+    from covid_tasks.folds import assign_folds
+
+    work = Path(args.work or "/tmp/quality-cv").resolve()
+    labeled = prepare_data(data, work, 1234)
+    folds = assign_folds(labeled, args.folds, args.repeats, seed=1234)
+    names = [n for n in (args.configs or "probe-lite0-224").split(",") if n]
+    rows = []
+    for name in names:
+        spec = parse(name)
+        start = time.perf_counter()
+        if spec["kind"] == "probe":
+            preds, extra = _probe(spec, labeled, folds, work, args)
+        else:
+            from cv_finetune import run_finetune
+
+            preds, extra = run_finetune(spec, labeled, folds, work, args)
+        wall = time.perf_counter() - start + extra.pop("cached_seconds", 0.0)
+        row = _save(Path(args.results) / name, name, spec, preds, folds, wall, extra, args)
+        row["summary"] = summarise(preds)
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+    return 0
+
+
+def _probe(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, work: Path,
+           args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, Any]]:
+    import cv_prep
+    from cv_probe import features, run, run_fold
+
+    filenames = sorted(labeled["filename"])
+    images = work / "data" / "raw" / "images"
+    feature_set = spec["options"][0] if spec["options"] else "gap"
+    if spec["prep"] not in ("lungmask", "lungcrop"):
+        feats, seconds = features(work, filenames, images, spec["backbone"], spec["size"], spec["prep"],
+                                  cv_prep.PREPS[spec["prep"]])
+        preds = run(folds, feats, filenames, args.target_sensitivity, 1234, feature_set)
+        return preds, {"cached_seconds": seconds, "images_per_s": 3 * len(filenames) / max(seconds, 1e-9),
+                       "feature_seconds": seconds}
+    import cv_lungs
+
+    parts, total = [], 0.0
+    for (repeat, fold), _ in folds.groupby(["repeat", "fold"]):
+        segmenter = cv_lungs.fold_segmenter(work, folds, int(repeat), int(fold))
+        how = cv_lungs.gate if spec["prep"] == "lungmask" else cv_lungs.crop
+
+        def prepare(x: Any, names: list[str], how: Any = how, segmenter: Any = segmenter) -> Any:
+            return how(x, segmenter)
+
+        feats, seconds = features(work, filenames, images, spec["backbone"], spec["size"], spec["prep"],
+                                  prepare, tag=f"-r{repeat}f{fold}")
+        total += seconds
+        parts.append(run_fold(folds, int(repeat), int(fold), feats, filenames, args.target_sensitivity, 1234,
+                              feature_set))
+    per_fold = total / max(len(parts), 1)
+    return pd.concat(parts, ignore_index=True), {
+        "cached_seconds": total, "images_per_s": 3 * len(filenames) / max(per_fold, 1e-9),
+        "feature_seconds": total, "note": "features recomputed per fold (one segmenter per fold); "
+                                          "segmenter training time not included"}
+
+
+def _save(out: Path, name: str, spec: dict[str, Any], preds: pd.DataFrame, folds: pd.DataFrame,
+          wall: float, extra: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    preds.sort_values(["repeat", "fold", "filename"]).to_csv(out / "predictions.csv", index=False,
+                                                               float_format="%.6g")
+    folds.to_csv(out / "folds.csv", index=False)
+    row = {"name": name, **spec, "wall_s": wall, "images_per_s": extra.pop("images_per_s", float("nan")),
+           "folds": args.folds, "repeats": args.repeats, "target_sensitivity": args.target_sensitivity,
+           "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), **extra}
+    (out / "run.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
+    return row
+
+
+def report(results: Path) -> str:
+    """The README table, recomputed from every ``results/<configuration>/`` folder."""
+    from cv_metrics import summarise, table
+
+    rows = []
+    for folder in sorted(p for p in results.iterdir() if (p / "predictions.csv").is_file()):
+        row = json.loads((folder / "run.json").read_text())
+        row["summary"] = summarise(pd.read_csv(folder / "predictions.csv", dtype={"filename": str,
+                                                                                  "patientid": str}))
+        rows.append(row)
+    order = {n: i for i, n in enumerate(_README_ORDER)}
+    rows.sort(key=lambda r: (order.get(r["name"], len(order)), r["name"]))
+    return table(rows)
+
+
+#: Row order of the README table (others follow alphabetically).
+_README_ORDER: list[str] = []
