@@ -100,3 +100,22 @@ def crop(images: np.ndarray, segmenter: Any) -> np.ndarray:
         boxes.append([max(top, 0.0), max(left, 0.0), min(bottom, 1.0), min(right, 1.0)])
     out = tf.image.crop_and_resize(images, np.asarray(boxes, "float32"), np.arange(len(images)), (size, size))
     return out.numpy()
+
+
+def held_out_dice(work: Path, folds: pd.DataFrame) -> dict[str, Any]:
+    """Dice of each fold's segmenter on the held-out fold's masked images (none of which it saw)."""
+    from covid_tasks.data import load_image
+    from covid_tasks.lungs import SEG_SIZE, dice, load_segmenter
+
+    images_dir = work / "data" / "raw" / "images"
+    table = mask_table(images_dir).set_index("filename")
+    scores: dict[str, Any] = {}
+    for (repeat, fold), part in folds.groupby(["repeat", "fold"]):
+        names = [f for f in part["filename"] if f in table.index]
+        x = np.stack([load_image(images_dir / f, SEG_SIZE) for f in names])
+        y = np.stack([_mask(MASKS / table.loc[f, "mask"], SEG_SIZE) for f in names])
+        model = load_segmenter(work / "segmenters" / f"r{repeat}f{fold}.weights.h5")
+        d = dice(model.predict(x, verbose=0), y)
+        scores[f"r{repeat}f{fold}"] = {"n": len(names), "mean": float(d.mean()), "p5": float(np.percentile(d, 5))}
+    all_means = [s["mean"] for s in scores.values()]
+    return {"folds": scores, "mean_of_folds": float(np.mean(all_means)), "min_fold": float(np.min(all_means))}

@@ -146,15 +146,20 @@ def _inner(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> tuple
 
 
 def run(folds: pd.DataFrame, all_feats: dict[str, dict[str, np.ndarray]], filenames: list[str],
-        target: float, seed: int, feature_set: str = "gap") -> pd.DataFrame:
+        target: float, seed: int, feature_set: str = "gap", extra: tuple | None = None) -> pd.DataFrame:
     """Out-of-fold predictions for every repeat and fold (the ``predictions.csv`` rows)."""
-    return pd.concat([run_fold(folds, int(r), int(f), all_feats, filenames, target, seed, feature_set)
+    return pd.concat([run_fold(folds, int(r), int(f), all_feats, filenames, target, seed, feature_set, extra)
                       for (r, f), _ in folds.groupby(["repeat", "fold"])], ignore_index=True)
 
 
 def run_fold(folds: pd.DataFrame, repeat: int, fold: int, all_feats: dict[str, dict[str, np.ndarray]],
-             filenames: list[str], target: float, seed: int, feature_set: str = "gap") -> pd.DataFrame:
-    """One fold: fit on its training part (C and threshold by inner CV), score its held-out rows."""
+             filenames: list[str], target: float, seed: int, feature_set: str = "gap",
+             extra: tuple | None = None) -> pd.DataFrame:
+    """One fold: fit on its training part (C and threshold by inner CV), score its held-out rows.
+
+    ``extra`` = (rows, features) adds images to the training part only (AP Supine), except those
+    of held-out patients; the threshold is still chosen on the labelled training images alone.
+    """
     feats = {v: select(all_feats[v], feature_set) for v in VIEWS}
     index = {f: i for i, f in enumerate(filenames)}
     part = folds[folds["repeat"] == repeat]
@@ -162,9 +167,17 @@ def run_fold(folds: pd.DataFrame, repeat: int, fold: int, all_feats: dict[str, d
     tr = train["filename"].map(index).to_numpy()
     te = test["filename"].map(index).to_numpy()
     y = (train["label"] == "covid").to_numpy().astype(int)
-    c, oof = _inner(feats["full"][tr], y, train["split_group"].to_numpy(), seed + 100 * repeat + fold)
-    model = _fit(feats["full"][tr], y, c)
-    threshold = choose_threshold(y, oof, target)
+    x_train, y_all, groups = feats["full"][tr], y, train["split_group"].to_numpy()
+    if extra is not None:
+        rows, extra_feats = extra
+        keep = ~rows["patientid"].isin(set(test["patientid"])).to_numpy()
+        x_train = np.concatenate([x_train, select(extra_feats["full"], feature_set)[keep]])
+        y_all = np.concatenate([y, (rows["label"][keep] == "covid").to_numpy().astype(int)])
+        group_of = dict(zip(part["patientid"], part["split_group"], strict=False))
+        groups = np.concatenate([groups, rows["patientid"][keep].map(lambda p: group_of.get(p, p)).to_numpy()])
+    c, oof = _inner(x_train, y_all, groups, seed + 100 * repeat + fold)
+    model = _fit(x_train, y_all, c)
+    threshold = choose_threshold(y, oof[: len(y)], target)
     out = test[["filename", "patientid", "label", "fold", "repeat"]].copy()
     out["prob_covid"] = model.predict_proba(feats["full"][te])[:, 1]
     for view in VIEWS[1:]:

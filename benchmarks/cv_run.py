@@ -39,6 +39,20 @@ def prepare_data(data: Path, work: Path, seed: int) -> pd.DataFrame:
     return pd.read_csv(root / "labeled.csv", dtype=str, keep_default_na=False)
 
 
+def ap_supine_rows(work: Path) -> pd.DataFrame:
+    """AP Supine X-rays, labelled by the pipeline's own relabel with AP Supine as a primary view."""
+    from covid_tasks.config import Config
+    from covid_tasks.relabel import relabel
+
+    root = work / "data_apsupine"
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "raw").exists():
+        (root / "raw").symlink_to(work / "data" / "raw")
+    relabel(root, Config(data_root=str(root), views=("PA", "AP", "AP Supine"), fallback_views=()))
+    rows = pd.read_csv(root / "labeled.csv", dtype=str, keep_default_na=False)
+    return rows[rows["view"] == "AP Supine"].reset_index(drop=True)
+
+
 def run_cv(args: argparse.Namespace, data: Path) -> int:
     from cv_metrics import summarise, table
 
@@ -75,11 +89,18 @@ def _probe(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, wor
 
     filenames = sorted(labeled["filename"])
     images = work / "data" / "raw" / "images"
-    feature_set = spec["options"][0] if spec["options"] else "gap"
+    options = [o for o in spec["options"] if o != "apsup"]
+    feature_set = options[0] if options else "gap"
+    extra = None
+    if "apsup" in spec["options"]:  # AP Supine images as extra training data, never scored
+        rows = ap_supine_rows(work)
+        extra_feats, _ = features(work, sorted(rows["filename"]), images, spec["backbone"], spec["size"],
+                                  spec["prep"], cv_prep.PREPS[spec["prep"]])
+        extra = (rows.sort_values("filename").reset_index(drop=True), extra_feats)
     if spec["prep"] not in ("lungmask", "lungcrop"):
         feats, seconds = features(work, filenames, images, spec["backbone"], spec["size"], spec["prep"],
                                   cv_prep.PREPS[spec["prep"]])
-        preds = run(folds, feats, filenames, args.target_sensitivity, 1234, feature_set)
+        preds = run(folds, feats, filenames, args.target_sensitivity, 1234, feature_set, extra)
         return preds, {"cached_seconds": seconds, "images_per_s": 3 * len(filenames) / max(seconds, 1e-9),
                        "feature_seconds": seconds}
     import cv_lungs
