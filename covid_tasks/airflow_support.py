@@ -32,7 +32,7 @@ PERMANENT: dict[str, str] = {
     "builtins.IsADirectoryError": "a folder where a file was expected",
     "builtins.PermissionError": "a file or folder that may not be read or written",
     "zipfile.BadZipFile": "a corrupt model file",
-    "covid_tasks.model.WeightsUnavailableError": "pretrained weights that can be neither downloaded nor found",
+    "covid_tasks.model.WeightsUnavailableError": "pretrained weights neither downloadable nor cached",
     "tensorflow.python.framework.errors_impl.InvalidArgumentError": "an input TensorFlow cannot use",
     "tensorflow.python.framework.errors_impl.NotFoundError": "a file TensorFlow cannot find",
 }

@@ -84,7 +84,7 @@ def _banner(url: str, passwords: Path) -> str:
 
     return "\n".join([
         f"local_airflow | ready: {url} (Ctrl-C stops every component)",
-        f"local_airflow | login: admin; its password is in {passwords} (mode 600), generated at the first start",
+        f"local_airflow | login: admin; its password is in {passwords} (mode 600), made at the first start",
         f"local_airflow | Trigger form defaults: {settings_line()}",
     ])
 

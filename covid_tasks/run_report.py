@@ -179,7 +179,8 @@ def error_lines(log: str, limit: int = 6) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m covid_tasks.run_report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m covid_tasks.run_report",
+                                     description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("settings", help="effective settings").add_argument("--conf", default="{}",
                                                                      help="the run's conf as JSON")

@@ -83,23 +83,26 @@ def _param(name: str, kind: str, description: str, **schema: Any) -> Param:
     doc_md=__doc__,
     params={
         # Nullable with a None default: the Trigger form treats an empty non-null field as missing.
-        "source_uri": Param(None, type=["null", "string"],
-                            description="s3://bucket/prefix, file:// URI or folder; empty uses COVID_SOURCE_URI"),
-        "min_sensitivity": _param("min_sensitivity", "number", "Gate: minimum test sensitivity (COVID recall)",
-                                  minimum=0, maximum=1),
+        "source_uri": Param(None, type=["null", "string"], description="s3://bucket/prefix, file:// URI "
+                            "or folder; empty uses COVID_SOURCE_URI"),
+        "min_sensitivity": _param("min_sensitivity", "number",
+                                  "Gate: minimum test sensitivity (COVID recall)", minimum=0, maximum=1),
         "min_specificity": _param("min_specificity", "number",
                                   "Gate: minimum test specificity (non-COVID recall)", minimum=0, maximum=1),
         "promotion_margin": _param("promotion_margin", "number",
-                                   "Allowed drop vs the champion on either gate metric", minimum=0, maximum=1),
+                                   "Allowed drop vs the champion on either gate metric",
+                                   minimum=0, maximum=1),
         "epochs": _param("epochs", "integer", "Frozen-backbone epochs", minimum=0, maximum=200),
         "finetune_epochs": _param("finetune_epochs", "integer",
-                                  "Fine-tuning epochs (early stopping may end sooner)", minimum=0, maximum=200),
+                                  "Fine-tuning epochs (early stopping may end sooner)",
+                                  minimum=0, maximum=200),
         "img_size": _param("img_size", "integer", "Input size in pixels", minimum=32, maximum=1024),
-        "batch_size": _param("batch_size", "integer", "Images per batch (per GPU)", minimum=1, maximum=1024),
+        "batch_size": _param("batch_size", "integer", "Images per batch (per GPU)", minimum=1,
+                             maximum=1024),
         "backbone": _param("backbone", "string", "CNN backbone", enum=list(BACKBONES)),
-        "weights": _param("weights", "string", "imagenet (efficientnet_lite0: bundled, no download; others: "
-                          "Keras download or cache), bundled (efficientnet_lite0), none, or a weights file path",
-                          minLength=1),
+        "weights": _param("weights", "string", "imagenet (efficientnet_lite0: bundled, no download; "
+                          "others: Keras download or cache), bundled (efficientnet_lite0), none, or a "
+                          "weights file path", minLength=1),
         "force": _param("force", "boolean", "Retrain even when no new data arrived"),
     },
 )

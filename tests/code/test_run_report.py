@@ -12,8 +12,8 @@ RELABEL = {"n_images": 69, "n_patients": 41, "class_counts": {"covid": 40, "non_
            "dropped": {"modality": 20, "view": 12}}
 SPLIT = {"counts": {s: {"covid": {"images": c, "patients": 1}, "non_covid": {"images": n, "patients": 1}}
                     for s, c, n in (("train", 28, 20), ("val", 6, 5), ("test", 6, 4))}}
-EVALUATED = {"passed": False, "reasons": ["sensitivity 0.500 < 0.80"], "sensitivity": 0.5, "specificity": 0.75,
-             "threshold": 0.4123}
+EVALUATED = {"passed": False, "reasons": ["sensitivity 0.500 < 0.80"], "sensitivity": 0.5,
+             "specificity": 0.75, "threshold": 0.4123}
 REJECTED = {"registered": False, "promoted": False, "passed": False, "version": None,
             "reasons": ["sensitivity 0.500 < 0.80"], "champion_version": 2}
 

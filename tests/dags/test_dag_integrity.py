@@ -157,3 +157,10 @@ def test_parsing_imports_no_heavy_modules():
     out = subprocess.run([sys.executable, "-c", code, str(DAG_FILE)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, f"DAG parse imported {out.stdout.strip()}: {out.stderr[-2000:]}"
+
+
+def test_make_run_prints_every_param(dag):
+    """`make run` and `make airflow` print the values of `run_report.PARAMS`: the DAG's Params."""
+    from covid_tasks.run_report import PARAMS
+
+    assert set(PARAMS) == set(dag.params)

@@ -49,6 +49,10 @@ def _listening(pid: int) -> set[tuple[str, int]]:
     return found
 
 
+def _healthy(health: dict) -> bool:
+    return all((health.get(part) or {}).get("status") == "healthy" for part in ("scheduler", "triggerer"))
+
+
 def test_local_airflow_binds_loopback_only_and_keeps_the_password_private(
         tmp_path: Path, airflow_db: dict[str, str]) -> None:
     port = _free_port()
@@ -61,15 +65,17 @@ def test_local_airflow_binds_loopback_only_and_keeps_the_password_private(
     proc = subprocess.Popen([sys.executable, "-m", "covid_tasks.local_airflow"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline, ready = time.monotonic() + START_TIMEOUT_S, False
-        while time.monotonic() < deadline and proc.poll() is None and not ready:
+        # Wait until the scheduler and the triggerer heartbeat: their log servers, if any, start first.
+        deadline, health = time.monotonic() + START_TIMEOUT_S, {}
+        while time.monotonic() < deadline and proc.poll() is None and not _healthy(health):
+            time.sleep(2)
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=2) as r:
-                    ready = r.status == 200
+                    health = json.loads(r.read())
             except OSError:
-                time.sleep(2)
-        assert ready, "API server did not answer"
-        time.sleep(10)  # let the scheduler and the triggerer start what they would serve logs with
+                pass
+        assert _healthy(health), health
+        time.sleep(3)
         listening = _listening(proc.pid)
         assert (("127.0.0.1", port)) in listening
         assert {ip for ip, _ in listening} <= {"127.0.0.1", "::1"}, listening
