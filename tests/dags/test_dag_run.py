@@ -2,8 +2,8 @@
 
 A first run pulls, trains, evaluates and registers a champion; a second, unforced run finds no
 new data and skips everything after the pull; `predict` then uses the registered champion. Then
-a run whose gate cannot be met ends `register` as skipped, and a run with a missing weights file
-fails `train` in one try; `make run`'s per-task report reads the same Airflow DB.
+a run whose gate cannot be met ends `register` as skipped, and a run with weights its backbone cannot
+use fails `pull` in one try; `make run`'s per-task report reads the same Airflow DB.
 """
 
 from __future__ import annotations
@@ -172,13 +172,14 @@ def test_first_run_published_the_registry_decision(env, first_run):
     assert events["covid-xray-evaluation"]["gate"] == "passed"
 
 
-def test_missing_weights_fail_train_at_once(env, first_run):
-    """An error no retry can fix fails the task in one try (train has 2 retries of 2 minutes)."""
+def test_a_bad_setting_fails_at_once_without_retries(env, first_run):
+    """An error no retry can fix fails the task in one try (pull has 3 retries, 1 minute and up)."""
     assert first_run.returncode == 0
-    run = _dags_test(env, {**CONF, "weights": "/nonexistent/backbone.weights.h5", "force": True})
+    run = _dags_test(env, {**CONF, "weights": "bundled", "force": True})  # bundled is Lite0's only
     assert run.returncode != 0
     latest = _latest_run()
-    train = next(t for t in latest["tasks"] if t["task_id"] == "train")
-    assert (train["state"], train["tries"]) == ("failed", 1), latest
+    pull = next(t for t in latest["tasks"] if t["task_id"] == "pull")
+    assert (pull["state"], pull["tries"]) == ("failed", 1), latest
     assert latest["state"] == "failed"
-    assert "not retried: a missing input, model or weights file" in run.stdout + run.stderr
+    assert "weights 'bundled' exist only for efficientnet_lite0" in run.stdout + run.stderr
+    assert "not retried: bad configuration or data" in run.stdout + run.stderr
