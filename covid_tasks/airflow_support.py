@@ -1,16 +1,104 @@
-"""The only module that touches Airflow: turns a task's context into plain stage inputs.
+"""The only module that touches Airflow at task run time: stage inputs, error policy and decisions.
 
-Imported inside task bodies, never at DAG parse time.
+Imported inside task bodies, never at DAG parse time. The stages stay Airflow-free; this module
+turns a task's context into plain stage inputs and the stage's outcome into Airflow states:
+
+* **Errors.** :func:`classify` sorts an exception into ``permanent`` (no retry can fix it: bad
+  configuration or Params, missing inputs or weights, an empty data set or class, a corrupt file),
+  ``transient`` (the registry or object store unreachable) or ``unknown``. A permanent error fails
+  the task at once (``AirflowFailException``); the others keep the task's retries.
+* **Decisions.** ``evaluate`` publishes the gate's verdict as an event of the asset
+  ``covid-xray-evaluation``; ``register`` publishes the registry decision as an event of the asset
+  ``covid-xray-classifier`` when it registered a version, and ends as *skipped*, with the reason,
+  when the gate rejected the model (the run still succeeds; the MLflow run is logged either way).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from covid_tasks.config import Config, safe_run_key
 
 logger = logging.getLogger(__name__)
+
+#: Exceptions no retry can fix, matched by class along the MRO (``module.QualName``), so that
+#: classifying needs no TensorFlow, MLflow or botocore import.
+PERMANENT: dict[str, str] = {
+    "builtins.ValueError": "bad configuration or data (also corrupt CSV, JSON, image or .keras files)",
+    "builtins.FileNotFoundError": "a missing input, model or weights file",
+    "builtins.NotADirectoryError": "a path that is not a folder",
+    "builtins.IsADirectoryError": "a folder where a file was expected",
+    "builtins.PermissionError": "a file or folder that may not be read or written",
+    "zipfile.BadZipFile": "a corrupt model file",
+    "covid_tasks.model.WeightsUnavailableError": "pretrained weights neither downloadable nor cached",
+    "tensorflow.python.framework.errors_impl.InvalidArgumentError": "an input TensorFlow cannot use",
+    "tensorflow.python.framework.errors_impl.NotFoundError": "a file TensorFlow cannot find",
+}
+#: Exceptions a retry may fix: checked first, along the exception's cause chain.
+TRANSIENT: dict[str, str] = {
+    "covid_tasks.registry.RegistryUnavailableError": "the MLflow registry is unreachable",
+    "builtins.ConnectionError": "a connection failed",
+    "builtins.TimeoutError": "a call timed out",
+    "botocore.exceptions.ConnectionError": "the S3 endpoint is unreachable",
+    "botocore.exceptions.HTTPClientError": "the S3 endpoint did not answer",
+    "requests.exceptions.ConnectionError": "an HTTP server (MLflow) is unreachable",
+    "requests.exceptions.Timeout": "an HTTP server (MLflow) timed out",
+}
+
+EVALUATION_ASSET = "covid-xray-evaluation"
+
+
+def _names(exc: BaseException) -> list[str]:
+    return [f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__]
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, then its explicit cause or implicit context, and theirs (no cycles)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """Sort an exception into ``permanent``, ``transient`` or ``unknown``, with a short reason.
+
+    An exception's own boolean ``retryable`` attribute wins; then a transient exception anywhere in
+    the cause chain; then the type of the exception itself against :data:`PERMANENT`.
+    """
+    flag = getattr(exc, "retryable", None)
+    if isinstance(flag, bool):
+        return ("transient", "marked retryable") if flag else ("permanent", "marked not retryable")
+    for link in _chain(exc):
+        for name in _names(link):
+            if name in TRANSIENT:
+                return "transient", TRANSIENT[name]
+    for name in _names(exc):
+        if name in PERMANENT:
+            return "permanent", PERMANENT[name]
+    return "unknown", "unexpected error"
+
+
+@contextmanager
+def fail_fast(step: str) -> Iterator[None]:
+    """Let transient and unknown errors through (Airflow retries them); fail permanent ones at once."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    try:
+        yield
+    except AirflowException:
+        raise
+    except Exception as exc:
+        kind, why = classify(exc)
+        if kind != "permanent":
+            logger.warning("%s: %s error (%s), retried while tries are left: %s: %s", step, kind, why,
+                           type(exc).__name__, exc)
+            raise
+        raise AirflowFailException(f"{step}: {type(exc).__name__}: {exc} [not retried: {why}]") from exc
 
 
 def run_stage(step: str, **extra: Any) -> dict[str, Any]:
@@ -18,6 +106,9 @@ def run_stage(step: str, **extra: Any) -> dict[str, Any]:
 
     The stage gets plain inputs only: the Config built from the run's Params, the run key and,
     for ``pull``, the S3 options of the configured Airflow connection.
+
+    Raises:
+        AirflowFailException: the configuration or the stage failed in a way no retry can fix.
     """
     from airflow.sdk import get_current_context
 
@@ -25,12 +116,98 @@ def run_stage(step: str, **extra: Any) -> dict[str, Any]:
     from covid_tasks.storage import jsonable
 
     ctx = get_current_context()
-    cfg = task_config(ctx["params"])
-    if step == "pull":
-        extra = {"s3_options": s3_options(cfg.s3_conn_id), **extra}
-    if step == "register":
-        extra = {"context": {"airflow_run_id": ctx["run_id"], **extra.get("context", {})}}
-    return jsonable(run_step(step, cfg, run_key(ctx), **extra))
+    with fail_fast(step):
+        cfg = task_config(ctx["params"])
+        if step == "pull":
+            extra = {"s3_options": s3_options(cfg.s3_conn_id), **extra}
+        if step == "register":
+            extra = {"context": {"airflow_run_id": ctx["run_id"], **extra.get("context", {})}}
+        return jsonable(run_step(step, cfg, run_key(ctx), **extra))
+
+
+def run_evaluate() -> dict[str, Any]:
+    """Run ``evaluate`` and publish the gate's verdict as an event of the task's outlet assets."""
+    from airflow.sdk import get_current_context
+
+    result = run_stage("evaluate")
+    ctx = get_current_context()
+    for asset in ctx["task"].outlets:
+        ctx["outlet_events"][asset].extra = gate_event(result, run_key(ctx))
+    return result
+
+
+def run_register(evaluated: dict[str, Any], dataset_version: str) -> dict[str, Any]:
+    """Run ``register``; publish a registration as an asset event, or end *skipped* on a rejection.
+
+    The stage logs the MLflow run either way. A rejected model leaves its result in XCom
+    (``return_value``) and the reason in the skip message; the DAG run still succeeds.
+
+    Raises:
+        AirflowSkipException: the gate rejected the model, so nothing was registered.
+    """
+    from airflow.sdk import get_current_context
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    result = run_stage("register", context={"dataset_version": dataset_version})
+    ctx = get_current_context()
+    event = decision_event(result, evaluated)
+    logger.info("register: %s", event["summary"])
+    if not result.get("registered"):
+        ctx["ti"].xcom_push(key="return_value", value=result)
+        raise AirflowSkipException(event["summary"])
+    for asset in ctx["task"].outlets:
+        ctx["outlet_events"][asset].extra = event
+    return result
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def gate_event(evaluated: dict[str, Any], key: str) -> dict[str, Any]:
+    """The gate's verdict on one evaluation, as an asset event's ``extra`` (small, JSON)."""
+    passed = bool(evaluated.get("passed"))
+    reasons = list(evaluated.get("reasons") or [])
+    champion = evaluated.get("champion") or {}
+    summary = (f"gate {'passed' if passed else 'rejected'}: test sensitivity "
+               f"{_pct(evaluated.get('sensitivity'))} (min {evaluated.get('min_sensitivity')}), specificity "
+               f"{_pct(evaluated.get('specificity'))} (min {evaluated.get('min_specificity')})")
+    if reasons:
+        summary += ": " + "; ".join(reasons)
+    return {
+        "run_key": key, "gate": "passed" if passed else "rejected", "reasons": reasons,
+        "recommendation": evaluated.get("decision"), "summary": summary,
+        **{k: evaluated.get(k) for k in ("sensitivity", "specificity", "min_sensitivity", "min_specificity",
+                                         "threshold", "roc_auc", "n_test")},
+        "champion_version": champion.get("version"),
+    }
+
+
+def decision_event(registered: dict[str, Any], evaluated: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The registry decision (``promoted``, ``challenger`` or ``rejected``) with a one-line summary."""
+    evaluated = evaluated or {}
+    champion = registered.get("champion_version")
+    if not registered.get("registered"):
+        decision = "rejected"
+        why = "; ".join(registered.get("reasons") or evaluated.get("reasons") or []) or "gate failed"
+        summary = (f"rejected by the gate ({why}); nothing registered, "
+                   + (f"champion stays version {champion}" if champion else "no champion yet"))
+    elif registered.get("promoted"):
+        decision = "promoted"
+        summary = f"version {registered.get('version')} registered and promoted to @champion"
+    else:
+        decision = "challenger"
+        why = "; ".join(registered.get("promotion_reasons") or []) or "not better than the champion"
+        summary = (f"version {registered.get('version')} registered as @challenger; champion stays "
+                   f"version {champion} ({why})")
+    return {
+        "decision": decision, "summary": summary, "version": registered.get("version"),
+        "aliases": registered.get("aliases") or [], "champion_version": champion,
+        "model_uri": registered.get("model_uri"), "mlflow_run_id": registered.get("mlflow_run_id"),
+        "reasons": registered.get("reasons") or [],
+        "promotion_reasons": registered.get("promotion_reasons") or [],
+        **{k: evaluated.get(k) for k in ("sensitivity", "specificity", "threshold")},
+    }
 
 
 def task_config(params: dict[str, Any]) -> Config:

@@ -1,8 +1,9 @@
 """Command line: ``python -m covid_tasks <step> [options]``, one sub-command per pipeline step.
 
 Each step prints its result, the same dict the Airflow task returns, as one JSON object on the
-last line of stdout; logs go to stderr. ``predict`` prints ``Class : covid`` / ``Confidence :``
-lines per image, or JSON with ``--json``.
+last line of stdout; logs go to stderr. ``predict`` prints ``Class``, ``Confidence`` (the model's
+probability of that class, with whether it is calibrated) and ``P(covid)`` lines per image, or
+JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -106,7 +107,24 @@ def _predict(args: argparse.Namespace) -> None:
     version = f" (version {result['version']})" if result["version"] else ""
     print(f"Model : {result['model']}{version}, threshold {result['threshold']:.3f}")
     for pred in result["predictions"]:
+        note = confidence_note(result.get("calibration"), pred["confidence"])
         print(f"Image : {pred['image']}")
         print(f"Class : {pred['class']}")
-        print(f"Confidence : {pred['confidence'] * 100:.1f}%")
+        print(f"Confidence : {pred['confidence'] * 100:.1f}% for {pred['class']} ({note})")
         print(f"P(covid) : {pred['prob_covid'] * 100:.1f}% (covid at >= {result['threshold'] * 100:.1f}%)")
+
+
+def confidence_note(calibration: Any, confidence: float) -> str:
+    """What the Confidence figure means: a calibrated probability (``operating_point.json`` says
+    how) or the model's raw score; and why it can be under 50% for the class shown."""
+    if not calibration:
+        note = "uncalibrated model score, not the chance that this call is right"
+    elif isinstance(calibration, dict):
+        method = calibration.get("method") or "calibrated"
+        where = calibration.get("split") or calibration.get("fitted_on")
+        note = f"calibrated probability: {method}" + (f" fitted on the {where} split" if where else "")
+    else:
+        note = f"calibrated probability: {calibration}"
+    if confidence < 0.5:
+        note += "; under 50%: the threshold below, not the larger score, sets the class"
+    return note

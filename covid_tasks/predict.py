@@ -47,9 +47,10 @@ def predict(images: Sequence[str | Path], model: str, tracking_uri: str | None =
         threshold: override the model's recorded operating threshold.
 
     Returns:
-        ``{"model", "version", "threshold", "img_size", "predictions": [{"image", "class",
-        "confidence", "prob_covid"}]}``; ``version`` is the registered version used (``None``
-        for a file) and ``confidence`` the probability of the predicted class.
+        ``{"model", "version", "threshold", "img_size", "calibration", "predictions": [{"image",
+        "class", "confidence", "prob_covid"}]}``; ``version`` is the registered version used
+        (``None`` for a file), ``confidence`` the model's probability of the predicted class and
+        ``calibration`` the model's calibration record (``None`` when its output is uncalibrated).
 
     Raises:
         FileNotFoundError: an image or the model file is missing.
@@ -74,4 +75,5 @@ def predict(images: Sequence[str | Path], model: str, tracking_uri: str | None =
         out.append({"image": str(path), "class": names[idx],
                     "confidence": float(p if idx == POSITIVE_INDEX else 1.0 - p), "prob_covid": float(p)})
     return {"model": loaded.source, "version": loaded.version, "threshold": loaded.threshold,
-            "img_size": loaded.img_size, "predictions": out}
+            "img_size": loaded.img_size, "calibration": getattr(loaded, "calibration", None),
+            "predictions": out}

@@ -13,70 +13,102 @@ ieee8023 covid-chestxray-dataset) and, step by step:
 6. **finetune**: all layers unfrozen (BatchNorm frozen), class weights, lr 1e-5,
    best-epoch checkpoint and early stopping (queue and pool `gpu`);
 7. **evaluate**: threshold chosen on val; sensitivity and specificity on test, COVID positive;
-   the current champion is scored on the same test images;
+   the current champion is scored on the same test images; the gate's verdict (passed or
+   rejected, and why) is an event of the asset `covid-xray-evaluation`;
 8. **register**: logs the run to MLflow; a model that passes the gate becomes a new version of
    `covid-xray-classifier` with the alias `challenger`, and takes the alias `champion` that
-   services read only when it is not worse than the champion by more than **promotion_margin**.
+   services read only when it is not worse than the champion by more than **promotion_margin**;
+   the decision (promoted or challenger) is an event of the asset `covid-xray-classifier`.
+   **A rejected model ends `register` as skipped** (the reason is in its log and XCom); the run
+   still succeeds.
 
 Outputs of a run land in `<data_root>/runs/<run id>/` (models, plots, `metrics.json`,
 `predictions.csv`); the registry holds the passing models.
 
+**Schedule:** Sundays 00:00 UTC, one run at a time. Unpausing never starts a run for a week that
+has already begun; after a pause across a Sunday, the latest missed week runs at once.
+**Failures:** errors no retry can fix (a bad Param, missing weights or inputs, an empty data set or
+class, a corrupt file) fail the task at once; S3 or MLflow outages are retried.
+
 #### Params
+Defaults are those of `covid_tasks.config.Config`; a Param overrides the `COVID_<FIELD>` variable.
+
 - **source_uri**: `s3://bucket/prefix`, `file:///path` or a folder; empty uses `COVID_SOURCE_URI`.
 - **min_sensitivity** / **min_specificity**: the gate on the test split (0..1).
 - **promotion_margin**: how much lower than the champion's test sensitivity or specificity a
   challenger may be and still be promoted.
 - **epochs** / **finetune_epochs**: epochs of the frozen and the unfrozen phase.
 - **img_size** / **batch_size**: square input size in pixels and images per batch (per GPU).
-- **backbone**: `resnet50`, `mobilenet_v3_small` or `efficientnet_lite0`.
-- **weights**: `imagenet`, `bundled` (efficientnet_lite0 only), `none`, or a weights file path.
+- **backbone**: `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`, `resnet50` or
+  `mobilenet_v3_small`.
+- **weights**: `imagenet` (for the EfficientNet-Lite backbones the bundled copy, no download; the
+  others download it or read the Keras cache), `bundled` (EfficientNet-Lite only), `none`, or a
+  weights file path.
 - **force**: retrain even when the pull found nothing new.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 from typing import Any
 
-import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, task
+
+# Side-effect free (no TensorFlow, pandas, MLflow): the Params' defaults are the Config's defaults.
+from covid_tasks.config import BACKBONES, MODEL_NAME, field_defaults
 
 GPU = {"queue": "gpu", "pool": "gpu"}
+DEFAULTS = field_defaults()
+#: The registered model: an event per registered version, its extra holds the registry decision.
+MODEL = Asset(name=MODEL_NAME)
+#: The gate's verdict on every evaluated model (passed or rejected, and why).
+EVALUATION = Asset(name="covid-xray-evaluation")
 log = logging.getLogger(__name__)
+
+
+def _param(name: str, kind: str, description: str, **schema: Any) -> Param:
+    """A Param whose default is the Config field's default."""
+    return Param(DEFAULTS[name], type=kind, description=description, **schema)
 
 
 @dag(
     dag_id="covid_retraining",
-    schedule="@weekly",
-    start_date=pendulum.datetime(2026, 1, 5, tz="UTC"),
+    # Sundays 00:00 UTC. No start_date and run_immediately=0: unpausing never starts a run for a week
+    # that has already begun (a manual Trigger runs at once instead of queueing behind one).
+    schedule=CronTriggerTimetable("@weekly", timezone="UTC", run_immediately=datetime.timedelta(0)),
     catchup=False,
     max_active_runs=1,
     tags=["covid", "retraining", "mlops"],
-    default_args={"owner": "ml-team", "retries": 2, "retry_delay": pendulum.duration(minutes=2)},
+    default_args={"owner": "ml-team", "retries": 2, "retry_delay": datetime.timedelta(minutes=2)},
     doc_md=__doc__,
     params={
-        "source_uri": Param("", type="string", description="s3://bucket/prefix, file:// URI or folder; "
-                            "empty uses COVID_SOURCE_URI"),
-        "min_sensitivity": Param(0.80, type="number", minimum=0, maximum=1,
-                                 description="Gate: minimum test sensitivity (COVID recall)"),
-        "min_specificity": Param(0.70, type="number", minimum=0, maximum=1,
-                                 description="Gate: minimum test specificity (non-COVID recall)"),
-        "promotion_margin": Param(0.02, type="number", minimum=0, maximum=1,
-                                  description="Allowed drop vs the champion on either gate metric"),
-        "epochs": Param(5, type="integer", minimum=0, maximum=200, description="Frozen-backbone epochs"),
-        "finetune_epochs": Param(10, type="integer", minimum=0, maximum=200,
-                                 description="Fine-tuning epochs (early stopping may end sooner)"),
-        "img_size": Param(224, type="integer", minimum=32, maximum=1024, description="Input size in pixels"),
-        "batch_size": Param(16, type="integer", minimum=1, maximum=1024, description="Images per batch"),
-        "backbone": Param("resnet50", type="string",
-                          enum=["resnet50", "mobilenet_v3_small", "efficientnet_lite0"]),
-        "weights": Param("imagenet", type="string", minLength=1,
-                         description="imagenet, bundled (efficientnet_lite0), none, or a weights file path"),
-        "force": Param(False, type="boolean", description="Retrain even when no new data arrived"),
+        # Nullable with a None default: the Trigger form treats an empty non-null field as missing.
+        "source_uri": Param(None, type=["null", "string"], description="s3://bucket/prefix, file:// URI "
+                            "or folder; empty uses COVID_SOURCE_URI"),
+        "min_sensitivity": _param("min_sensitivity", "number",
+                                  "Gate: minimum test sensitivity (COVID recall)", minimum=0, maximum=1),
+        "min_specificity": _param("min_specificity", "number",
+                                  "Gate: minimum test specificity (non-COVID recall)", minimum=0, maximum=1),
+        "promotion_margin": _param("promotion_margin", "number",
+                                   "Allowed drop vs the champion on either gate metric",
+                                   minimum=0, maximum=1),
+        "epochs": _param("epochs", "integer", "Frozen-backbone epochs", minimum=0, maximum=200),
+        "finetune_epochs": _param("finetune_epochs", "integer",
+                                  "Fine-tuning epochs (early stopping may end sooner)",
+                                  minimum=0, maximum=200),
+        "img_size": _param("img_size", "integer", "Input size in pixels", minimum=32, maximum=1024),
+        "batch_size": _param("batch_size", "integer", "Images per batch (per GPU)", minimum=1,
+                             maximum=1024),
+        "backbone": _param("backbone", "string", "CNN backbone", enum=list(BACKBONES)),
+        "weights": _param("weights", "string", "imagenet (EfficientNet-Lite: bundled, no download; "
+                          "others: Keras download or cache), bundled (EfficientNet-Lite), none, or a "
+                          "weights file path", minLength=1),
+        "force": _param("force", "boolean", "Retrain even when no new data arrived"),
     },
 )
 def covid_retraining() -> None:
-    @task(retries=3, retry_delay=pendulum.duration(minutes=1), retry_exponential_backoff=True)
+    @task(retries=3, retry_delay=datetime.timedelta(minutes=1), retry_exponential_backoff=True)
     def pull() -> dict[str, Any]:
         """Copy new and changed images and metadata.csv from the source into raw/."""
         from covid_tasks.airflow_support import run_stage
@@ -120,19 +152,19 @@ def covid_retraining() -> None:
 
         return run_stage("finetune")
 
-    @task
+    @task(outlets=[EVALUATION])
     def evaluate() -> dict[str, Any]:
-        """Threshold on val, sensitivity/specificity on test, gate decision."""
-        from covid_tasks.airflow_support import run_stage
+        """Threshold on val, sensitivity/specificity on test, gate decision (an asset event)."""
+        from covid_tasks.airflow_support import run_evaluate
 
-        return run_stage("evaluate")
+        return run_evaluate()
 
-    @task
+    @task(outlets=[MODEL])
     def register(pulled: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
-        """Log the run to MLflow; register and promote the model if it passed the gate."""
-        from covid_tasks.airflow_support import run_stage
+        """Log the run to MLflow; register and promote a passing model; skipped when the gate rejects."""
+        from covid_tasks.airflow_support import run_register
 
-        return run_stage("register", context={"dataset_version": pulled["dataset_version"]})
+        return run_register(evaluated, pulled["dataset_version"])
 
     pulled = pull()
     relabelled = relabel()

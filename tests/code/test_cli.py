@@ -40,3 +40,14 @@ def test_bad_override_is_rejected(tmp_path):
     shutil.copytree(REPO / "sample_data", tmp_path / "src")
     out = _cli("relabel", "--data-root", str(tmp_path), "--set", "img_size=8")
     assert out.returncode == 1 and "img_size" in out.stderr
+
+
+def test_predict_confidence_says_what_the_number_is():
+    from covid_tasks.cli import confidence_note
+
+    assert confidence_note(None, 0.9) == "uncalibrated model score, not the chance that this call is right"
+    assert confidence_note({}, 0.3).endswith("; under 50%: the threshold below, not the larger score, "
+                                             "sets the class")
+    assert confidence_note({"method": "platt", "split": "val"}, 0.8) == (
+        "calibrated probability: platt fitted on the val split")
+    assert confidence_note("isotonic", 0.8) == "calibrated probability: isotonic"

@@ -71,3 +71,10 @@ def test_default_tracking_uri_is_local_sqlite(tmp_path):
     cfg = Config(data_root=str(tmp_path / "data"))
     assert cfg.tracking_uri == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     assert Config(mlflow_tracking_uri="http://mlflow:5000").tracking_uri == "http://mlflow:5000"
+
+
+def test_bundled_weights_need_an_efficientnet_lite_backbone():
+    """Caught when the config is built (the first task), not after pull, relabel and split."""
+    with pytest.raises(ValueError, match="weights 'bundled' exist only for the efficientnet_lite backbones"):
+        Config(backbone="resnet50", weights="bundled")
+    assert Config(backbone="efficientnet_lite0", weights="bundled").weights == "bundled"

@@ -111,7 +111,7 @@ def test_cli_predict_resolves_the_champion_and_prints_its_version(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"Model : {uri} (version 1), threshold {champion['threshold']:.3f}"
     assert lines[1:3] == [f"Image : {covid}", "Class : covid"]
-    assert lines[3].startswith("Confidence : ") and lines[3].endswith("%")
+    assert lines[3].startswith("Confidence : ") and "% for covid (" in lines[3]
     assert lines[4].startswith("P(covid) : ") and f">= {champion['threshold'] * 100:.1f}%" in lines[4]
     assert lines[5:7] == [f"Image : {non_covid}", "Class : non_covid"]
     assert not elsewhere.exists()

