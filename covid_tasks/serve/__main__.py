@@ -15,7 +15,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covid_tasks.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=os.environ.get("COVID_SERVE_HOST", "127.0.0.1"),
-                        help="address to listen on (default $COVID_SERVE_HOST or 127.0.0.1; 0.0.0.0 in a container)")
+                        help="address to listen on (default $COVID_SERVE_HOST or 127.0.0.1; "
+                             "0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("COVID_SERVE_PORT", "8000")),
                         help="port (default $COVID_SERVE_PORT or 8000)")
     parser.add_argument("--log-level", default="info")

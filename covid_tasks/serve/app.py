@@ -178,8 +178,8 @@ def classify(served: ServedModel, uploads: list[Upload], explain: bool, settings
     if explain:
         _explain(served, batch, positive, out)
     model = {"name": served.name, "version": served.version, "run_id": served.run_id,
-             "alias": served.info.get("alias"), "threshold": served.threshold, "calibrated": served.calibrated,
-             "img_size": served.img_size}
+             "alias": served.info.get("alias"), "threshold": served.threshold,
+             "calibrated": served.calibrated, "img_size": served.img_size}
     return {"model": model, "n_images": len(out), "predictions": out}
 
 

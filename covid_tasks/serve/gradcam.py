@@ -49,7 +49,8 @@ def layer_output(model: Any, layer_name: str) -> Any:
         if operation.name == layer_name:
             return tensor
         stack.extend(operation._inbound_nodes[node_index].input_tensors)
-    raise GradCamUnavailableError(f"model {model.name!r} has no layer {layer_name!r} on the path to its output")
+    raise GradCamUnavailableError(f"model {model.name!r} has no layer {layer_name!r} on the path to "
+                                  "its output")
 
 
 class GradCam:
@@ -70,7 +71,8 @@ class GradCam:
 
         features = layer_output(model, layer_name)
         if len(features.shape) != 4:
-            raise GradCamUnavailableError(f"layer {layer_name!r} outputs {features.shape}, not a 2-D feature map")
+            raise GradCamUnavailableError(f"layer {layer_name!r} outputs {features.shape}, "
+                                          "not a 2-D feature map")
         try:
             dense = model.get_layer(output_name)
         except ValueError as exc:

@@ -74,8 +74,8 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
     if fmt not in DECODABLE_FORMATS:
         raise BadInputError(415, f"'{name}' is a {fmt} image; send JPEG or PNG (also read: BMP, GIF)")
     if width * height > max_pixels:
-        raise BadInputError(422, f"'{name}' is {width} x {height} = {width * height / 1e6:.0f} Mpx; the limit "
-                                 f"is {max_pixels / 1e6:.0f} Mpx (a decompression bomb?)")
+        raise BadInputError(422, f"'{name}' is {width} x {height} = {width * height / 1e6:.0f} Mpx; "
+                                 f"the limit is {max_pixels / 1e6:.0f} Mpx (a decompression bomb?)")
     return fmt, width, height
 
 
@@ -105,7 +105,8 @@ def decode_uploads(uploads: Sequence[Upload], img_size: int, max_file_bytes: int
             path.write_bytes(upload.data)
             paths.append(path)
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
-            return np.stack(list(pool.map(lambda item: _decode(*item, img_size), zip(uploads, paths))))
+            items = zip(uploads, paths, strict=True)
+            return np.stack(list(pool.map(lambda item: _decode(*item, img_size), items)))
 
 
 def _decode(upload: Upload, path: Path, img_size: int) -> np.ndarray:

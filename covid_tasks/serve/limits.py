@@ -64,7 +64,7 @@ class BodySizeLimit:
         detail = (f"request body of {size / 2**20:.1f} MiB or more is over the limit of "
                   f"{self.max_bytes / 2**20:.0f} MiB per request; send fewer or smaller images")
         body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

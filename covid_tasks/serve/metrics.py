@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 #: Request latency buckets (seconds): one image on a CPU takes tens of milliseconds; a batch of 32
 #: with explanations takes seconds.
@@ -22,7 +29,7 @@ class ServeMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("covid_serve_requests_total", "HTTP requests answered, by endpoint and status",
+        self.requests = Counter("covid_serve_requests_total", "HTTP requests answered, by endpoint, status",
                                 ["endpoint", "method", "status"], registry=r)
         self.errors = Counter("covid_serve_errors_total", "Requests answered with a 4xx or 5xx status",
                               ["endpoint", "status"], registry=r)
@@ -30,7 +37,8 @@ class ServeMetrics:
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("covid_serve_images_total", "Images classified, by predicted class and version",
                               ["predicted_class", "version"], registry=r)
-        self.version = Gauge("covid_serve_model_version", "Registered version being served (0: none)", registry=r)
+        self.version = Gauge("covid_serve_model_version", "Registered version being served (0: none)",
+                             registry=r)
         self.model_info = Gauge("covid_serve_model_info", "1 for the version being served",
                                 ["name", "version", "run_id"], registry=r)
         self.swaps = Counter("covid_serve_model_swaps_total", "Versions swapped in (the first load included)",

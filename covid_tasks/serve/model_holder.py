@@ -279,8 +279,9 @@ class ModelHolder:
             self._skip(number, f"{type(exc).__name__}: {exc}")
         else:
             previous, self._current = self._current, served
-            logger.info("serve: now serving %s version %s (was %s; loaded in %.1f s)", self.settings.model_name,
-                        number, previous.version if previous else "none", time.monotonic() - started)
+            logger.info("serve: now serving %s version %s (was %s; loaded in %.1f s)",
+                        self.settings.model_name, number, previous.version if previous else "none",
+                        time.monotonic() - started)
             if self._on_swap is not None:
                 self._on_swap(served)
         finally:
@@ -289,7 +290,8 @@ class ModelHolder:
     def _skip(self, number: str, why: str) -> None:
         with self._lock:
             self._failed[number] = why[:1000]
-        logger.error("serve: version %s cannot be served and is skipped until the alias moves: %s", number, why)
+        logger.error("serve: version %s cannot be served and is skipped until the alias moves: %s",
+                     number, why)
 
     def status(self) -> dict[str, Any]:
         """Readiness and why: what is served, the registry's state, what failed."""
@@ -320,8 +322,9 @@ class ModelHolder:
                 return f"serving version {current.version}; {self.target} is no longer set in the registry"
             if alias_version != current.version:
                 why = failed.get(alias_version)
-                return (f"serving version {current.version}; {self.target} points to version {alias_version}, "
-                        + (f"which cannot be served: {why}" if why else "which is loading"))
+                state_of_new = f"which cannot be served: {why}" if why else "which is loading"
+                return (f"serving version {current.version}; {self.target} points to version "
+                        f"{alias_version}, {state_of_new}")
             return f"serving version {current.version} ({self.target})"
         if state["checks"] == 0:
             return f"starting: looking up {self.target} in the registry at {s.tracking_uri}"

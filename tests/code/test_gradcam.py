@@ -92,7 +92,8 @@ def test_heat_lies_where_the_evidence_is(lite0: Any, corner: str) -> None:
 
     half = SIZE // 2
     patch = np.full((1, SIZE, SIZE, 3), 40.0, dtype="float32")
-    quadrants = {"top_left": (slice(0, half), slice(0, half)), "top_right": (slice(0, half), slice(half, None)),
+    quadrants = {"top_left": (slice(0, half), slice(0, half)),
+                 "top_right": (slice(0, half), slice(half, None)),
                  "bottom_left": (slice(half, None), slice(0, half)),
                  "bottom_right": (slice(half, None), slice(half, None))}
     rows, cols = quadrants[corner]

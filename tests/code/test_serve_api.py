@@ -171,10 +171,12 @@ def _tiff() -> bytes:
 BAD_UPLOADS = {
     "text file": ("notes.txt", lambda: b"patient notes, not an image\n" * 10, 415, "is not an image"),
     "truncated jpeg": ("cut.jpg", lambda: SAMPLES[0].read_bytes()[:4000], 422, "cannot be decoded"),
-    "decompression bomb": ("bomb.png", lambda: _bomb_png(30000, 30000), 422, "bomb (Image size (900000000 pixels)"),
+    "decompression bomb": ("bomb.png", lambda: _bomb_png(30000, 30000), 422,
+                           "bomb (Image size (900000000 pixels)"),
     "over the pixel limit": ("wide.png", lambda: _bomb_png(5000, 5000), 422, "25 Mpx; the limit is 20 Mpx"),
     "tiff": ("scan.tif", _tiff, 415, "is a TIFF image; send JPEG or PNG"),
-    "file over 1 MiB": ("big.jpg", lambda: SAMPLES[0].read_bytes() + b"\0" * 1_100_000, 413, "1 MiB per file"),
+    "file over 1 MiB": ("big.jpg", lambda: SAMPLES[0].read_bytes() + b"\0" * 1_100_000, 413,
+                        "1 MiB per file"),
     "empty file": ("empty.jpg", lambda: b"", 400, "is empty"),
 }
 
@@ -291,7 +293,8 @@ def test_registry_stopped_while_serving_keeps_serving_and_says_so(serve_stack: A
         response = _post(serve_stack, [SAMPLES[0]])
         assert response.status_code == 200 and response.json()["predictions"][0]["model_version"] == served
         metrics = requests.get(f"{service.url}/metrics", timeout=10).text
-        assert _metric(metrics, "covid_serve_registry_up") == 0.0 and _metric(metrics, "covid_serve_ready") == 1.0
+        assert _metric(metrics, "covid_serve_registry_up") == 0.0
+        assert _metric(metrics, "covid_serve_ready") == 1.0
     finally:
         registry.start()  # same port and store: the next tests find it as it was
     service.wait_for(lambda b: b["registry"]["reachable"] is True, timeout=180, what="registry back")

@@ -27,7 +27,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 def browser() -> Iterator[Any]:
     if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver; .ci/run does it)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
+    webdriver = pytest.importorskip("selenium.webdriver",
+                                    reason="selenium is not installed (requirements-dev.txt)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -77,7 +78,8 @@ def api_img_size(stack: Any) -> int:
     return requests.get(f"{stack.service.url}/v1/model", timeout=10).json()["img_size"]
 
 
-def test_page_shows_the_service_s_message_for_a_bad_file(browser: Any, serve_stack: Any, tmp_path: Path) -> None:
+def test_page_shows_the_service_s_message_for_a_bad_file(browser: Any, serve_stack: Any,
+                                                         tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

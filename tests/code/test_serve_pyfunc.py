@@ -31,10 +31,11 @@ def scoring_server(serve_stack: Any, tmp_path_factory: pytest.TempPathFactory) -
     port = free_port()
     log_path = tmp_path_factory.mktemp("pyfunc") / "models-serve.log"
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": serve_stack.registry.url, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    cmd = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1", "--env-manager", "local",
-           "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": serve_stack.registry.url,
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cmd = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1",
+           "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -57,7 +58,8 @@ def scoring_server(serve_stack: Any, tmp_path_factory: pytest.TempPathFactory) -
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_mlflow_models_serve_answers_the_keras_model_s_probabilities(scoring_server: str, serve_stack: Any) -> None:
+def test_mlflow_models_serve_answers_the_keras_model_s_probabilities(scoring_server: str,
+                                                                    serve_stack: Any) -> None:
     from covid_tasks.data import load_image
 
     images = SAMPLES[:3]

@@ -178,13 +178,14 @@ def register_versions(root: Path, url: str, models: dict[str, Any]) -> dict[str,
     client = MlflowClient(url, registry_uri=url)
     out = {}
     for version, model in models.items():
-        cfg = Config(data_root=str(data), mlflow_tracking_uri=url, model_name=MODEL, experiment_name="serve-test",
-                     batch_size=8, img_size=IMG_SIZE, backbone="efficientnet_lite0", min_sensitivity=0.0,
-                     min_specificity=0.0)
+        cfg = Config(data_root=str(data), mlflow_tracking_uri=url, model_name=MODEL,
+                     experiment_name="serve-test", batch_size=8, img_size=IMG_SIZE,
+                     backbone="efficientnet_lite0", min_sensitivity=0.0, min_specificity=0.0)
         key = f"serve_v{version}"
         tiny_run.write_model_run(cfg, key, model)
         evaluate(data, cfg, key)
-        result = register(data, cfg, key, {"dataset_version": f"ds-{key}", "airflow_run_id": f"manual__{key}"})
+        context = {"dataset_version": f"ds-{key}", "airflow_run_id": f"manual__{key}"}
+        result = register(data, cfg, key, context)
         assert str(result["version"]) == version, result
         client.delete_registered_model_alias(MODEL, "champion")  # the next evaluate needs no champion
         out[version] = client.get_model_version(MODEL, version)
@@ -206,8 +207,8 @@ def build_stack(tmp_path_factory: Any) -> Stack:
     try:
         service.wait_alive()
         service.wait_for(lambda b: b["registry"]["last_check"] is not None, what="first registry look-up")
-        with open(SAMPLES[0], "rb") as f:
-            predict = requests.post(f"{service.url}/v1/predict", files={"file": (SAMPLES[0].name, f)}, timeout=30)
+        files = {"file": (SAMPLES[0].name, SAMPLES[0].read_bytes())}
+        predict = requests.post(f"{service.url}/v1/predict", files=files, timeout=30)
         stack.early = {"readyz": requests.get(f"{service.url}/readyz", timeout=5), "predict": predict,
                        "model": requests.get(f"{service.url}/v1/model", timeout=5)}
         stack.set_champion("1")

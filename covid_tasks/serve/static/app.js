@@ -32,7 +32,7 @@ async function loadModel() {
   const gate = model.gate || {};
   $("model-gate").textContent = (gate.sensitivity || "?") + " / " + (gate.specificity || "?") +
     (gate.n_test ? " on " + gate.n_test + " test images" : "");
-  $("model-trained").textContent = model.trained_at || "unknown";
+  $("model-trained").textContent = model.trained_at ? model.trained_at.replace("T", " ").slice(0, 16) + " UTC" : "unknown";
   $("model-details").hidden = false;
 }
 
