@@ -279,6 +279,22 @@ def test_alias_moves_from_v1_to_v2_while_a_client_keeps_sending(serve_stack: Any
         assert item["run_id"] == serve_stack.versions[item["model_version"]].run_id
 
 
+def test_a_version_that_cannot_be_served_is_skipped_and_the_served_one_kept(serve_stack: Any) -> None:
+    client, service = serve_stack.client, serve_stack.service
+    v1 = serve_stack.versions["1"]
+    # A version whose files are not a model of this pipeline (the evaluation folder of run 1).
+    broken = client.create_model_version(MODEL, f"runs:/{v1.run_id}/evaluation", run_id=v1.run_id)
+    serve_stack.set_champion(broken.version)
+    body = service.wait_for(lambda b: broken.version in b["failed_versions"], what="broken version skipped")
+    assert body["ready"] is True and body["model"]["version"] == "2"
+    assert "operating_point.json" in body["failed_versions"][broken.version]
+    assert f"points to version {broken.version}, which cannot be served" in body["reason"]
+    response = _post(serve_stack, [SAMPLES[0]])
+    assert response.status_code == 200 and response.json()["predictions"][0]["model_version"] == "2"
+    serve_stack.set_champion("2")
+    service.wait_for(lambda b: b["reason"].startswith("serving version 2 ("), what="alias back on version 2")
+
+
 def test_registry_stopped_while_serving_keeps_serving_and_says_so(serve_stack: Any) -> None:
     service, registry = serve_stack.service, serve_stack.registry
     served = requests.get(f"{service.url}/readyz", timeout=5).json()["model"]["version"]
