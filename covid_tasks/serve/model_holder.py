@@ -307,33 +307,34 @@ class ModelHolder:
             "alias_version": state["alias_version"], "loading": state["loading"],
             "failed_versions": failed,
         }
-        out["reason"] = self._reason(current, state, failed)
+        out["reason"] = readiness_reason(self.settings, self.target, current, state, failed)
         return out
 
-    def _reason(self, current: ServedModel | None, state: dict[str, Any], failed: dict[str, str]) -> str:
-        """One sentence on the state, the message of every 503."""
-        s = self.settings
-        alias_version = state["alias_version"]
-        if current is not None:
-            if state["registry_reachable"] is False:
-                return (f"serving version {current.version}; the registry at {s.tracking_uri} is unreachable "
-                        f"({state['registry_error']}), so alias moves are not seen until it is back")
-            if alias_version is None:
-                return f"serving version {current.version}; {self.target} is no longer set in the registry"
-            if alias_version != current.version:
-                why = failed.get(alias_version)
-                state_of_new = f"which cannot be served: {why}" if why else "which is loading"
-                return (f"serving version {current.version}; {self.target} points to version "
-                        f"{alias_version}, {state_of_new}")
-            return f"serving version {current.version} ({self.target})"
-        if state["checks"] == 0:
-            return f"starting: looking up {self.target} in the registry at {s.tracking_uri}"
+
+def readiness_reason(s: ServeSettings, target: str, current: ServedModel | None, state: dict[str, Any],
+                     failed: dict[str, str]) -> str:
+    """One sentence on the state: the ``reason`` of ``/readyz`` and the message of every 503."""
+    alias_version = state["alias_version"]
+    if current is not None:
         if state["registry_reachable"] is False:
-            return (f"no model loaded: the registry at {s.tracking_uri} is unreachable "
-                    f"({state['registry_error']})")
+            return (f"serving version {current.version}; the registry at {s.tracking_uri} is unreachable "
+                    f"({state['registry_error']}), so alias moves are not seen until it is back")
         if alias_version is None:
-            return (f"no champion yet: no version of '{s.model_name}' carries the alias '{s.alias}' in the "
-                    f"registry at {s.tracking_uri}; a pipeline run that passes the gate sets it (make run)")
-        if alias_version in failed:
-            return f"no model loaded: version {alias_version} cannot be served: {failed[alias_version]}"
-        return f"no model loaded yet: loading version {alias_version} of '{s.model_name}'"
+            return f"serving version {current.version}; {target} is no longer set in the registry"
+        if alias_version != current.version:
+            why = failed.get(alias_version)
+            state_of_new = f"which cannot be served: {why}" if why else "which is loading"
+            return (f"serving version {current.version}; {target} points to version "
+                    f"{alias_version}, {state_of_new}")
+        return f"serving version {current.version} ({target})"
+    if state["checks"] == 0:
+        return f"starting: looking up {target} in the registry at {s.tracking_uri}"
+    if state["registry_reachable"] is False:
+        return (f"no model loaded: the registry at {s.tracking_uri} is unreachable "
+                f"({state['registry_error']})")
+    if alias_version is None:
+        return (f"no champion yet: no version of '{s.model_name}' carries the alias '{s.alias}' in the "
+                f"registry at {s.tracking_uri}; a pipeline run that passes the gate sets it (make run)")
+    if alias_version in failed:
+        return f"no model loaded: version {alias_version} cannot be served: {failed[alias_version]}"
+    return f"no model loaded yet: loading version {alias_version} of '{s.model_name}'"
