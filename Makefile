@@ -87,5 +87,16 @@ bench: install-dev
 	$(BIN)/python benchmarks/pull_bench.py
 	$(BIN)/python benchmarks/input_pipeline_bench.py
 
+# The inference service on the registry `make run` fills (see README "Inference service").
+SERVE_PORT ?= 8000
+.PHONY: serve bench-serve
+serve: install
+	@echo "Inference service: http://127.0.0.1:$(SERVE_PORT)/ (page), /v1/predict, /v1/model, /readyz, /metrics"
+	@echo "following models:/covid-xray-classifier@champion in $(COVID_MLFLOW_TRACKING_URI); Ctrl-C stops it"
+	$(BIN)/python -m covid_tasks.serve --host 127.0.0.1 --port $(SERVE_PORT)
+
+bench-serve: install
+	$(BIN)/python benchmarks/serve_bench.py
+
 clean:
 	rm -rf $(VENV) .airflow data mlflow .pytest_cache

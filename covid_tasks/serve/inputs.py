@@ -1,0 +1,119 @@
+"""Uploaded images: checks before decoding, then decoding with the training pipeline's own code.
+
+Each upload is checked in this order, and the first failure answers the whole request with a
+4xx (no partial answers):
+
+1. size: empty (400) or above ``max_file_bytes`` (413);
+2. header (Pillow reads only the header; nothing is decoded): not an image (415), a format the
+   training decoder does not read (415), or more than ``max_pixels`` pixels, a decompression
+   bomb (422);
+3. decoding with :func:`covid_tasks.data.load_image`, exactly as training, ``evaluate`` and
+   ``predict`` decode: any ``ValueError`` (truncated or corrupt data, files Pillow reads but
+   TensorFlow does not, the decoder's own limits) answers 422.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+#: Pillow format names of the files TensorFlow's decoders (and so training) read.
+DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF"})
+_TF_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
+
+
+class BadInputError(ValueError):
+    """An upload the service refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file: the client's file name and its bytes."""
+
+    filename: str
+    data: bytes
+
+
+def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[str, int, int]:
+    """Check size and header without decoding; return ``(format, width, height)``.
+
+    Raises:
+        BadInputError: empty, too large, not an image, an unsupported format, or too many pixels.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    name = upload.filename
+    if not upload.data:
+        raise BadInputError(400, f"'{name}' is empty")
+    if len(upload.data) > max_file_bytes:
+        raise BadInputError(413, f"'{name}' is {len(upload.data) / 2**20:.1f} MiB; the limit is "
+                                 f"{max_file_bytes / 2**20:.0f} MiB per file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(upload.data)) as img:
+                fmt, (width, height) = img.format or "unknown", img.size
+    except Image.DecompressionBombError as exc:  # Pillow's own, far higher limit
+        raise BadInputError(422, f"'{name}' is a decompression bomb ({exc}); the limit is "
+                                 f"{max_pixels / 1e6:.0f} Mpx") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise BadInputError(415, f"'{name}' is not an image; send a chest X-ray as JPEG or PNG") from None
+    if fmt not in DECODABLE_FORMATS:
+        raise BadInputError(415, f"'{name}' is a {fmt} image; send JPEG or PNG (also read: BMP, GIF)")
+    if width * height > max_pixels:
+        raise BadInputError(422, f"'{name}' is {width} x {height} = {width * height / 1e6:.0f} Mpx; "
+                                 f"the limit is {max_pixels / 1e6:.0f} Mpx (a decompression bomb?)")
+    return fmt, width, height
+
+
+def decode_uploads(uploads: Sequence[Upload], img_size: int, max_file_bytes: int, max_pixels: int,
+                   threads: int = 2) -> np.ndarray:
+    """Check every upload, then decode all of them with :func:`covid_tasks.data.load_image`.
+
+    Args:
+        uploads: the files of one request.
+        img_size: the model's input size.
+        max_file_bytes: per-file size limit.
+        max_pixels: per-image pixel limit.
+        threads: parallel decoders.
+
+    Returns:
+        float32 ``(n, img_size, img_size, 3)`` raw 0..255 RGB, in upload order.
+
+    Raises:
+        BadInputError: the first upload that fails a check or does not decode.
+    """
+    for upload in uploads:
+        check_upload(upload, max_file_bytes, max_pixels)
+    with tempfile.TemporaryDirectory(prefix="covid-serve-") as tmp:
+        paths = []
+        for i, upload in enumerate(uploads):
+            path = Path(tmp) / f"{i:04d}"
+            path.write_bytes(upload.data)
+            paths.append(path)
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
+            items = zip(uploads, paths, strict=True)
+            return np.stack(list(pool.map(lambda item: _decode(*item, img_size), items)))
+
+
+def _decode(upload: Upload, path: Path, img_size: int) -> np.ndarray:
+    from covid_tasks.data import load_image
+
+    try:
+        return load_image(path, img_size)
+    except ValueError as exc:
+        reason = _TF_NODE.sub("", str(exc).replace(str(path), "the file"))
+        raise BadInputError(422, f"'{upload.filename}' cannot be decoded: {reason}") from None

@@ -1,0 +1,103 @@
+"""Settings of the inference service, read once from the environment at start.
+
+Every setting has a default except the registry URI. MLflow's own HTTP retry and timeout
+variables get short defaults here (only when unset), so a registry that is down costs the poller
+seconds, not the minutes MLflow's defaults would retry for. MLflow basic auth uses MLflow's
+standard ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, read by the MLflow client.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from covid_tasks.config import CHAMPION_ALIAS, MODEL_NAME
+
+#: MLflow client settings applied when the environment does not set them (see module docstring).
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+_MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What the service serves and the limits it enforces.
+
+    Attributes:
+        tracking_uri: MLflow tracking and registry URI (``COVID_MLFLOW_TRACKING_URI``, else
+            ``MLFLOW_TRACKING_URI``).
+        model_name: registered model name (``COVID_MODEL_NAME``).
+        alias: the alias followed (``COVID_SERVE_ALIAS``, default ``champion``).
+        poll_interval_s: seconds between registry look-ups (``COVID_SERVE_POLL_S``).
+        max_files: images per request (``COVID_SERVE_MAX_FILES``).
+        max_file_bytes: bytes per image file (``COVID_SERVE_MAX_FILE_MB``, in MiB).
+        max_request_bytes: bytes per request body (``COVID_SERVE_MAX_REQUEST_MB``, in MiB).
+        max_pixels: width x height per image, checked on the header before decoding
+            (``COVID_SERVE_MAX_PIXELS``; decompression bombs).
+        inference_threads: requests computed at once (``COVID_SERVE_INFERENCE_THREADS``).
+    """
+
+    tracking_uri: str
+    model_name: str = MODEL_NAME
+    alias: str = CHAMPION_ALIAS
+    poll_interval_s: float = 30.0
+    max_files: int = 32
+    max_file_bytes: int = 20 * _MB
+    max_request_bytes: int = 64 * _MB
+    max_pixels: int = 50_000_000
+    inference_threads: int = 2
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not self.tracking_uri:
+            errors.append("no registry: set COVID_MLFLOW_TRACKING_URI (or MLFLOW_TRACKING_URI)")
+        for name in ("poll_interval_s", "max_files", "max_file_bytes", "max_request_bytes", "max_pixels",
+                     "inference_threads"):
+            if getattr(self, name) <= 0:
+                errors.append(f"{name} must be positive, got {getattr(self, name)}")
+        if errors:
+            raise ValueError("invalid serve settings: " + "; ".join(errors))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ServeSettings":
+        """Build the settings from ``env`` (default ``os.environ``).
+
+        Raises:
+            ValueError: a value is missing, malformed or out of range.
+        """
+        env = os.environ if env is None else env
+
+        def number(key: str, default: float, scale: float = 1.0) -> float:
+            raw = env.get(key, "").strip()
+            try:
+                return float(raw) * scale if raw else default
+            except ValueError:
+                raise ValueError(f"{key} must be a number, got {raw!r}") from None
+
+        return cls(
+            tracking_uri=env.get("COVID_MLFLOW_TRACKING_URI") or env.get("MLFLOW_TRACKING_URI", ""),
+            model_name=env.get("COVID_MODEL_NAME") or MODEL_NAME,
+            alias=env.get("COVID_SERVE_ALIAS") or CHAMPION_ALIAS,
+            poll_interval_s=number("COVID_SERVE_POLL_S", cls.poll_interval_s),
+            max_files=int(number("COVID_SERVE_MAX_FILES", cls.max_files)),
+            max_file_bytes=int(number("COVID_SERVE_MAX_FILE_MB", cls.max_file_bytes, _MB)),
+            max_request_bytes=int(number("COVID_SERVE_MAX_REQUEST_MB", cls.max_request_bytes, _MB)),
+            max_pixels=int(number("COVID_SERVE_MAX_PIXELS", cls.max_pixels)),
+            inference_threads=int(number("COVID_SERVE_INFERENCE_THREADS", cls.inference_threads)),
+        )
+
+
+def bound_mlflow_http(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Give MLflow's HTTP retry/timeout variables short defaults where they are unset.
+
+    Returns:
+        The values now in force.
+    """
+    env = os.environ if env is None else env
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        env.setdefault(key, value)
+    return {key: env[key] for key in MLFLOW_HTTP_DEFAULTS}

@@ -1,0 +1,93 @@
+"""The web page in a real browser: Debian's Chromium, driven by Selenium through ``chromedriver``.
+
+The page at ``/`` is opened, a sample X-ray is chosen in its file input, and the class, the
+version and the heat map shown on the page are read back and compared with the API's answer for
+the same file. Skips, saying why, where Chromium, chromedriver or Selenium is missing
+(``.ci/run`` installs ``chromium`` and ``chromium-driver`` before the tests).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+from tests.helpers.serve_stack import SAMPLES
+
+pytestmark = pytest.mark.mlflow_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver; .ci/run does it)")
+    webdriver = pytest.importorskip("selenium.webdriver",
+                                    reason="selenium is not installed (requirements-dev.txt)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,1000", "--disable-extensions", "--no-first-run"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_page_classifies_an_uploaded_x_ray_and_shows_version_and_heat_map(
+        browser: Any, serve_stack: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = SAMPLES[5]
+    browser.get(serve_stack.service.url + "/")
+    notice = browser.find_element(By.ID, "notice")
+    assert notice.is_displayed() and "Research tool, not for diagnosis" in notice.text
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model-details").is_displayed())
+    browser.find_element(By.ID, "file-input").send_keys(str(image))
+    WebDriverWait(browser, 120).until(lambda d: d.find_element(By.ID, "result").is_displayed()
+                                      or d.find_element(By.ID, "error").is_displayed())
+    assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
+
+    shown = {key: browser.find_element(By.ID, f"result-{key}").text for key in ("class", "version", "file")}
+    api = requests.post(f"{serve_stack.service.url}/v1/predict",
+                        files={"file": (image.name, image.read_bytes())}, timeout=60).json()["predictions"][0]
+    assert shown == {"class": api["class"], "version": api["model_version"], "file": image.name}
+    assert browser.find_element(By.ID, "model-version").text == api["model_version"]
+    assert f"{100 * api['prob_covid']:.1f}%" in browser.find_element(By.ID, "result-prob").text
+
+    heat = browser.find_element(By.ID, "heatmap")
+    assert heat.is_displayed() and heat.get_attribute("src").startswith("data:image/png;base64,")
+    loaded = browser.execute_script("return [arguments[0].complete, arguments[0].naturalWidth]", heat)
+    assert loaded[0] and loaded[1] == api_img_size(serve_stack)
+    xray, heat_box = browser.find_element(By.ID, "xray").rect, heat.rect  # the map lies over the image
+    assert abs(xray["x"] - heat_box["x"]) < 1 and abs(xray["width"] - heat_box["width"]) < 1
+    assert abs(xray["height"] - heat_box["height"]) < 1 and xray["height"] > 100
+    browser.save_screenshot(str(tmp_path / "page.png"))
+
+
+def api_img_size(stack: Any) -> int:
+    return requests.get(f"{stack.service.url}/v1/model", timeout=10).json()["img_size"]
+
+
+def test_page_shows_the_service_s_message_for_a_bad_file(browser: Any, serve_stack: Any,
+                                                         tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    browser.get(serve_stack.service.url + "/")
+    browser.find_element(By.ID, "file-input").send_keys(str(bad))
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "error").is_displayed())
+    text = browser.find_element(By.ID, "error").text
+    assert "(415)" in text and "'notes.png' is not an image" in text
+    assert not browser.find_element(By.ID, "result").is_displayed()
