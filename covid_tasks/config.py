@@ -78,6 +78,8 @@ class Config:
     # lung_segmenter: its weights file, empty for the one shipped in covid_tasks/assets/.
     lung_gate: bool = False
     lung_segmenter: str = ""
+    # model: pool mid-level (stride 16 and 8) EfficientNet-Lite features with the top ones.
+    multiscale: bool = False
     # train: "adam" fits the head with Adam for `epochs`; "probe" sets it to an L2 logistic
     # regression on the frozen features (C by grouped CV on train; `epochs` is then unused).
     head: str = "adam"
@@ -108,6 +110,8 @@ class Config:
         errors = []
         if self.backbone not in BACKBONES:
             errors.append(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        elif self.multiscale and not self.backbone.startswith("efficientnet_lite"):
+            errors.append(f"multiscale exists only for the efficientnet_lite backbones, not {self.backbone}")
         elif self.weights == "bundled" and not self.backbone.startswith("efficientnet_lite"):
             errors.append(f"weights 'bundled' exist only for the efficientnet_lite backbones; for "
                           f"{self.backbone} use 'imagenet' (download or the Keras cache), 'none' or a file")

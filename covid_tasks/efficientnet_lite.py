@@ -150,17 +150,21 @@ def preprocess_layer() -> Any:
     return keras.layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name=PREPROCESS_LAYER)
 
 
-def build_architecture(size: int, name: str = DEFAULT_VARIANT) -> Any:
+def build_architecture(size: int, name: str = DEFAULT_VARIANT, multiscale: bool = False) -> Any:
     """EfficientNet-Lite feature extractor with random weights.
 
     Args:
         size: input height and width in pixels (any size >= 32 works; see ``VARIANTS`` for the
             native ones).
         name: the variant, ``efficientnet_lite0`` (default), ``efficientnet_lite1`` or ``efficientnet_lite2``.
+        multiscale: also output the last stride-16 and stride-8 stages' maps (112 and 40 channels
+            in Lite0), average-pooled to the final map's grid and concatenated to it, so that the
+            head's global average pooling sees mid-level texture as well as the top features.
 
     Returns:
         A ``keras.Model`` named ``backbone`` mapping preprocessed ``(size, size, 3)`` images to
-        the ``(ceil(size/32), ceil(size/32), 1280)`` feature map after the head conv, BN and ReLU6.
+        the ``(ceil(size/32), ceil(size/32), 1280)`` feature map after the head conv, BN and ReLU6
+        (``1280 + mid + low`` channels with ``multiscale``).
     """
     import keras
     from keras import layers
@@ -169,11 +173,19 @@ def build_architecture(size: int, name: str = DEFAULT_VARIANT) -> Any:
     x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = _bn("stem_bn")(x)
     x = layers.ReLU(6.0, name="stem_relu6")(x)
+    stage_ends = set(np.cumsum([st.repeats for st in stages(name)]) - 1)
+    taps = []
     for spec in block_specs(name):
         x = _mbconv(x, spec)
+        if spec.index in stage_ends:
+            taps.append(x)
     x = layers.Conv2D(TOP_FILTERS, 1, padding="same", use_bias=False, name="top_conv")(x)
     x = _bn("top_bn")(x)
     x = layers.ReLU(6.0, name="top_relu6")(x)
+    if multiscale:  # taps[4]: last stride-16 stage, taps[2]: last stride-8 stage
+        mid = layers.AveragePooling2D(2, padding="same", name="mid_pool")(taps[4])
+        low = layers.AveragePooling2D(4, padding="same", name="low_pool")(taps[2])
+        x = layers.Concatenate(name="multiscale")([x, mid, low])
     return keras.Model(inputs, x, name=BACKBONE_LAYER)
 
 
@@ -205,7 +217,8 @@ def _mbconv(inputs: Any, spec: BlockSpec) -> Any:
 
 
 # --------------------------------------------------------------------------------- public builders
-def build_backbone(size: int, weights: str, name: str = DEFAULT_VARIANT) -> tuple[Any, Any]:
+def build_backbone(size: int, weights: str, name: str = DEFAULT_VARIANT, multiscale: bool = False
+                   ) -> tuple[Any, Any]:
     """Build an EfficientNet-Lite backbone for :func:`covid_tasks.model.build_model`.
 
     Args:
@@ -215,6 +228,7 @@ def build_backbone(size: int, weights: str, name: str = DEFAULT_VARIANT) -> tupl
             ``none`` (random initialisation) or a path to a ``.pth``/``.pt`` state dict, a
             converted ``.npz`` or a Keras ``.weights.h5`` of this backbone.
         name: the variant (``VARIANTS``).
+        multiscale: see :func:`build_architecture`.
 
     Returns:
         ``(preprocess, backbone)``: a ``Rescaling`` layer named ``preprocess`` and the feature
@@ -224,7 +238,7 @@ def build_backbone(size: int, weights: str, name: str = DEFAULT_VARIANT) -> tupl
         FileNotFoundError: a weights path or the bundled package file is missing.
         ValueError: a weights file does not match the architecture.
     """
-    base = build_architecture(size, name)
+    base = build_architecture(size, name, multiscale)
     _load_weights(base, weights, name)
     return preprocess_layer(), base
 

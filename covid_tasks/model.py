@@ -51,7 +51,7 @@ def build_model(cfg: Config, weights: str | None = None) -> Any:
     weights = cfg.weights if weights is None else weights
     size = cfg.img_size
     inputs = keras.Input(shape=(size, size, 3), name="image", dtype="float32")
-    preprocess, base = _backbone(cfg.backbone, size, weights)
+    preprocess, base = _backbone(cfg.backbone, size, weights, cfg.multiscale)
     x = inputs
     if cfg.lung_gate:
         from covid_tasks.lungs import load_segmenter, lung_gate
@@ -199,14 +199,16 @@ def _all_layers(layer: Any) -> list[Any]:
     return out
 
 
-def _backbone(name: str, size: int, weights: str) -> tuple[Any, Any]:
+def _backbone(name: str, size: int, weights: str, multiscale: bool = False) -> tuple[Any, Any]:
     """Return (preprocessing layer or None, backbone model named ``backbone``)."""
     import keras
 
     if name.startswith("efficientnet_lite"):
         from covid_tasks.efficientnet_lite import build_backbone
 
-        return build_backbone(size, weights, name)
+        return build_backbone(size, weights, name, multiscale)
+    if multiscale:
+        raise ValueError(f"multiscale features exist only for the efficientnet_lite backbones, not {name}")
     apps = {
         "resnet50": (keras.applications.ResNet50, {}),
         "mobilenet_v3_small": (keras.applications.MobileNetV3Small,

@@ -330,3 +330,15 @@ def test_weights_options(tmp_path: Path) -> None:
     np.testing.assert_array_equal(from_pth["stem_conv.0"], k_bund)
     with pytest.raises(FileNotFoundError):
         effl.build_backbone(32, str(tmp_path / "missing.pth"))
+
+
+def test_multiscale_backbone_pools_mid_level_stages_onto_the_top_grid() -> None:
+    """GAP of the multi-scale map = [GAP(top), GAP(last stride-16 stage), GAP(last stride-8 stage)]."""
+    _, plain = effl.build_backbone(64, "bundled")
+    _, multi = effl.build_backbone(64, "bundled", multiscale=True)
+    assert multi.output.shape[1:] == (2, 2, 1280 + 112 + 40)
+    x = np.random.default_rng(2).normal(size=(2, 64, 64, 3)).astype("float32")
+    mid = keras.Model(plain.inputs, [plain.output, plain.get_layer("block10_add").output,
+                                     plain.get_layer("block04_add").output]).predict(x, verbose=0)
+    want = np.concatenate([m.mean(axis=(1, 2)) for m in mid], axis=1)
+    np.testing.assert_allclose(multi.predict(x, verbose=0).mean(axis=(1, 2)), want, rtol=1e-4, atol=1e-5)
