@@ -26,6 +26,12 @@ logger = logging.getLogger("quality_cv")
 #: ``lung`` also points ``lung_segmenter`` at the fold's own segmenter (``cv_lungs``).
 OPTIONS: dict[str, dict[str, Any]] = {
     "lung": {"lung_gate": True},
+    "ms": {"multiscale": True},
+    "probe": {"head": "probe"},
+    "cos": {"finetune_schedule": "cosine"},
+    **{f"top{n}": {"finetune_top_blocks": n} for n in (2, 4, 6, 8)},
+    **{f"lr{k}": {"finetune_learning_rate": float(f"1e-{k}")} for k in (3, 4, 5)},
+    "ft0": {"finetune_epochs": 0},
 }
 
 
@@ -46,7 +52,8 @@ def fold_config(spec: dict[str, Any], root: Path, args: argparse.Namespace, segm
 
     fields: dict[str, Any] = {"data_root": str(root), "backbone": spec["backbone"], "weights": "bundled",
                               "img_size": spec["size"], "batch_size": args.batch_size,
-                              "epochs": args.epochs, "finetune_epochs": args.finetune_epochs}
+                              "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
+                              "early_stopping_patience": args.patience}
     for option in spec["options"]:
         if option not in OPTIONS:
             raise ValueError(f"unknown fine-tuning option {option!r}; known: {sorted(OPTIONS)}")
@@ -55,7 +62,7 @@ def fold_config(spec: dict[str, Any], root: Path, args: argparse.Namespace, segm
         fields["lung_segmenter"] = segmenter
     if args.learning_rate:
         fields["learning_rate"] = args.learning_rate
-    if args.finetune_learning_rate:
+    if args.finetune_learning_rate and not any(o.startswith("lr") for o in spec["options"]):
         fields["finetune_learning_rate"] = args.finetune_learning_rate
     return Config(**fields)
 

@@ -164,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-sensitivity", type=float, default=0.80,
                         help="the sensitivity each fold's threshold aims for on its training part")
     parser.add_argument("--results", default=str(RESULTS), help="where per-configuration results go")
+    parser.add_argument("--patience", type=int, default=3, help="--cv fine-tuning: early stopping patience")
     return parser
 
 

@@ -67,8 +67,10 @@ def finetune(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping_patience,
                                       restore_best_weights=True),
     ]
-    history = fit(model, splits, data_root, global_batch(cfg, devices), cfg.finetune_epochs, "finetune",
-                  callbacks)
+    history: dict[str, list[float]] = {}
+    if cfg.finetune_epochs > 0:  # 0: the trained head as it is (e.g. the linear probe)
+        history = fit(model, splits, data_root, global_batch(cfg, devices), cfg.finetune_epochs, "finetune",
+                      callbacks)
     if checkpoint.is_file():
         model.load_weights(checkpoint)  # the best epoch, also when early stopping never fired
         checkpoint.unlink()  # finetune.keras below holds the same weights
