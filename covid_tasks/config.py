@@ -7,6 +7,7 @@ file may import it at parse time cheaply.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +29,27 @@ HEADS = ("adam", "probe")
 SCHEDULES = ("constant", "cosine")
 
 _ENV_PREFIX = "COVID_"
+
+#: ``COVID_*`` environment variables that are not ``Config`` fields but are read elsewhere (the
+#: images, Compose, the Kubernetes policy, the weights cache, the tests). ``Config.from_env``
+#: refuses any other ``COVID_*`` variable that names no field, so a typo is never ignored.
+ENV_NOT_FIELDS: frozenset[str] = frozenset({
+    "COVID_WEIGHTS_CACHE",      # efficientnet_lite: where converted weights are cached
+    "COVID_AIRFLOW_IMAGE",      # docker-compose.yaml / .env: the Airflow image tag
+    "COVID_GPU_IMAGE",          # docker-compose.yaml / .env: the GPU worker image tag
+    "COVID_K8S_GPU_IMAGE",      # docker/k8s/airflow_local_settings.py
+    "COVID_K8S_GPUS_PER_TASK",  # docker/k8s/airflow_local_settings.py
+    "COVID_K8S_GPU_EXECUTOR",   # docker/k8s/airflow_local_settings.py
+    "COVID_SHARED_FULL_DATA",   # tests: where the full data set lies
+})
+
+#: Old field names still accepted (environment, overrides) under their new names.
+RENAMED_FIELDS: dict[str, str] = {"pull_max_image_pixels": "max_image_pixels"}
+
+#: The one pixel limit (width x height) for every image decoded anywhere: pull refuses larger
+#: files, and :func:`covid_tasks.data.load_image` and the training/evaluation pipeline check
+#: the header against it before decoding. 50 Mpx is several times the largest radiograph.
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 #: The upstream ``metadata.csv`` columns every stage relies on (pull checks them, relabel reads them).
@@ -99,12 +121,13 @@ class Config:
     promotion_margin: float = 0.02
     force: bool = False
     # pull: parallel downloads, attempts per S3 call, what to do with objects deleted upstream
-    # (False keeps the local copy and reports it), and image checks (smaller side in px, pixels).
+    # (False keeps the local copy and reports it), and the smallest accepted image side in px.
     pull_workers: int = 16
     pull_retries: int = 4
     pull_delete: bool = False
     pull_min_image_side: int = 64
-    pull_max_image_pixels: int = 50_000_000
+    # every stage that decodes images (pull, train, evaluate) refuses more pixels than this
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         errors = []
@@ -134,6 +157,8 @@ class Config:
             errors.append(f"finetune_schedule must be one of {SCHEDULES}, got {self.finetune_schedule!r}")
         if self.finetune_top_blocks < 0:
             errors.append(f"finetune_top_blocks must be >= 0, got {self.finetune_top_blocks}")
+        if self.max_image_pixels < 1:
+            errors.append(f"max_image_pixels must be positive, got {self.max_image_pixels}")
         if errors:
             raise ValueError("invalid config: " + "; ".join(errors))
 
@@ -144,15 +169,35 @@ class Config:
 
         ``overrides`` typically holds DAG Params or CLI options; ``None`` values are ignored so
         an unset Param keeps the environment's value.
+
+        Raises:
+            ValueError: an override or a ``COVID_*`` variable names no field (and is not in
+                ``ENV_NOT_FIELDS``); the message lists the valid names. Also any invalid value.
         """
+        names = field_names(cls)
         values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            env = os.environ.get(_ENV_PREFIX + f.name.upper())
-            if env is not None and env != "":
-                values[f.name] = env
+        unknown_env = []
+        for var, env in sorted(os.environ.items()):
+            if not var.startswith(_ENV_PREFIX) or var in ENV_NOT_FIELDS:
+                continue
+            name = var[len(_ENV_PREFIX):].lower()
+            name = RENAMED_FIELDS.get(name, name)
+            if name not in names or var != var.upper():
+                unknown_env.append(var)
+            elif env != "":
+                values[name] = env
+        if unknown_env:
+            valid = sorted(_ENV_PREFIX + n.upper() for n in names)
+            raise ValueError(f"unknown COVID_* environment variable(s) {', '.join(unknown_env)}"
+                             f"{_suggest(unknown_env, valid)}; valid: {', '.join(valid)} (and, read "
+                             f"outside Config: {', '.join(sorted(ENV_NOT_FIELDS))})")
+        unknown = [k for k in (overrides or {}) if RENAMED_FIELDS.get(k, k) not in names]
+        if unknown:
+            raise ValueError(f"unknown config field(s) {', '.join(map(repr, unknown))}"
+                             f"{_suggest(unknown, sorted(names))}; valid fields: {', '.join(sorted(names))}")
         for key, val in (overrides or {}).items():
-            if key in {f.name for f in dataclasses.fields(cls)} and val is not None and val != "":
-                values[key] = val
+            if val is not None and val != "":
+                values[RENAMED_FIELDS.get(key, key)] = val
         return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
 
     def replace(self, **changes: Any) -> "Config":
@@ -194,11 +239,22 @@ def safe_run_key(run_key: str) -> str:
     return key[:200]
 
 
+def field_names(cls: type = Config) -> frozenset[str]:
+    """The names of ``Config``'s fields, the only keys overrides and ``COVID_*`` variables may use."""
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def _suggest(bad: list[str], valid: list[str]) -> str:
+    """`` (did you mean ...?)`` for names close to a valid one, else an empty string."""
+    hints = [f"{b} -> {m[0]}" for b in bad if (m := difflib.get_close_matches(b, valid, n=1, cutoff=0.75))]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
 def _coerce(cls: type, name: str, value: Any) -> Any:
     """Convert strings and lists (environment, JSON Params) to the field's declared type."""
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     if name not in types:
-        raise ValueError(f"unknown config field {name!r}")
+        raise ValueError(f"unknown config field {name!r}; valid fields: {', '.join(sorted(types))}")
     kind = str(types[name])
     if kind.startswith("tuple"):
         if isinstance(value, str):

@@ -82,7 +82,7 @@ def pull(source_uri: str, data_root: str | Path, cfg: Config,
             and ``images/``.
         data_root: the data root; files land in ``raw/metadata.csv`` and ``raw/images/``.
         cfg: run configuration (``pull_workers``, ``pull_retries``, ``pull_delete``,
-            ``pull_min_image_side``, ``pull_max_image_pixels``).
+            ``pull_min_image_side``, ``max_image_pixels``).
         s3_options: boto3 client options for ``s3://`` sources (``endpoint_url``, ``region_name``,
             ``aws_access_key_id``, ``aws_secret_access_key``); ``None`` or ``{}`` uses the
             standard AWS environment.
@@ -421,7 +421,7 @@ class _Run:
             if got is None:
                 return _Outcome(obj.key, None)
             with self._decode_slots:  # decoding is CPU- and memory-bound: at most one per core
-                reason = validate_image(tmp, self.cfg.pull_min_image_side, self.cfg.pull_max_image_pixels)
+                reason = validate_image(tmp, self.cfg.pull_min_image_side, self.cfg.max_image_pixels)
             entry = self._entry(obj, got, reason)
             target = resolve_under(self.quarantine if reason else self.raw, obj.key)
             try:

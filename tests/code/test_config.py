@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+from pathlib import Path
 
 import pytest
 
-from covid_tasks.config import CLASS_NAMES, Config, class_indices, safe_run_key
+from covid_tasks.config import CLASS_NAMES, ENV_NOT_FIELDS, RENAMED_FIELDS, Config, class_indices, safe_run_key
 
 
 def test_class_order_is_fixed():
@@ -46,10 +49,55 @@ def test_invalid_values_raise(field, value, match):
         Config(**{field: value})
 
 
-def test_unknown_override_is_ignored_but_unknown_replace_raises():
-    assert Config.from_env({"not_a_field": 1}) == Config.from_env()
+@pytest.mark.parametrize("overrides", [{"img_sise": 32}, {"not_a_field": 1, "epochs": 2}])
+def test_unknown_override_is_refused_with_the_valid_fields(overrides):
+    """A typo in ``--set img_sise=32`` or a DAG run's conf must not be ignored silently."""
+    bad = next(k for k in overrides if k not in {f.name for f in dataclasses.fields(Config)})
+    with pytest.raises(ValueError, match=f"unknown config field.*{bad}") as err:
+        Config.from_env(overrides)
+    for name in ("img_size", "epochs", "data_root", "max_image_pixels"):  # the valid ones are listed
+        assert name in str(err.value)
     with pytest.raises(ValueError, match="unknown config field"):
         Config().replace(not_a_field=1)
+
+
+def test_unknown_covid_environment_variable_is_refused(monkeypatch):
+    monkeypatch.setenv("COVID_IMG_SISE", "32")
+    with pytest.raises(ValueError, match="COVID_IMG_SISE") as err:
+        Config.from_env()
+    assert "COVID_IMG_SIZE" in str(err.value)  # the valid variables are listed
+
+
+def test_deployment_variables_that_are_not_fields_are_allowed(monkeypatch):
+    """Variables the stack, the images and the tests set today keep working."""
+    for name in ENV_NOT_FIELDS:
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("COVID_S3_CONN_ID", "my_s3")
+    assert Config.from_env().s3_conn_id == "my_s3"
+
+
+def test_every_covid_variable_the_repository_sets_is_known():
+    """Grep the deployment files and tests: each COVID_* name is a field or on the allow list."""
+    repo = Path(__file__).resolve().parents[2]
+    files = [repo / n for n in ("Makefile", "docker-compose.yaml", ".env.example", "README.md")]
+    files += [p for d in ("docker", "tests", "dags", "covid_tasks", "benchmarks", "scripts", ".ci")
+              for p in (repo / d).rglob("*") if p.is_file() and p.suffix in ("", ".py", ".sh", ".yaml", ".yml",
+                                                                               ".md", ".env", ".txt")]
+    fields = {"COVID_" + f.name.upper() for f in dataclasses.fields(Config)}
+    fields |= {"COVID_" + old.upper() for old in RENAMED_FIELDS}
+    names = set()
+    for path in files:
+        if path.is_file() and path != Path(__file__).resolve():  # this file spells typos on purpose
+            names |= set(re.findall(r"\bCOVID_[A-Z][A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="replace")))
+    constants = {"COVID_TOKENS", "COVID_MEAN", "NON_COVID_MEAN"}  # Python names, not variables
+    unknown = sorted(names - fields - set(ENV_NOT_FIELDS) - constants)
+    assert not unknown, f"COVID_* variables that Config.from_env would refuse: {unknown}"
+
+
+def test_renamed_pixel_limit_is_still_accepted(monkeypatch):
+    monkeypatch.setenv("COVID_PULL_MAX_IMAGE_PIXELS", "1000000")
+    assert Config.from_env().max_image_pixels == 1_000_000
+    assert Config.from_env({"pull_max_image_pixels": 2_000_000}).max_image_pixels == 2_000_000
 
 
 def test_to_dict_is_json_and_round_trips():
