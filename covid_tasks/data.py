@@ -6,6 +6,13 @@ palette, 8 or 16 bits): all become RGB, resized to ``img_size`` and rounded to w
 values, so training, evaluation and :func:`load_image` see the same pixels. JPEGs decode
 exactly as libjpeg's default (and Pillow) does.
 
+One pixel limit (``Config.max_image_pixels``, default :data:`~covid_tasks.config.MAX_IMAGE_PIXELS`,
+50 Mpx) applies before any pixel is decoded: width and height are read from the file's header
+(:func:`image_size`), and a larger image raises :class:`ImageTooLargeError` (a ``ValueError``)
+in :func:`load_image`, or is named and skipped (training) or refused (evaluation) by
+:func:`make_dataset`. A file that passes the header check but fails to decode is treated the same
+way: named and skipped when training, named in the error otherwise.
+
 Decoded images are cached as uint8 (4x smaller than float32) between epochs: in memory when the
 set fits under ``memory_limit`` bytes, else in a file cache under ``<data_root>/cache/`` named by
 a hash of the rows, file sizes and times (so a changed split never reads a stale cache). Only the
@@ -18,16 +25,18 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import logging
 import math
 import os
 import re
 import shutil
+import struct
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
-from covid_tasks.config import CLASS_NAMES, Config
+from covid_tasks.config import CLASS_NAMES, MAX_IMAGE_PIXELS, Config
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +55,113 @@ SHIFT_FRACTION = 0.05
 ZOOM_FRACTION = 0.10
 BRIGHTNESS_FRACTION = 0.10
 
+#: The formats the decoder reads (``tf.io.decode_jpeg``, ``decode_png``, ``decode_image``).
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")
+#: How many unusable files a log line or an error message names (the count is always complete).
+MAX_NAMED = 20
+
 _CACHE_LOCKS: dict[Path, IO[str]] = {}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CACHE_NAME = re.compile(r"\d+px-\d+-[0-9a-f]{20}")
+#: JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels than the limit; refused before decoding.
+
+    Attributes:
+        path: the file (or a name for in-memory bytes).
+        width: width declared in the header.
+        height: height declared in the header.
+        max_pixels: the limit it exceeds (width x height).
+    """
+
+    def __init__(self, path: str, width: int, height: int, max_pixels: int) -> None:
+        super().__init__(f"{path} is {width}x{height} = {width * height} pixels, over the limit of "
+                         f"{max_pixels} pixels; refused before decoding")
+        self.path, self.width, self.height, self.max_pixels = path, width, height, max_pixels
+
+
+def image_size(source: str | Path | bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """Width and height of a JPEG, PNG, BMP or GIF, read from its header without decoding any pixel.
+
+    Args:
+        source: a file path, or the file's bytes.
+        max_pixels: refuse more than this many pixels (width x height); ``None`` for no limit.
+
+    Returns:
+        ``(width, height)``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImageTooLargeError: width x height exceeds ``max_pixels``.
+        ValueError: not one of these formats, or the header is truncated or invalid.
+    """
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            width, height = _header_size(io.BytesIO(source))
+        else:
+            with open(source, "rb") as fh:
+                width, height = _header_size(fh)
+    except (struct.error, EOFError) as exc:
+        raise ValueError(f"{name} is not a decodable image: its header is truncated ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"{name} is not a decodable image: {exc}") from None
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{name} is not a decodable image: its header declares {width}x{height} pixels")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(name, width, height, max_pixels)
+    return width, height
+
+
+def _header_size(fh: BinaryIO) -> tuple[int, int]:
+    """``(width, height)`` from the header at the start of ``fh``; ValueError for other formats."""
+    def read(n: int) -> bytes:
+        data = fh.read(n)
+        if len(data) != n:
+            raise EOFError("unexpected end of file")
+        return data
+
+    head = fh.read(8)
+    if not head:
+        raise ValueError("the file is empty")
+    if head.startswith(_PNG_SIGNATURE):
+        length, kind = struct.unpack(">I4s", read(8))
+        if kind != b"IHDR" or length < 8:
+            raise ValueError("PNG without an IHDR chunk first")
+        return struct.unpack(">II", read(8))
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return struct.unpack("<HH", head[6:8] + read(2))
+    if head[:2] == b"BM":
+        fh.seek(14)
+        (dib,) = struct.unpack("<I", read(4))
+        if dib == 12:  # BITMAPCOREHEADER: 16-bit sizes
+            return struct.unpack("<HH", read(4))
+        width, height = struct.unpack("<ii", read(8))
+        return width, abs(height)  # a negative height means top-down rows
+    if head[:2] == b"\xff\xd8":
+        fh.seek(2)
+        while True:
+            byte = read(1)
+            while byte != b"\xff":  # libjpeg skips stray bytes between segments
+                byte = read(1)
+            while byte == b"\xff":  # fill bytes
+                byte = read(1)
+            marker = byte[0]
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+                continue  # standalone markers: no length
+            if marker in (0xD9, 0xDA):
+                raise ValueError("JPEG without a frame header before its image data")
+            (length,) = struct.unpack(">H", read(2))
+            if marker in _JPEG_SOF:
+                _precision, height, width = struct.unpack(">BHH", read(5))
+                return width, height
+            if length < 2:
+                raise ValueError("JPEG segment with an invalid length")
+            fh.seek(length - 2, io.SEEK_CUR)
+    raise ValueError(f"not a {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} image")
 
 
 def label_index(labels: Any) -> Any:
@@ -72,7 +185,20 @@ def label_index(labels: Any) -> Any:
         raise ValueError(f"unknown label {exc.args[0]!r}; expected one of {CLASS_NAMES}") from exc
 
 
-def _decode_uint8(contents: Any, img_size: int) -> Any:
+def decode_full(contents: Any) -> Any:
+    """Decode an image at its own size with the training pipeline's decoder (no resize).
+
+    ``pull`` validates every file with this, so what it accepts, training can read.
+
+    Args:
+        contents: the encoded file's bytes (a string tensor or ``bytes``).
+
+    Returns:
+        A float32 ``(height, width, 3)`` RGB tensor in 0..255 (16-bit PNGs scaled, not rounded).
+
+    Raises:
+        tensorflow.errors.InvalidArgumentError: the decoder cannot read the bytes.
+    """
     import tensorflow as tf
 
     def jpeg() -> Any:
@@ -90,8 +216,13 @@ def _decode_uint8(contents: Any, img_size: int) -> Any:
         return tf.cast(img, tf.float32)
 
     is_png = tf.equal(tf.strings.substr(contents, 0, 8), _PNG_SIGNATURE)
-    img = tf.cond(tf.io.is_jpeg(contents), jpeg, lambda: tf.cond(is_png, png, other))
-    img = tf.image.resize(img, (img_size, img_size), method="bilinear", antialias=True)
+    return tf.cond(tf.io.is_jpeg(contents), jpeg, lambda: tf.cond(is_png, png, other))
+
+
+def _decode_uint8(contents: Any, img_size: int) -> Any:
+    import tensorflow as tf
+
+    img = tf.image.resize(decode_full(contents), (img_size, img_size), method="bilinear", antialias=True)
     img = tf.cast(tf.round(tf.clip_by_value(img, 0.0, 255.0)), tf.uint8)
     img.set_shape((img_size, img_size, 3))
     return img
@@ -112,29 +243,67 @@ def decode_image(contents: Any, img_size: int) -> Any:
     return tf.cast(_decode_uint8(contents, img_size), tf.float32)
 
 
-def load_image(path: str | Path, img_size: int) -> Any:
+def load_image(path: str | Path, img_size: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Any:
     """Read and decode one image file as a numpy array, with the training pipeline's code.
 
+    The header is checked against ``max_pixels`` first, so a decompression bomb (a small file
+    declaring a huge image) is refused before any memory is allocated for its pixels.
+
     Args:
-        path: a JPEG or PNG file.
+        path: a JPEG, PNG, BMP or GIF file.
         img_size: output height and width.
+        max_pixels: the most pixels (width x height) accepted; ``None`` for no limit.
 
     Returns:
         A float32 ``(img_size, img_size, 3)`` array of 0..255 RGB values.
 
     Raises:
         FileNotFoundError: the file does not exist.
+        ImageTooLargeError: the image has more than ``max_pixels`` pixels (a ``ValueError``).
         ValueError: the file is not a decodable image.
     """
-    import tensorflow as tf
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image {p} not found")
+    image_size(p, max_pixels)
+    return load_image_bytes(p.read_bytes(), img_size, max_pixels, name=str(p))
+
+
+def load_image_bytes(contents: bytes, img_size: int, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                     name: str = "<bytes>") -> Any:
+    """:func:`load_image` for an image already in memory (an upload, an object store body).
+
+    Args:
+        contents: the encoded image.
+        img_size: output height and width.
+        max_pixels: the most pixels (width x height) accepted; ``None`` for no limit.
+        name: how error messages name the image.
+
+    Returns:
+        A float32 ``(img_size, img_size, 3)`` array of 0..255 RGB values.
+
+    Raises:
+        ImageTooLargeError: the image has more than ``max_pixels`` pixels (a ``ValueError``).
+        ValueError: the bytes are not a decodable image.
+    """
+    import tensorflow as tf
+
     try:
-        return decode_image(tf.io.read_file(str(p)), img_size).numpy()
+        image_size(contents, max_pixels)
+    except ImageTooLargeError as exc:
+        raise ImageTooLargeError(name, exc.width, exc.height, exc.max_pixels) from None
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("<bytes>", name, 1)) from None
+    try:
+        return decode_image(tf.constant(contents), img_size).numpy()
     except tf.errors.InvalidArgumentError as exc:
-        raise ValueError(f"{p} is not a decodable JPEG or PNG image: {exc.message.splitlines()[0]}") from exc
+        raise ValueError(f"{name} is not a decodable image: {decoder_message(exc)}") from exc
+
+
+def decoder_message(exc: BaseException) -> str:
+    """The first line of a TensorFlow decoding error, without its ``{{function_node ...}}`` prefix."""
+    text = str(getattr(exc, "message", None) or exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return re.sub(r"^\{\{[^}]*\}\}\s*", "", text) or type(exc).__name__
 
 
 def augment(images: Any, seed: Any) -> Any:
@@ -241,17 +410,25 @@ def _warp_kernel(images: Any, affine: Any, gain: Any) -> Any:
 
 
 def make_dataset(frame: Any, images_dir: str | Path, cfg: Config, training: bool,
-                 cache_dir: str | Path | None = None, memory_limit: int = MEMORY_CACHE_LIMIT) -> Any:
+                 cache_dir: str | Path | None = None, memory_limit: int = MEMORY_CACHE_LIMIT,
+                 skip_unusable: bool | None = None) -> Any:
     """Build a batched, prefetched ``tf.data.Dataset`` of ``(image, label)`` from split rows.
+
+    Every file's header is checked first (a known format, at most ``cfg.max_image_pixels``
+    pixels); a file that fails this, or fails to decode later, is *unusable*. With
+    ``skip_unusable`` each one is logged by name and left out; without, the dataset fails with
+    an error naming it, so no single file can stop a run without saying which file it was.
 
     Args:
         frame: rows with ``filename`` and ``label`` columns (one split of ``splits.csv``).
         images_dir: folder the file names are relative to (``raw/images``).
-        cfg: configuration (``img_size``, ``batch_size``, ``seed``).
+        cfg: configuration (``img_size``, ``batch_size``, ``seed``, ``max_image_pixels``).
         training: shuffle and augment when true; keep row order otherwise.
         cache_dir: where a file cache goes when the decoded set exceeds ``memory_limit``;
             without it such a set is decoded again every epoch.
         memory_limit: the most decoded bytes (uint8) cached in memory.
+        skip_unusable: leave unusable images out (logged) rather than fail; default ``training``.
+            Evaluation keeps it off: its predictions must stay aligned with ``frame``'s rows.
 
     Returns:
         The dataset: float32 images ``(batch, img_size, img_size, 3)`` in 0..255 and float32
@@ -259,10 +436,12 @@ def make_dataset(frame: Any, images_dir: str | Path, cfg: Config, training: bool
 
     Raises:
         FileNotFoundError: a listed image is missing.
-        ValueError: a label is not in ``CLASS_NAMES``.
+        ValueError: a label is not in ``CLASS_NAMES``; an image is unusable (its header) and
+            ``skip_unusable`` is off; or every image is unusable.
     """
     import tensorflow as tf
 
+    skip = training if skip_unusable is None else skip_unusable
     images_dir = Path(images_dir)
     paths = [str(images_dir / f) for f in frame["filename"]]
     missing = [p for p in paths if not Path(p).is_file()]
@@ -270,11 +449,10 @@ def make_dataset(frame: Any, images_dir: str | Path, cfg: Config, training: bool
         raise FileNotFoundError(f"{len(missing)} image(s) listed in the split are missing, "
                                 f"e.g. {missing[:3]}")
     labels = label_index(frame["label"])
+    paths, labels = _usable(paths, labels, cfg.max_image_pixels, skip)
     autotune = tf.data.AUTOTUNE
     image_bytes = cfg.img_size * cfg.img_size * 3
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    ds = ds.map(lambda p, y: (_decode_uint8(tf.io.read_file(p), cfg.img_size), y),
-                num_parallel_calls=autotune)
+    ds = _decoded(paths, labels, cfg.img_size, skip)
     shuffle_buffer = len(paths)
     if len(paths) * image_bytes <= memory_limit:
         ds = ds.cache()
@@ -298,6 +476,81 @@ def make_dataset(frame: Any, images_dir: str | Path, cfg: Config, training: bool
     else:
         ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)
     return ds.prefetch(autotune)
+
+
+def _usable(paths: list[str], labels: Any, max_pixels: int, skip: bool) -> tuple[list[str], Any]:
+    """Check every file's header (format, pixel limit) without decoding; drop or refuse the bad ones."""
+    bad: dict[str, str] = {}
+    for path in paths:
+        try:
+            image_size(path, max_pixels)
+        except (ValueError, OSError) as exc:
+            bad[path] = str(exc)
+    if not bad:
+        return paths, labels
+    named = "; ".join(bad[p] for p in list(bad)[:MAX_NAMED]) + (" ..." if len(bad) > MAX_NAMED else "")
+    if not skip:
+        raise ValueError(f"{len(bad)} of {len(paths)} image(s) cannot be used: {named}")
+    keep = [i for i, p in enumerate(paths) if p not in bad]
+    if not keep:
+        raise ValueError(f"none of the {len(paths)} image(s) can be used: {named}")
+    logger.warning("skipping %d of %d image(s) that cannot be used: %s", len(bad), len(paths), named)
+    return [paths[i] for i in keep], labels[keep]
+
+
+def _decoded(paths: list[str], labels: Any, img_size: int, skip: bool) -> Any:
+    """``(uint8 image, label)`` per file, in order; a file that fails to decode is named.
+
+    Decoding errors are caught by ``ignore_errors``; each element carries its row index, and a
+    ``scan`` that expects consecutive indices spots the rows that went missing (a sentinel at the
+    end catches trailing ones). For those rows a Python callback decodes the file again to get
+    the decoder's message, then logs it (``skip``) or raises naming the file. The callback runs
+    only when a row went missing, so a healthy data set pays one integer comparison per image.
+    """
+    import tensorflow as tf
+
+    n = len(paths)
+
+    def report(expected: Any, got: Any) -> bool:
+        lost = {p: _decode_error(p) for p in paths[int(expected):int(got)]}
+        named = "; ".join(f"{p}: {why}" for p, why in lost.items())
+        if not skip:
+            raise ValueError(f"image(s) that cannot be decoded: {named}")
+        logger.warning("skipping %d image(s) that cannot be decoded: %s", len(lost), named)
+        return True
+
+    def check(expected: Any, element: Any) -> Any:
+        index = element[0]
+        seen = tf.cond(tf.equal(index, expected), lambda: tf.constant(True),
+                       lambda: tf.py_function(report, [expected, index], tf.bool))
+        with tf.control_dependencies([seen]):
+            return index + 1, element
+
+    ds = tf.data.Dataset.from_tensor_slices((tf.range(n, dtype=tf.int64), paths, labels))
+    ds = ds.map(lambda i, p, y: (i, _decode_uint8(tf.io.read_file(p), img_size), y),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()
+    end = tf.data.Dataset.from_tensors((tf.constant(n, tf.int64), tf.zeros((img_size, img_size, 3), tf.uint8),
+                                        tf.constant(0.0, tf.float32)))
+    def real(index: Any, img: Any, y: Any) -> Any:
+        return index < n
+
+    def without_index(index: Any, img: Any, y: Any) -> Any:
+        return img, y
+
+    ds = ds.concatenate(end).scan(tf.constant(0, tf.int64), check)
+    return ds.filter(real).map(without_index)
+
+
+def _decode_error(path: str) -> str:
+    """Why ``path`` does not decode, as the decoder says it (eagerly, outside ``tf.data``)."""
+    import tensorflow as tf
+
+    try:
+        decode_full(tf.io.read_file(path))
+    except (tf.errors.OpError, ValueError) as exc:
+        return decoder_message(exc)
+    return "failed inside the input pipeline"  # pragma: no cover - a transient read error
 
 
 def _cache_key(paths: list[str], labels: Any, img_size: int) -> str:

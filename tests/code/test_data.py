@@ -15,7 +15,8 @@ import tensorflow as tf
 from PIL import Image
 
 from covid_tasks import data
-from covid_tasks.config import Config
+from covid_tasks.config import MAX_IMAGE_PIXELS, Config
+from tests.helpers.images import png_header, rle8_bmp
 
 SIZE = 8  # decoding tests
 PIPE = 32  # Config.img_size minimum
@@ -93,6 +94,52 @@ def test_load_image_errors(tmp_path: Path) -> None:
         data.load_image(bad, SIZE)
 
 
+def _encoded(fmt: str, size: tuple[int, int] = (37, 23), **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("contents", [
+    _encoded("PNG"), _encoded("JPEG"), _encoded("JPEG", progressive=True), _encoded("BMP"), _encoded("GIF"),
+    _encoded("JPEG", exif=b"Exif\x00\x00" + b"\x00" * 5000), rle8_bmp(np.zeros((23, 37), np.uint8)),
+], ids=["png", "jpeg", "progressive", "bmp", "gif", "exif", "rle8"])
+def test_image_size_reads_the_header_only(contents: bytes, tmp_path: Path) -> None:
+    (tmp_path / "x").write_bytes(contents)
+    assert data.image_size(contents) == data.image_size(tmp_path / "x") == (37, 23)
+    header = contents[:5400] if b"Exif" in contents[:64] else contents[:600]  # no pixel data needed
+    assert data.image_size(header) == (37, 23)
+
+
+@pytest.mark.parametrize("contents, match", [
+    (b"", "empty"), (png_header(9, 9)[:20], "truncated"), (b"GIF8", "not a JPEG, PNG, BMP or GIF"), (b"\xff\xd8\xff\xd9", "without a frame"),
+    (_encoded("TIFF"), "not a JPEG, PNG, BMP or GIF"), (png_header(0, 5), "0x5"),
+], ids=["empty", "cut-png", "cut-gif", "jpeg-no-frame", "tiff", "zero-width"])
+def test_image_size_refuses_what_the_decoder_cannot_read(contents: bytes, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        data.image_size(contents)
+
+
+def test_load_image_refuses_a_bomb_before_decoding(tmp_path: Path) -> None:
+    """A 31 KB PNG declaring 16000 x 16000 once took 8 GB in ``predict``; now a header read."""
+    for width, height in ((16000, 16000), (8000, 7000)):
+        bomb = tmp_path / f"bomb-{width}.png"
+        bomb.write_bytes(png_header(width, height))
+        t0 = time.monotonic()
+        with pytest.raises(data.ImageTooLargeError, match=f"{width}x{height}.*over the limit of {MAX_IMAGE_PIXELS}"):
+            data.load_image(bomb, SIZE)
+        assert time.monotonic() - t0 < 1.0
+        with pytest.raises(ValueError):  # a ValueError for callers that catch those
+            data.load_image_bytes(bomb.read_bytes(), SIZE)
+    ok = tmp_path / "ok.png"
+    ok.write_bytes(_encoded("PNG"))
+    with pytest.raises(data.ImageTooLargeError) as err:
+        data.load_image(ok, SIZE, max_pixels=100)
+    assert (err.value.width, err.value.height, err.value.max_pixels) == (37, 23, 100)
+    assert data.load_image(ok, SIZE, max_pixels=None).shape == (SIZE, SIZE, 3)
+
+
 # ----------------------------------------------------------------------------- labels
 def test_label_index_and_class_weights() -> None:
     np.testing.assert_array_equal(data.label_index(["covid", "non_covid", "covid"]), [1.0, 0.0, 1.0])
@@ -120,6 +167,43 @@ def test_labels_follow_the_class_list_whatever_the_folder_or_row_order(tmp_path:
         labels.extend(y.numpy().tolist())
     assert pixels == [float(values[f]) for f in frame["filename"]]  # evaluation keeps row order
     assert labels == [1.0 if v < 100 else 0.0 for v in pixels]  # covid is 1.0 by the class list
+
+
+def _unusable_set(tmp_path: Path) -> tuple[pd.DataFrame, Config]:
+    """Six good 32 px images and three unusable ones: RLE8 BMP, truncated PNG, over the pixel limit."""
+    _write_constant_images(tmp_path, {f"ok{i}.png": 20 * i for i in range(6)}, size=PIPE)
+    (tmp_path / "rle8.bmp").write_bytes(rle8_bmp(np.full((PIPE, PIPE), 77, np.uint8)))
+    (tmp_path / "cut.png").write_bytes(_png(np.full((PIPE, PIPE), 5, np.uint8))[:60])
+    _write_constant_images(tmp_path, {"big.png": 9}, size=2 * PIPE)
+    names = ["ok0.png", "rle8.bmp", "ok1.png", "ok2.png", "big.png", "ok3.png", "ok4.png", "ok5.png", "cut.png"]
+    frame = pd.DataFrame({"filename": names, "label": ["covid", "non_covid"] * 4 + ["covid"]})
+    return frame, Config(data_root=str(tmp_path), img_size=PIPE, batch_size=4, max_image_pixels=PIPE * PIPE)
+
+
+def test_unusable_images_are_named_and_skipped_when_training(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """An RLE8 BMP once crashed ``train`` inside TensorFlow without naming the file."""
+    frame, cfg = _unusable_set(tmp_path)
+    caplog.set_level("WARNING", logger="covid_tasks.data")
+    for _ in range(2):  # the second epoch reads the cache
+        seen = [x for x, _y in data.make_dataset(frame, tmp_path, cfg, training=True)]
+        assert sum(len(x) for x in seen) == 6
+    text = caplog.text
+    assert "big.png is 64x64 = 4096 pixels, over the limit of 1024" in text
+    assert "rle8.bmp" in text and "cut.png" in text and "cannot be decoded" in text
+
+
+def test_unusable_images_fail_evaluation_naming_them(tmp_path: Path) -> None:
+    frame, cfg = _unusable_set(tmp_path)
+    with pytest.raises(ValueError, match=r"1 of 9 image\(s\) cannot be used: .*big.png is 64x64"):
+        data.make_dataset(frame, tmp_path, cfg, training=False)
+    decodable_header = frame[frame["filename"] != "big.png"]
+    ds = data.make_dataset(decodable_header, tmp_path, cfg, training=False)
+    with pytest.raises(tf.errors.OpError, match=r"cannot be decoded: .*rle8.bmp: .*Input size should match"):
+        list(ds)
+    good = frame[frame["filename"].str.startswith("ok")]
+    values = [v for x, _ in data.make_dataset(good, tmp_path, cfg, training=False) for v in x.numpy()[:, 0, 0, 0]]
+    assert values == [0.0, 20.0, 40.0, 60.0, 80.0, 100.0]  # row order kept
 
 
 def test_missing_image_fails_early(tmp_path: Path) -> None:
