@@ -188,8 +188,6 @@ def label_index(labels: Any) -> Any:
 def decode_full(contents: Any) -> Any:
     """Decode an image at its own size with the training pipeline's decoder (no resize).
 
-    ``pull`` validates every file with this, so what it accepts, training can read.
-
     Args:
         contents: the encoded file's bytes (a string tensor or ``bytes``).
 
@@ -201,22 +199,53 @@ def decode_full(contents: Any) -> Any:
     """
     import tensorflow as tf
 
-    def jpeg() -> Any:
-        # The accurate integer DCT decodes exactly like libjpeg's default (and Pillow); TensorFlow's
-        # default (fast DCT) is off by up to a few levels.
-        return tf.cast(tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE"), tf.float32)
-
     def png() -> Any:
-        # channels=3 turns grey, grey+alpha, palette and RGBA into RGB; uint16 keeps 16-bit precision.
-        img = tf.io.decode_png(contents, channels=3, dtype=tf.uint16)
-        return tf.cast(img, tf.float32) * (255.0 / 65535.0)
-
-    def other() -> Any:  # BMP, GIF: 8 bits only
-        img = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
-        return tf.cast(img, tf.float32)
+        return tf.cast(_png(contents), tf.float32) * (255.0 / 65535.0)
 
     is_png = tf.equal(tf.strings.substr(contents, 0, 8), _PNG_SIGNATURE)
-    return tf.cond(tf.io.is_jpeg(contents), jpeg, lambda: tf.cond(is_png, png, other))
+    return tf.cond(tf.io.is_jpeg(contents), lambda: tf.cast(_jpeg(contents), tf.float32),
+                   lambda: tf.cond(is_png, png, lambda: tf.cast(_other(contents), tf.float32)))
+
+
+def decode_native(contents: bytes) -> Any:
+    """Decode eagerly with the same TensorFlow ops as training, in the file's own bit depth.
+
+    ``pull`` validates every image with this (what it accepts, training can read); it needs
+    less memory than :func:`decode_full` (no float copy).
+
+    Args:
+        contents: the encoded file.
+
+    Returns:
+        A ``(height, width, 3)`` uint8 tensor (uint16 for PNG).
+
+    Raises:
+        tensorflow.errors.InvalidArgumentError: the decoder cannot read the bytes.
+    """
+    if contents[:3] == b"\xff\xd8\xff":  # what tf.io.is_jpeg tests
+        return _jpeg(contents)
+    return _png(contents) if contents[:8] == _PNG_SIGNATURE else _other(contents)
+
+
+def _jpeg(contents: Any) -> Any:
+    import tensorflow as tf
+
+    # The accurate integer DCT decodes exactly like libjpeg's default (and Pillow); TensorFlow's
+    # default (fast DCT) is off by up to a few levels.
+    return tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE")
+
+
+def _png(contents: Any) -> Any:
+    import tensorflow as tf
+
+    # channels=3 turns grey, grey+alpha, palette and RGBA into RGB; uint16 keeps 16-bit precision.
+    return tf.io.decode_png(contents, channels=3, dtype=tf.uint16)
+
+
+def _other(contents: Any) -> Any:  # BMP, GIF: 8 bits only
+    import tensorflow as tf
+
+    return tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
 
 
 def _decode_uint8(contents: Any, img_size: int) -> Any:

@@ -15,10 +15,16 @@ whose file is in place, is not transferred again. Quarantined objects are rememb
 an unchanged bad file is not downloaded every week.
 
 Crash safety: downloads go to ``.pull/tmp`` (never under ``raw/``), are fsynced, validated and
-renamed into place; each placed file is appended to ``.pull/journal.jsonl``. The manifest is
-rewritten only at the end. A pull killed at any moment leaves ``raw/metadata.csv`` and every
+renamed into place; each placed file is appended to ``.pull/journal.jsonl``. ``metadata.csv``
+and the manifest are placed together, last, after every image and every clean-up. A pull killed at any moment leaves ``raw/metadata.csv`` and every
 image complete; the next pull replays the journal, so it does not download again what the killed
 one already placed, and completes the work. One pull per data root runs at a time (file lock).
+
+Refused before anything under ``raw/`` changes: a ``metadata.csv`` without the required columns
+or without a single row, and a pull that needs more disk space than is free (a disk that fills
+up during the pull ends in a :class:`DiskFullError` naming the path and the bytes needed).
+Images are validated with Pillow *and* with TensorFlow, the decoder training uses, so a file only
+Pillow reads (an RLE-compressed BMP) is quarantined rather than crashing ``train``.
 
 Objects deleted upstream are reported; with ``cfg.pull_delete`` (default ``False``) their local
 copies are removed, otherwise they are kept and stay part of the data set.
@@ -43,6 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from covid_tasks import data
 from covid_tasks.config import METADATA_COLUMNS, Config
 from covid_tasks.sources import (
     METADATA_KEY,
@@ -58,7 +65,7 @@ from covid_tasks.storage import UnsafePathError, read_json, resolve_under, safe_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["pull", "PullError", "REQUIRED_COLUMNS", "validate_image"]
+__all__ = ["pull", "PullError", "DiskFullError", "REQUIRED_COLUMNS", "validate_image"]
 
 MANIFEST = "manifest.json"
 REPORT = "pull_report.json"
@@ -67,10 +74,19 @@ JOURNAL = "journal.jsonl"
 QUARANTINE = "quarantine"
 REQUIRED_COLUMNS = METADATA_COLUMNS
 #: Formats the training pipeline (``tf.io.decode_image``) reads.
-IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")
+IMAGE_FORMATS = data.IMAGE_FORMATS
 #: Seconds between progress lines in the task log.
 PROGRESS_EVERY_S = 10.0
 MANIFEST_FORMAT = 2
+#: Disk space a pull keeps in hand beyond its downloads (manifest, journal, report): fixed part
+#: and per listed object.
+SPACE_MARGIN_BYTES = 1 << 20
+SPACE_PER_OBJECT_BYTES = 512
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(PullError):
+    """The data root's file system has not enough free space for the pull."""
 
 
 def pull(source_uri: str, data_root: str | Path, cfg: Config,
@@ -97,7 +113,10 @@ def pull(source_uri: str, data_root: str | Path, cfg: Config,
 
     Raises:
         FileNotFoundError: the source folder, bucket or its ``metadata.csv`` does not exist.
-        ValueError: ``metadata.csv`` lacks required columns, or the URI scheme is unknown.
+        ValueError: ``metadata.csv`` lacks required columns or has no row, or the URI scheme is
+            unknown.
+        DiskFullError: the data root's file system lacks the space the pull needs (a
+            ``PullError``); the message names the path, the bytes needed and the bytes free.
         PullError: the S3 endpoint cannot be reached, refuses the credentials, keeps failing
             after retries, or another pull holds the data root.
     """
@@ -122,8 +141,11 @@ def pull(source_uri: str, data_root: str | Path, cfg: Config,
 def validate_image(path: str | Path, min_side: int, max_pixels: int) -> str | None:
     """Check one image file without trusting it.
 
-    Reads the header first, so a decompression bomb is refused before any pixel is decoded,
-    then verifies the file's structure and decodes it fully (which catches truncation).
+    Reads the header first (the same reader as training), so a decompression bomb is refused
+    before any pixel is decoded; then verifies the file's structure and decodes it fully with
+    Pillow (which catches truncation), and once more with TensorFlow, the decoder training uses:
+    a file only Pillow reads (an RLE-compressed BMP), or a BMP/GIF whose pixels TensorFlow reads
+    differently (a colour palette read as grey levels), is refused.
 
     Args:
         path: the file to check.
@@ -140,13 +162,19 @@ def validate_image(path: str | Path, min_side: int, max_pixels: int) -> str | No
     if p.stat().st_size == 0:
         return "empty: 0 bytes"
     try:
+        width, height = data.image_size(p, max_pixels)
+    except data.ImageTooLargeError as exc:
+        return f"pixel_limit: {exc.width}x{exc.height} exceeds {max_pixels} pixels"
+    except ValueError as exc:
+        text = str(exc).removeprefix(f"{p} is not a decodable image: ")
+        return f"{'truncated' if 'truncated' in text else 'undecodable'}: {text[:160]}"
+    if min(width, height) < min_side:
+        return f"too_small: {width}x{height}, smaller side under {min_side} px"
+    try:
         with Image.open(p, formats=IMAGE_FORMATS) as im:
-            width, height = im.size
-            fmt = im.format
-            if width * height > max_pixels:
-                return f"pixel_limit: {width}x{height} exceeds {max_pixels} pixels"
-            if min(width, height) < min_side:
-                return f"too_small: {width}x{height}, smaller side under {min_side} px"
+            fmt = im.format or "image"
+            if im.size != (width, height):
+                return f"undecodable: header sizes disagree ({im.size[0]}x{im.size[1]} vs {width}x{height})"
             im.verify()
         with Image.open(p, formats=IMAGE_FORMATS) as im:
             im.load()
@@ -156,7 +184,29 @@ def validate_image(path: str | Path, min_side: int, max_pixels: int) -> str | No
         text = str(exc) or type(exc).__name__
         kind = "truncated" if "truncat" in text.lower() or isinstance(exc, EOFError) else "undecodable"
         return f"{kind}: {text[:160]}"
-    logger.debug("pull: %s is a valid %s %dx%d", p.name, fmt, width, height)
+    reason = _training_decoder_reason(p, fmt)
+    if reason is None:
+        logger.debug("pull: %s is a valid %s %dx%d", p.name, fmt, width, height)
+    return reason
+
+
+def _training_decoder_reason(path: Path, fmt: str) -> str | None:
+    """Why TensorFlow (training's decoder) cannot use ``path``, or ``None`` when it can."""
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    try:
+        pixels = data.decode_native(path.read_bytes())
+    except (tf.errors.OpError, ValueError) as exc:
+        return f"undecodable: TensorFlow, the decoder training uses, cannot read this {fmt}: " \
+               f"{data.decoder_message(exc)[:160]}"
+    if fmt in ("BMP", "GIF"):  # 8-bit: both decoders must give the same RGB pixels
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
+            expected = np.asarray(im.convert("RGB"))
+        if pixels.shape != expected.shape or not np.array_equal(pixels.numpy(), expected):
+            return (f"undecodable: TensorFlow, the decoder training uses, reads this {fmt} "
+                    f"({im.mode} mode) with other pixel values than its own colours")
     return None
 
 
@@ -234,6 +284,7 @@ class _Run:
         self._decode_slots = threading.BoundedSemaphore(max(1, min(cfg.pull_workers, os.cpu_count() or 1)))
         self._lock_fh: Any = None
         self.bytes_downloaded = 0
+        self.space_needed = 0
 
     # -- lock, staging and journal -----------------------------------------------------------
     def __enter__(self) -> "_Run":
@@ -248,7 +299,6 @@ class _Run:
             raise PullError(f"another pull is running on {self.root} (lock {self.work / 'lock'})") from None
         shutil.rmtree(self.tmp, ignore_errors=True)  # leftovers of a killed pull
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.images.mkdir(parents=True, exist_ok=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -258,8 +308,23 @@ class _Run:
 
     def _journal(self, key: str, entry: dict[str, Any]) -> None:
         line = json.dumps({"key": key, "entry": entry}, sort_keys=True) + "\n"
-        with self._journal_lock, open(self.journal_path, "a", encoding="utf-8") as fh:
+        with self._journal_lock, self._space("appending to the journal", self.journal_path, len(line)), \
+                open(self.journal_path, "a", encoding="utf-8") as fh:
             fh.write(line)
+
+    @contextlib.contextmanager
+    def _space(self, what: str, path: Path, needed: int) -> Any:
+        """Turn "no space left" while writing ``path`` into a :class:`DiskFullError` saying so."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            total = f"; this pull needs about {self.space_needed} bytes in all" if self.space_needed else ""
+            raise DiskFullError(
+                f"pull: no space left on the device holding {path} ({what}, {needed} bytes; "
+                f"{_free_bytes(path)} bytes free there{total}): free space or move the data root "
+                f"{self.root}; raw/metadata.csv and the manifest were not changed") from None
 
     def _load_state(self) -> tuple[dict[str, dict[str, Any]], str | None, dict[str, dict[str, Any]], int]:
         """The committed manifest, its version, and the on-disk state (manifest + journal)."""
@@ -304,6 +369,7 @@ class _Run:
         if replayed:
             logger.info("pull: resuming an interrupted pull (%d file(s) already in place)", replayed)
         listing = self.source.list()
+        listing.reject_nested()
         logger.info("pull: source lists %d wanted object(s), %d rejected key(s), %d ignored",
                     len(listing.objects), len(listing.rejected), listing.ignored)
         for rej in listing.rejected:
@@ -318,25 +384,45 @@ class _Run:
         meta_entry = disk.get(METADATA_KEY)
         if not self._in_place(meta_entry, meta_obj, meta_target):
             staged_meta = self.tmp / f"{uuid.uuid4().hex}.csv"
-            got = self._fetch(meta_obj.key, staged_meta, lambda n: None)
+            with self._space(f"downloading {METADATA_KEY}", staged_meta, meta_obj.size):
+                got = self._fetch(meta_obj.key, staged_meta, lambda n: None)
             if got is None:
                 raise FileNotFoundError(f"source {self.source.uri!r} lost its {METADATA_KEY} during the pull")
             meta_entry = self._entry(meta_obj, got)
-        _check_columns(staged_meta or meta_target, self.source.uri)
+        _check_metadata(staged_meta or meta_target, self.source.uri)
 
         plan = self._plan(listing, disk)
+        self._check_space(plan, listing)
+        self.images.mkdir(parents=True, exist_ok=True)
         outcomes = self._fetch_all(plan.to_fetch)
         for out in outcomes:
             if out.entry is not None:  # a vanished object keeps its previous entry, if any
                 disk[out.key] = out.entry
+        disk[METADATA_KEY] = meta_entry  # type: ignore[assignment]
+        vanished = {o.key for o in outcomes if o.entry is None}
+        deleted, removed = self._reconcile(disk, listing)
 
+        # metadata.csv and the manifest together, last: nothing can fail between them but a crash,
+        # and the journal replays that
+        version = _version(disk)
+        manifest = {"format": MANIFEST_FORMAT, "source_uri": self.source.uri, "dataset_version": version,
+                    "objects": dict(sorted(disk.items()))}
         if staged_meta is not None:
-            self._place(staged_meta, meta_target)
+            with self._space(f"placing {METADATA_KEY}", meta_target, meta_obj.size):
+                self._place(staged_meta, meta_target)
             assert meta_entry is not None
             self._journal(METADATA_KEY, meta_entry)
-        disk[METADATA_KEY] = meta_entry  # type: ignore[assignment]
+        manifest_path = self.raw / MANIFEST
+        if not manifest_path.is_file() or read_json(manifest_path) != json.loads(json.dumps(manifest)):
+            with self._space("writing the manifest", manifest_path, len(json.dumps(manifest))):
+                write_json(manifest_path, manifest)
+        self.journal_path.unlink(missing_ok=True)
 
-        vanished = {o.key for o in outcomes if o.entry is None}
+        return self._summarise(listing, committed, disk, old_version, version, plan, outcomes,
+                               deleted, removed, vanished)
+
+    def _reconcile(self, disk: dict[str, dict[str, Any]], listing: Listing) -> tuple[list[str], list[str]]:
+        """Handle objects gone upstream and files that turned bad; return (deleted, removed) keys."""
         gone = sorted(k for k in disk if k not in listing.objects and k != METADATA_KEY)
         deleted, removed = [], []
         for key in gone:
@@ -346,7 +432,7 @@ class _Run:
                 continue
             deleted.append(key)
             if self.cfg.pull_delete:
-                with contextlib.suppress(FileNotFoundError, UnsafePathError):
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError, UnsafePathError):
                     resolve_under(self.raw, key).unlink()
                 disk.pop(key)
                 removed.append(key)
@@ -356,19 +442,28 @@ class _Run:
             if key in listing.objects:
                 entry.pop("deleted_upstream", None)
             if entry.get("status") == "quarantined":  # a good file went bad upstream: stop using it
-                with contextlib.suppress(FileNotFoundError, UnsafePathError):
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                         UnsafePathError):
                     resolve_under(self.raw, key).unlink()
+        return deleted, removed
 
-        version = _version(disk)
-        manifest = {"format": MANIFEST_FORMAT, "source_uri": self.source.uri, "dataset_version": version,
-                    "objects": dict(sorted(disk.items()))}
-        manifest_path = self.raw / MANIFEST
-        if not manifest_path.is_file() or read_json(manifest_path) != json.loads(json.dumps(manifest)):
-            write_json(manifest_path, manifest)
-        self.journal_path.unlink(missing_ok=True)
-
-        return self._summarise(listing, committed, disk, old_version, version, plan, outcomes,
-                               deleted, removed, vanished)
+    def _check_space(self, plan: _Plan, listing: Listing) -> None:
+        """Refuse, before downloading, a pull that needs more space than the data root has free."""
+        needed = SPACE_MARGIN_BYTES + SPACE_PER_OBJECT_BYTES * len(listing.objects)
+        for obj in plan.to_fetch:
+            try:  # a file replaced in place frees its old bytes
+                needed += max(0, obj.size - (self.raw / obj.key).stat().st_size)
+            except OSError:
+                needed += obj.size
+        largest = sorted((o.size for o in plan.to_fetch), reverse=True)[:max(1, self.cfg.pull_workers)]
+        needed += sum(largest)  # staged copies in .pull/tmp while they are validated
+        self.space_needed = needed
+        free = _free_bytes(self.work)
+        if free is not None and needed > free:
+            raise DiskFullError(
+                f"pull: not enough space on the device holding {self.work}: this pull needs about "
+                f"{needed} bytes ({needed / 2**20:.1f} MiB, {len(plan.to_fetch)} object(s) to fetch) and "
+                f"{free} bytes ({free / 2**20:.1f} MiB) are free; nothing was changed under {self.raw}")
 
     def _in_place(self, entry: dict[str, Any] | None, obj: SourceObject, target: Path) -> bool:
         """Whether ``obj`` needs no transfer: same ETag and size, and its file is complete."""
@@ -417,31 +512,36 @@ class _Run:
     def _fetch_one(self, obj: SourceObject, progress: _Progress) -> _Outcome:
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            got = self._fetch(obj.key, tmp, progress.add_bytes)
-            if got is None:
-                return _Outcome(obj.key, None)
-            with self._decode_slots:  # decoding is CPU- and memory-bound: at most one per core
-                reason = validate_image(tmp, self.cfg.pull_min_image_side, self.cfg.max_image_pixels)
-            entry = self._entry(obj, got, reason)
-            target = resolve_under(self.quarantine if reason else self.raw, obj.key)
-            try:
-                self._place(tmp, target)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG):
-                    raise
-                reason = f"unwritable: {exc.strerror} ({target.name})"
-                entry = self._entry(obj, got, reason)
-            if reason:
-                logger.debug("pull: quarantined %s (%s)", obj.key, reason)
-            else:
-                with contextlib.suppress(FileNotFoundError):  # a fixed image leaves quarantine
-                    resolve_under(self.quarantine, obj.key).unlink()
-            self._journal(obj.key, entry)
-            logger.debug("pull: fetched %s (%d bytes)", obj.key, got.size)
-            return _Outcome(obj.key, entry, reason)
+            with self._space(f"downloading {obj.key}", tmp, obj.size):
+                return self._fetch_validate_place(obj, tmp, progress)
         finally:
             tmp.unlink(missing_ok=True)
             progress.done_object()
+
+    def _fetch_validate_place(self, obj: SourceObject, tmp: Path, progress: _Progress) -> _Outcome:
+        """Download ``obj`` to ``tmp``, validate it, place it (or quarantine it) and journal it."""
+        got = self._fetch(obj.key, tmp, progress.add_bytes)
+        if got is None:
+            return _Outcome(obj.key, None)
+        with self._decode_slots:  # decoding is CPU- and memory-bound: at most one per core
+            reason = validate_image(tmp, self.cfg.pull_min_image_side, self.cfg.max_image_pixels)
+        entry = self._entry(obj, got, reason)
+        target = resolve_under(self.quarantine if reason else self.raw, obj.key)
+        try:
+            self._place(tmp, target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG):
+                raise
+            reason = f"unwritable: {exc.strerror} ({target.name})"
+            entry = self._entry(obj, got, reason)
+        if reason:
+            logger.debug("pull: quarantined %s (%s)", obj.key, reason)
+        else:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # a fixed image leaves quarantine
+                resolve_under(self.quarantine, obj.key).unlink()
+        self._journal(obj.key, entry)
+        logger.debug("pull: fetched %s (%d bytes)", obj.key, got.size)
+        return _Outcome(obj.key, entry, reason)
 
     def _fetch_all(self, objects: list[SourceObject]) -> list[_Outcome]:
         if not objects:
@@ -557,14 +657,15 @@ class _Run:
 
 
 # ----------------------------------------------------------------------------------- metadata
-def _check_columns(path: Path, uri: str) -> None:
-    """Parse ``metadata.csv`` once; fail with a message naming the required columns it lacks."""
+def _check_metadata(path: Path, uri: str) -> None:
+    """Parse ``metadata.csv`` once; fail naming the required columns it lacks, or if it has no row."""
+    rows = 0
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             header = next(reader, [])
-            for _ in reader:
-                pass
+            for row in reader:
+                rows += any(cell.strip() for cell in row)
     except UnicodeDecodeError as exc:
         raise ValueError(f"metadata.csv from {uri} is not UTF-8 text ({exc.reason})") from None
     except csv.Error as exc:
@@ -575,6 +676,9 @@ def _check_columns(path: Path, uri: str) -> None:
     if missing:
         raise ValueError(f"metadata.csv from {uri} lacks required column(s): {', '.join(missing)} "
                          f"(required: {', '.join(REQUIRED_COLUMNS)})")
+    if rows == 0:
+        raise ValueError(f"metadata.csv from {uri} has a header but no rows; refusing to replace "
+                         f"the data set with an empty one (nothing under raw/ was changed)")
 
 
 def _scan_rows(raw: Path) -> dict[str, list[dict[str, Any]]]:
@@ -604,6 +708,16 @@ def _scan_rows(raw: Path) -> dict[str, list[dict[str, Any]]]:
             if not path.is_file():
                 missing.append({"line": reader.line_num, "filename": name, "folder": folder})
     return {"rejected_rows": rejected, "missing_files": missing}
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
 
 
 def _version(objects: dict[str, dict[str, Any]]) -> str:

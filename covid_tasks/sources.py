@@ -13,8 +13,9 @@ Two kinds, chosen by URI:
 
 A listing yields keys relative to the source root. Only ``metadata.csv`` and files under
 ``images/`` are wanted; a key that is absolute, has ``..``/``.``/empty segments, a backslash or a
-control character is *rejected* (reported, never fetched) by :func:`check_key`; anything else
-(other folders, hidden files, folder markers) is *ignored*.
+control character is *rejected* (reported, never fetched) by :func:`check_key`, and so is a key
+under another object's key (:meth:`Listing.reject_nested`); anything else (other folders, hidden
+files, folder markers) is *ignored*.
 """
 
 from __future__ import annotations
@@ -104,6 +105,20 @@ class Listing:
             self.ignored += 1
             return
         self.objects[key] = SourceObject(key, int(size), etag() if callable(etag) else etag)
+
+    def reject_nested(self) -> None:
+        """Reject keys that lie under another object's key (``images/x.jpg/inner.jpg`` beside
+        ``images/x.jpg``): S3 holds both, but a file and a folder cannot share a name on disk.
+        The object itself is kept; each key under it is rejected with the reason.
+        """
+        for key in sorted(self.objects):
+            parts = key.split("/")
+            parent = next((p for p in ("/".join(parts[:i]) for i in range(1, len(parts)))
+                           if p in self.objects), None)
+            if parent is not None:
+                del self.objects[key]
+                self.rejected.append({"key": key, "reason": f"key {key!r} lies under {parent!r}, which is "
+                                      f"also an object: a file and a folder cannot share a name on disk"})
 
 
 @dataclass(frozen=True)

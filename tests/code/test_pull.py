@@ -15,7 +15,9 @@ To kill things "mid-pull" deterministically, tests hook the pull's per-object DE
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -38,10 +40,14 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+
+from covid_tasks import sources  # noqa: E402
 from covid_tasks.config import Config  # noqa: E402
-from covid_tasks.pull import PullError, pull, validate_image  # noqa: E402
-from covid_tasks.sources import check_key  # noqa: E402
+from covid_tasks.pull import DiskFullError, PullError, pull, validate_image  # noqa: E402
+from covid_tasks.sources import Listing, check_key  # noqa: E402
 from covid_tasks.storage import UnsafePathError  # noqa: E402
+from tests.helpers.images import rle8_bmp  # noqa: E402
 from tests.helpers.s3_server import SeaweedS3, free_ports, weed_binary  # noqa: E402
 
 SAMPLE = REPO / "sample_data"
@@ -58,6 +64,17 @@ def _image_bytes(size: tuple[int, int] = (96, 80), fmt: str = "PNG", seed: int =
     img = Image.effect_noise(size, 40 + seed).convert("L")
     buf = io.BytesIO()
     img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _bmp(mode: str, size: tuple[int, int] = (96, 80)) -> bytes:
+    """An uncompressed BMP: grey (``L``), ``RGB`` or a colour palette (``P``)."""
+    rgb = np.asarray(Image.effect_noise(size, 60).convert("RGB")).copy()
+    rgb[..., 1] //= 2
+    img = Image.fromarray(rgb)
+    img = img.convert("L") if mode == "L" else img.convert("P") if mode == "P" else img
+    buf = io.BytesIO()
+    img.save(buf, format="BMP")
     return buf.getvalue()
 
 
@@ -199,7 +216,14 @@ def test_check_key_rejects_unsafe(key: str) -> None:
     (lambda: _image_bytes((96, 96), "TIFF"), "undecodable"),
     (lambda: _png_header(8000, 8000), "pixel_limit"),
     (lambda: _png_header(20000, 20000), "pixel_limit"),
-])
+    (lambda: _bmp("L"), None),
+    (lambda: _bmp("RGB"), None),
+    (lambda: _image_bytes(fmt="GIF"), None),
+    # Pillow decodes these, TensorFlow (training's decoder) cannot, or reads other pixel values
+    (lambda: rle8_bmp(np.asarray(Image.effect_noise((96, 80), 30).convert("L")) // 64 * 64), "undecodable"),
+    (lambda: _bmp("P"), "undecodable"),
+], ids=["png", "jpeg", "empty", "garbage", "too_small", "truncated", "tiff", "bomb-64mpx", "bomb-400mpx",
+        "bmp-grey", "bmp-rgb", "gif", "bmp-rle8", "bmp-palette"])
 def test_validate_image(tmp_path: Path, make: Callable[[], bytes], reason: str | None) -> None:
     path = tmp_path / "x.img"
     path.write_bytes(make())
@@ -278,8 +302,138 @@ def test_missing_columns_fail_before_any_image_is_written(tmp_path: Path) -> Non
     root = tmp_path / "data"
     with pytest.raises(ValueError, match=r"lacks required column\(s\): finding, view"):
         pull(str(src), root, _cfg(root))
-    assert not list((root / "raw" / "images").iterdir())
-    assert not (root / "raw" / "manifest.json").exists() and not (root / "raw" / "metadata.csv").exists()
+    assert not (root / "raw").exists(), "a refused metadata.csv touched raw/"
+
+
+def test_header_only_metadata_is_refused_without_touching_raw(tmp_path: Path) -> None:
+    src = _make_source(tmp_path / "src", n=3)
+    root = tmp_path / "data"
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    _write_meta(empty / "metadata.csv", [])
+    with pytest.raises(ValueError, match="has a header but no rows"):
+        pull(str(empty), root, _cfg(root))
+    assert not (root / "raw").exists()
+
+    pull(str(src), root, _cfg(root))
+    before = _tree(root / "raw")
+    _write_meta(src / "metadata.csv", [])  # upstream's metadata.csv lost its rows
+    with open(src / "metadata.csv", "a", encoding="utf-8") as fh:
+        fh.write(",,,,,,,\n\n")  # blank rows are no rows
+    (src / "images" / "img9.png").write_bytes(_image_bytes(seed=9))
+    with pytest.raises(ValueError, match="has a header but no rows"):
+        pull(str(src), root, _cfg(root))
+    assert _tree(root / "raw") == before, "a refused metadata.csv changed raw/"
+
+
+def test_bmp_only_pillow_reads_is_quarantined_by_pull(tmp_path: Path) -> None:
+    """An RLE8 BMP passed pull (Pillow decodes it) and then crashed ``train`` inside TensorFlow."""
+    src = _make_source(tmp_path / "src", n=2)
+    (src / "images" / "rle.bmp").write_bytes(rle8_bmp(np.full((80, 96), 120, np.uint8)))
+    (src / "images" / "grey.bmp").write_bytes(_bmp("L"))
+    _write_meta(src / "metadata.csv", ["img0.png", "img1.png", "rle.bmp", "grey.bmp"])
+    root = tmp_path / "data"
+    result = pull(str(src), root, _cfg(root))
+    assert result["new"] == 3 and result["quarantined"] == 1
+    report = json.loads((root / "pull_report.json").read_text())
+    reason = report["quarantined_files"][0]["reason"]
+    assert report["quarantined_files"][0]["key"] == "images/rle.bmp"
+    assert reason.startswith("undecodable: TensorFlow, the decoder training uses, cannot read this BMP"), reason
+    assert (root / "raw" / "images" / "grey.bmp").is_file() and not (root / "raw" / "images" / "rle.bmp").exists()
+
+
+def test_listing_rejects_a_key_under_another_objects_key() -> None:
+    listing = Listing()
+    for key in ("metadata.csv", "images/x.jpg/inner.jpg", "images/x.jpg", "images/x.jpg/a/b.png",
+                "images/y/z.png", "images/y.png"):
+        listing.add(key, 3, "e")
+    listing.reject_nested()
+    assert sorted(listing.objects) == ["images/x.jpg", "images/y.png", "images/y/z.png", "metadata.csv"]
+    assert sorted(r["key"] for r in listing.rejected) == ["images/x.jpg/a/b.png", "images/x.jpg/inner.jpg"]
+    assert all("lies under 'images/x.jpg', which is also an object" in r["reason"] for r in listing.rejected)
+
+
+# ------------------------------------------------------------------------------------ full disk
+def test_pull_that_does_not_fit_is_refused_before_downloading(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _make_source(tmp_path / "src", n=4)
+    root = tmp_path / "data"
+    pull(str(src), root, _cfg(root))
+    before = _tree(root / "raw")
+    for i in range(4, 10):
+        (src / "images" / f"img{i}.png").write_bytes(_image_bytes((400, 400), seed=i))
+    _write_meta(src / "metadata.csv", [f"img{i}.png" for i in range(10)])
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=200_000))
+    with pytest.raises(DiskFullError, match=rf"not enough space on the device holding {root / '.pull'}: this "
+                                            rf"pull needs about \d+ bytes .* and 200000 bytes .* are free"):
+        pull(str(src), root, _cfg(root))
+    assert _tree(root / "raw") == before
+    assert not list(root.rglob("*.part"))
+
+
+def _fill_disk_after(monkeypatch: pytest.MonkeyPatch, n_ok: int) -> None:
+    """Make the write call of every download after the first ``n_ok`` fail as a full disk does."""
+    real = sources._copy_stream
+    calls = []
+
+    def copy(chunks: Any, dest: Path, on_bytes: Any) -> Any:
+        calls.append(dest)
+        if len(calls) <= n_ok:
+            return real(chunks, dest, on_bytes)
+        with open(dest, "wb") as out:
+            out.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest))
+
+    monkeypatch.setattr(sources, "_copy_stream", copy)
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str) -> Iterator[bool]:
+    """Mount a tmpfs of ``size`` at ``path`` when this process may (root); yield whether it did."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.mark.parametrize("disk", ["simulated", "tmpfs"])
+def test_disk_filling_up_during_the_pull_names_the_path_and_space(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disk: str) -> None:
+    """A full disk once ended the pull in a raw ``OSError`` traceback."""
+    src = _make_source(tmp_path / "src", n=3)
+    for i in range(3, 8):
+        (src / "images" / f"img{i}.png").write_bytes(_image_bytes((1000, 1000), seed=i))
+    _write_meta(src / "metadata.csv", [f"img{i}.png" for i in range(8)])
+    with contextlib.ExitStack() as stack:
+        if disk == "tmpfs" and not stack.enter_context(_small_tmpfs(tmp_path / "disk", "2m")):
+            pytest.skip("cannot mount a tmpfs here (not root); the simulated case covers the code")
+        root = tmp_path / "disk" / "data"
+        first = pull(str(_subset(src, tmp_path / "first", 3)), root, _cfg(root))
+        assert first["new"] == 3
+        before = _tree(root / "raw")
+        if disk == "simulated":
+            _fill_disk_after(monkeypatch, 1)
+        else:  # the disk is really 2 MiB; claim more so the up-front check lets the pull start
+            real = shutil.disk_usage
+            monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10**9))
+        with pytest.raises(DiskFullError, match=r"no space left on the device holding .*\.pull/tmp/.*"
+                                                r"\(downloading images/img\d\.png, \d+ bytes; \d+ bytes free there; "
+                                                r"this pull needs about \d+ bytes in all\)"):
+            pull(str(src), root, _cfg(root, pull_workers=2))
+        after = _tree(root / "raw")
+        assert {k: after[k] for k in ("metadata.csv", "manifest.json")} == \
+            {k: before[k] for k in ("metadata.csv", "manifest.json")}
+        assert not list(root.rglob("*.part")), "a partial download was left behind"
+        monkeypatch.undo()
+        if disk == "simulated":  # space is back: the next pull completes the work
+            done = pull(str(src), root, _cfg(root))
+            assert done["new"] + done["unchanged"] == 8
+            _assert_raw_consistent(root, src)
 
 
 @pytest.mark.parametrize("uri, error, match", [
@@ -565,6 +719,31 @@ def test_s3_corrupt_image_and_traversal_key_and_name(server: SeaweedS3, tmp_path
 
     again = pull(uri, root, _cfg(root), server.s3_options())
     assert again["bytes_downloaded"] == 0 and again["rejected"] == 3 and not again["has_changes"]
+
+
+@s3
+@needs_weed
+def test_s3_file_and_folder_of_the_same_name(server: SeaweedS3, tmp_path: Path) -> None:
+    """S3 holds ``images/x.png`` and ``images/x.png/inner.png``; that once crashed every pull
+    (``NotADirectoryError``) after ``raw/metadata.csv`` was replaced and before the manifest."""
+    uri = server.new_prefix("nested")
+    bucket, prefix = uri[5:].split("/", 1)
+    src = _make_source(tmp_path / "src", n=3)
+    _write_meta(src / "metadata.csv", ["img0.png", "img1.png", "img2.png", "x.png", "x.png/inner.png"])
+    server.upload(src, uri)
+    client = server.client()
+    client.put_object(Bucket=bucket, Key=f"{prefix}/images/x.png", Body=_image_bytes(seed=5))
+    client.put_object(Bucket=bucket, Key=f"{prefix}/images/x.png/inner.png", Body=_image_bytes(seed=6))
+    root = tmp_path / "data"
+    for attempt in range(2):
+        result = pull(uri, root, _cfg(root), server.s3_options())
+        report = json.loads((root / "pull_report.json").read_text())
+        assert [r["key"] for r in report["rejected_keys"]] == ["images/x.png/inner.png"]
+        assert "lies under 'images/x.png', which is also an object" in report["rejected_keys"][0]["reason"]
+        assert (root / "raw" / "images" / "x.png").is_file()
+        assert (root / "raw" / "metadata.csv").is_file() and (root / "raw" / "manifest.json").is_file()
+        assert result["new"] == (4 if attempt == 0 else 0) and result["missing"] == 1
+        assert result["has_changes"] is (attempt == 0)
 
 
 @s3
