@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from covid_tasks.config import Config
-from covid_tasks.relabel import REASONS, label_for, relabel
+from covid_tasks.relabel import REASONS, covid_like_unmatched, label_for, relabel
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample_data"
@@ -76,6 +76,101 @@ def sample_root(tmp_path: Path) -> Path:
 ])
 def test_label_for_both_vocabularies(finding: str, label: str | None) -> None:
     assert label_for(finding) == label
+
+
+#: (finding, label, reported as "looks like COVID-19 but matches no rule")
+SPELLINGS = [
+    ("COVID-19", "covid", False),
+    ("COVID 19", "covid", False),
+    ("COVID19", "covid", False),
+    ("covid", "covid", False),
+    ("Covid", "covid", False),
+    ("SARS-CoV-2", "covid", False),
+    ("SARS-CoV2", "covid", False),
+    ("sars cov 2", "covid", False),
+    ("SARS_CoV_2", "covid", False),
+    ("COVID-19 pneumonia", "covid", False),
+    ("Covid-19;ARDS", "covid", False),
+    ("COVID-19 | ARDS", "covid", False),
+    ("2019-nCoV", "covid", False),
+    ("HCoV-19", "covid", False),
+    ("COVID\u201119", "covid", False),                            # non-breaking hyphen
+    ("COVID\u201319", "covid", False),                            # en dash
+    ("\uff23\uff2f\uff36\uff29\uff24-19", "covid", False),        # full-width letters
+    ("\uff23\uff2f\uff36\uff29\uff24\uff0d\uff11\uff19", "covid", False),  # all full-width
+    ("Pneumonia/Viral/COVID-19", "covid", False),
+    ("COVID-19 (not intubated)", "covid", False),
+    ("SARS", "non_covid", False),                                 # the 2003 epidemic
+    ("Pneumonia/Viral/SARS", "non_covid", False),
+    ("MERS-CoV", "non_covid", False),
+    ("Pneumonia/Viral/MERS-CoV", "non_covid", False),
+    ("HCoV-NL63", "non_covid", False),                            # a seasonal coronavirus
+    ("No Finding", "non_covid", False),
+    ("non-COVID pneumonia", "non_covid", True),
+    ("COVID-19 negative", "non_covid", True),
+    ("Negative for SARS-CoV-2", "non_covid", True),
+    ("suspected COVID-19", "non_covid", True),
+    ("COVID-19?", "non_covid", True),
+    ("SARS-CoV", "non_covid", True),                              # 2003's virus, or a typo
+    ("Coronavirus", "non_covid", True),
+    ("covid19pneumonia", "non_covid", True),
+    ("cov-19", "non_covid", True),
+    ("todo", None, False),
+    ("\uff54\uff4f\uff44\uff4f", None, False),                    # full-width "todo"
+]
+
+
+@pytest.mark.parametrize(("finding", "label", "warned"), SPELLINGS, ids=[f for f, *_ in SPELLINGS])
+def test_covid_spellings(finding: str, label: str | None, warned: bool) -> None:
+    assert label_for(finding) == label
+    assert covid_like_unmatched(finding) is warned
+
+
+def test_report_lists_every_finding_and_warns_about_covid_like_ones(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    findings = ["COVID 19", "COVID 19", "SARS-CoV2", "Pneumonia", "SARS", "MERS-CoV", "Coronavirus",
+                "Coronavirus", "todo"]
+    root = write_meta(tmp_path, [row(str(i), f, "PA", f"{i}.png") for i, f in enumerate(findings)])
+    caplog.set_level("WARNING", logger="covid_tasks.relabel")
+    result = relabel(root, Config(data_root=str(root), min_images_per_class=0))
+    assert result["class_counts"] == {"non_covid": 5, "covid": 3} and result["covid_like_unmatched"] == 1
+    report = json.loads(Path(result["report"]).read_text())
+    assert report["findings"] == [
+        {"finding": "COVID 19", "label": "covid", "rows": 2, "covid_like_unmatched": False},
+        {"finding": "Coronavirus", "label": "non_covid", "rows": 2, "covid_like_unmatched": True},
+        {"finding": "MERS-CoV", "label": "non_covid", "rows": 1, "covid_like_unmatched": False},
+        {"finding": "Pneumonia", "label": "non_covid", "rows": 1, "covid_like_unmatched": False},
+        {"finding": "SARS", "label": "non_covid", "rows": 1, "covid_like_unmatched": False},
+        {"finding": "SARS-CoV2", "label": "covid", "rows": 1, "covid_like_unmatched": False},
+        {"finding": "todo", "label": "placeholder", "rows": 1, "covid_like_unmatched": False},
+    ]
+    assert [f["finding"] for f in report["covid_like_unmatched"]] == ["Coronavirus"]
+    assert "finding 'Coronavirus' (2 row(s)) looks like COVID-19 but matches no rule" in caplog.text
+
+
+@pytest.mark.parametrize(("raw", "malformed", "kept"), [
+    (['10,0,"COVID-19,PA,X-ray,images,q1.png,,',              # line 6: a quote never closed ...
+      "11,0,Pneumonia,PA,X-ray,images,gone.png,,"], [6, 7], []),  # ... swallows the next row
+    (['12,0,COVID-19,PA,X-ray,images,q2.png,"notes, then a quote',  # line 6: in the notes ...
+      "13,0,Pneumonia,PA,X-ray,images,gone.png,,",                  # ... swallows line 7 ...
+      '14,0,COVID-19,PA,X-ray,images,q3.png,"closed here",'], [6, 7, 8], []),  # ... to this quote
+    (["15,0,COVID-19, ARDS,PA,X-ray,images,shift.png,,"], [6], []),    # an unquoted comma in finding
+    (['16,0,COVID-19,PA,X-ray,images,multi.png,"a note on\ntwo lines",'], [], ["multi.png"]),  # legal
+], ids=["quote-in-finding", "quote-in-notes", "shifted-by-comma", "multiline-notes"])
+def test_unterminated_quote_and_shifted_rows_count_as_malformed(
+        tmp_path: Path, raw: list[str], malformed: list[int], kept: list[str]) -> None:
+    """An unterminated quote once swallowed the next row silently; a row shifted by an unquoted
+    comma in ``finding`` was dropped under ``modality`` instead of ``malformed_row``."""
+    rows = [row(str(i), "COVID-19" if i % 2 else "Pneumonia", "PA", f"ok{i}.png") for i in range(4)]
+    root = write_meta(tmp_path, rows, raw_lines=raw)
+    for name in ("q1.png", "q2.png", "q3.png", "gone.png", "shift.png", "multi.png"):
+        (root / "raw" / "images" / name).write_bytes(name.encode())
+    result = relabel(root, Config(data_root=str(root), min_images_per_class=1))
+    report = json.loads(Path(result["report"]).read_text())
+    assert report["dropped_examples"].get("malformed_row", []) == malformed  # line numbers
+    assert result["dropped"] == {**dict.fromkeys(REASONS, 0), "malformed_row": len(malformed)}
+    assert report["kept"] + len(malformed) == report["source_rows"] == 4 + len(malformed) + len(kept)
+    assert sorted(r["filename"] for r in read_labeled(root)) == sorted([f"ok{i}.png" for i in range(4)] + kept)
 
 
 def test_each_rule_counts_its_rows(tmp_path: Path) -> None:
