@@ -11,7 +11,11 @@ Two on-disk formats exist and both are handled:
 In both, each tensor in the pickle is ``torch._utils._rebuild_tensor_v2(storage, offset, size,
 stride, ...)`` where ``storage`` is a persistent id naming a storage key. The unpickler below
 only resolves the handful of globals a plain state dict needs (an allow list), so loading an
-untrusted file cannot run arbitrary code.
+untrusted file cannot run arbitrary code. Nothing in the file is trusted for memory either: each
+storage must hold exactly the elements its pickle declares, each tensor's offset, sizes and
+strides must stay inside its storage, and the tensors together may not expand to more than
+twice the file's storage bytes plus 64 MiB (at most 4 GiB); all of it is checked before any
+tensor is allocated.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import os
 import pickle
 import struct
 import zipfile
@@ -30,6 +35,10 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+#: The tensors of one file may expand to at most ``2 x`` its storage bytes ``+ 64 MiB`` (views
+#: share storage; tied weights count twice), and never past ``MAX_TOTAL_BYTES``.
+MAX_TOTAL_BYTES = 4 << 30
+_EXPANSION_SLACK_BYTES = 64 << 20
 
 #: torch storage class name -> numpy dtype (little-endian, as torch writes them).
 _STORAGE_DTYPES: dict[str, str] = {
@@ -77,6 +86,35 @@ class _PendingTensor:
         self.size = tuple(size)
         self.stride = tuple(stride)
 
+    def check(self, name: str) -> int:
+        """Refuse a view that leaves its storage; return its element count.
+
+        Raises:
+            TorchFileError: a negative or non-integer offset, size or stride, a size/stride
+                length mismatch, or an element past the storage's end.
+        """
+        storage, offset, size, stride = self.storage, self.offset, self.size, self.stride
+        if not isinstance(storage, _Storage) or storage.numel is None:
+            raise TorchFileError(f"{name}: its storage is not a storage of this file")
+        ints = (offset, *size, *stride)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints) or len(size) != len(stride):
+            raise TorchFileError(f"{name}: offset {offset!r}, size {size!r} and stride {stride!r} are not a view")
+        for what, values in (("offset", (offset,)), ("size", size), ("stride", stride)):
+            if any(v < 0 for v in values):
+                raise TorchFileError(f"{name}: negative {what} in {values}")
+        numel = int(np.prod(size, dtype=object)) if size else 1
+        if numel == 0:
+            last = offset - 1  # an empty view reads nothing; its offset may sit at the end
+        else:
+            last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
+        if not size and offset >= storage.numel:
+            raise TorchFileError(f"{name}: offset {offset} is outside storage {storage.key}, which holds "
+                                 f"{storage.numel} element(s)")
+        if last >= storage.numel or offset > storage.numel:
+            raise TorchFileError(f"{name}: size {size}, stride {stride} and offset {offset} reach element {last} "
+                                 f"of storage {storage.key}, which holds {storage.numel} element(s)")
+        return numel
+
     def to_numpy(self) -> np.ndarray:
         data = self.storage.data
         if data is None:
@@ -94,7 +132,10 @@ class _PendingTensor:
 
 
 def _rebuild_tensor_v2(storage: _Storage, offset: int, size: Any, stride: Any, *_: Any) -> _PendingTensor:
-    return _PendingTensor(storage, offset, size, stride)
+    try:
+        return _PendingTensor(storage, offset, tuple(size), tuple(stride))
+    except TypeError as exc:
+        raise pickle.UnpicklingError(f"tensor size {size!r} or stride {stride!r} is not a sequence") from exc
 
 
 def _rebuild_parameter(data: _PendingTensor, *_: Any) -> _PendingTensor:
@@ -125,6 +166,8 @@ class _Unpickler(pickle.Unpickler):
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
         storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
+        if numel < 0:
+            raise pickle.UnpicklingError(f"storage {key} declares {numel} elements")
         if len(pid) > 5 and pid[5] is not None:
             raise pickle.UnpicklingError("storage views (legacy view_metadata) are not supported")
         if not isinstance(storage_type, _StorageType):
@@ -157,13 +200,30 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             obj = _load_legacy(fh)
     if not isinstance(obj, dict):
         raise TorchFileError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    _check_tensors(path, obj)
     out: dict[str, np.ndarray] = collections.OrderedDict()
     for name, value in obj.items():
-        if not isinstance(value, _PendingTensor):
-            raise TorchFileError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
         out[name] = value.to_numpy()
     logger.debug("read %d tensors from %s", len(out), path)
     return out
+
+
+def _check_tensors(path: Path, obj: dict[Any, Any]) -> None:
+    """Bounds of every tensor, and the bytes they will take, checked before any is allocated."""
+    storages = {id(v.storage): v.storage for v in obj.values() if isinstance(v, _PendingTensor)}
+    stored = sum(s.numel * s.dtype.itemsize for s in storages.values() if isinstance(s, _Storage) and s.numel)
+    cap = min(MAX_TOTAL_BYTES, 2 * stored + _EXPANSION_SLACK_BYTES)
+    total = 0
+    for name, value in obj.items():
+        if not isinstance(value, _PendingTensor):
+            raise TorchFileError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+        numel = value.check(f"{path}: tensor {name!r}")
+        nbytes = numel * value.storage.dtype.itemsize
+        total += nbytes
+        if total > cap:
+            raise TorchFileError(f"{path}: tensor {name!r} of {numel} elements ({nbytes} bytes) brings the "
+                                 f"tensors to {total} bytes, more than the limit of {cap} bytes (twice the "
+                                 f"file's {stored} storage bytes plus 64 MiB, at most {MAX_TOTAL_BYTES})")
 
 
 def _load_legacy(fh: BinaryIO) -> Any:
@@ -182,11 +242,23 @@ def _load_legacy(fh: BinaryIO) -> Any:
     storages: dict[str, _Storage] = {}
     obj = _Unpickler(fh, storages).load()
     keys = _Unpickler(fh, {}).load()
+    size = os.fstat(fh.fileno()).st_size
     for key in keys:
-        storage = storages[str(key)]
+        storage = storages.get(str(key))
+        if storage is None:
+            raise TorchFileError(f"storage {key} is listed but no tensor uses it")
         (numel,) = struct.unpack("<q", _read_exact(fh, 8))
-        raw = _read_exact(fh, numel * storage.dtype.itemsize)
-        storage.data = np.frombuffer(raw, dtype=storage.dtype)
+        if numel != storage.numel:
+            raise TorchFileError(f"storage {key} declares {numel} elements in the file but {storage.numel} "
+                                 f"in its pickle")
+        nbytes = numel * storage.dtype.itemsize
+        if nbytes > size - fh.tell():
+            raise TorchFileError(f"file truncated: storage {key} needs {nbytes} bytes, "
+                                 f"{size - fh.tell()} are left")
+        storage.data = np.frombuffer(_read_exact(fh, nbytes), dtype=storage.dtype)
+    missing = [k for k, s in storages.items() if s.data is None]
+    if missing:
+        raise TorchFileError(f"storage(s) {missing} are used by tensors but not in the file")
     return obj
 
 
@@ -200,8 +272,15 @@ def _load_zip(path: Path) -> Any:
         storages: dict[str, _Storage] = {}
         obj = _Unpickler(io.BytesIO(zf.read(pkl)), storages).load()
         for key, storage in storages.items():
-            raw = zf.read(f"{prefix}data/{key}")
-            storage.data = np.frombuffer(raw, dtype=storage.dtype)
+            try:
+                info = zf.getinfo(f"{prefix}data/{key}")
+            except KeyError:
+                raise TorchFileError(f"{path}: storage {key} is used by a tensor but not in the archive") from None
+            expected = (storage.numel or 0) * storage.dtype.itemsize
+            if info.file_size != expected:
+                raise TorchFileError(f"{path}: storage {key} holds {info.file_size} bytes, its pickle declares "
+                                     f"{storage.numel} elements ({expected} bytes)")
+            storage.data = np.frombuffer(zf.read(info), dtype=storage.dtype)
     return obj
 
 

@@ -8,13 +8,8 @@ layer-level tests compare converted Keras layers with a numpy implementation of 
 
 from __future__ import annotations
 
-import collections
-import io
 import pickle
-import struct
 import sys
-import types
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +21,7 @@ pytest.importorskip(
 
 from covid_tasks import efficientnet_lite as effl  # noqa: E402
 from covid_tasks.torch_pickle import TorchFileError, load_state_dict  # noqa: E402
+from tests.helpers.torch_files import Tensor, write_torch_file  # noqa: E402
 
 CAT_CLASSES = (281, 282, 285)  # tabby, tiger cat, Egyptian cat
 COFFEE_CLASSES = (967, 968, 504)  # espresso, cup, coffee mug
@@ -114,76 +110,6 @@ def test_reader_finds_every_lite0_tensor(state_dict: dict[str, np.ndarray]) -> N
     assert all(np.isfinite(v).all() for v in state_dict.values())
 
 
-def _fake_torch(monkeypatch: pytest.MonkeyPatch) -> tuple[type, types.FunctionType]:
-    """Install stand-ins for ``torch.FloatStorage`` and ``_rebuild_tensor_v2`` so pickle can name them."""
-    torch_mod, utils_mod = types.ModuleType("torch"), types.ModuleType("torch._utils")
-
-    class FloatStorage:  # noqa: D401 - a name for pickle, nothing else
-        pass
-
-    def _rebuild_tensor_v2(*args):  # pragma: no cover - never called, only referenced
-        raise AssertionError
-
-    FloatStorage.__module__, FloatStorage.__qualname__ = "torch", "FloatStorage"
-    _rebuild_tensor_v2.__module__ = "torch._utils"
-    _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
-    torch_mod.FloatStorage, utils_mod._rebuild_tensor_v2 = FloatStorage, _rebuild_tensor_v2
-    torch_mod._utils = utils_mod
-    monkeypatch.setitem(sys.modules, "torch", torch_mod)
-    monkeypatch.setitem(sys.modules, "torch._utils", utils_mod)
-    return FloatStorage, _rebuild_tensor_v2
-
-
-class _Tensor:
-    def __init__(self, key: str, array: np.ndarray, offset: int = 0, stride: tuple[int, ...] | None = None):
-        self.key, self.array, self.offset = key, array, offset
-        self.stride = stride or tuple(s // array.itemsize for s in array.strides)
-
-
-def _write_torch_file(path: Path, tensors: dict[str, _Tensor], storages: dict[str, np.ndarray],
-                      fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Write a state dict the way ``torch.save`` lays it out (legacy or zip), using only pickle."""
-    storage_cls, rebuild = _fake_torch(monkeypatch)
-
-    class _Ref:
-        def __init__(self, key: str) -> None:
-            self.key = key
-
-    class _Pickler(pickle.Pickler):
-        def persistent_id(self, obj):  # noqa: ANN001
-            if isinstance(obj, _Ref):
-                numel = storages[obj.key].size
-                return ("storage", storage_cls, obj.key, "cpu", numel) + ((None,) if fmt == "legacy" else ())
-            return None
-
-        def reducer_override(self, obj):  # noqa: ANN001
-            if isinstance(obj, _Tensor):
-                return rebuild, (_Ref(obj.key), obj.offset, obj.array.shape, obj.stride, False,
-                                 collections.OrderedDict())
-            return NotImplemented
-
-    def dumps(obj: object) -> bytes:
-        buf = io.BytesIO()
-        _Pickler(buf, protocol=2).dump(obj)
-        return buf.getvalue()
-
-    state = collections.OrderedDict(tensors)
-    if fmt == "zip":
-        with zipfile.ZipFile(path, "w") as zf:
-            zf.writestr("archive/data.pkl", dumps(state))
-            for key, arr in storages.items():
-                zf.writestr(f"archive/data/{key}", arr.astype("<f4").tobytes())
-        return
-    with open(path, "wb") as fh:
-        fh.write(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2))
-        fh.write(pickle.dumps(1001, protocol=2))
-        fh.write(pickle.dumps({"protocol_version": 1001, "little_endian": True}, protocol=2))
-        fh.write(dumps(state))
-        fh.write(pickle.dumps(list(storages), protocol=2))
-        for arr in storages.values():
-            fh.write(struct.pack("<q", arr.size) + arr.astype("<f4").tobytes())
-
-
 @pytest.mark.parametrize("fmt", ["legacy", "zip"])
 def test_reader_handles_both_formats_offsets_and_strides(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
@@ -191,12 +117,12 @@ def test_reader_handles_both_formats_offsets_and_strides(
     storages = {"0": flat, "1": np.array([7.0, 8.0], dtype="float32")}
     matrix = flat[2:14].reshape(3, 4)
     tensors = {
-        "a.weight": _Tensor("0", matrix, offset=2, stride=(4, 1)),
-        "a.weight_t": _Tensor("0", matrix.T, offset=2, stride=(1, 4)),  # a transposed view
-        "b.bias": _Tensor("1", storages["1"]),
+        "a.weight": Tensor("0", matrix, offset=2, stride=(4, 1)),
+        "a.weight_t": Tensor("0", matrix.T, offset=2, stride=(1, 4)),  # a transposed view
+        "b.bias": Tensor("1", storages["1"]),
     }
     path = tmp_path / f"tiny-{fmt}.pth"
-    _write_torch_file(path, tensors, storages, fmt, monkeypatch)
+    write_torch_file(path, tensors, storages, fmt, monkeypatch)
     monkeypatch.delitem(sys.modules, "torch")  # the reader must not need it
     got = load_state_dict(path)
     assert list(got) == ["a.weight", "a.weight_t", "b.bias"]
