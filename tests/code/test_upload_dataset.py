@@ -86,7 +86,6 @@ def test_changed_content_of_the_same_size_is_sent_again(server: SeaweedS3, uploa
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """It once skipped an object whose size alone matched."""
     src = _folder(tmp_path / "src")
-    (src / "images" / ".DS_Store").write_bytes(b"finder")
     prefix = server.new_prefix("content").split("/", 3)[3]
     uri = f"s3://{BUCKET}/{prefix}"
     assert upload([str(src), uri]) == 0
@@ -100,7 +99,9 @@ def test_changed_content_of_the_same_size_is_sent_again(server: SeaweedS3, uploa
     assert "uploaded 1 file(s), 2 unchanged" in capsys.readouterr().out
     assert _keys(server, prefix)["images/a.png"] == new
 
-    # an object put by another tool (no sha256 metadata) is compared by its ETag (MD5)
+    # an object put by another tool (no sha256 metadata) is compared by its ETag (MD5);
+    # hidden files are not data, as pull ignores them
+    (src / "images" / ".DS_Store").write_bytes(b"finder")
     server.client().put_object(Bucket=BUCKET, Key=f"{prefix}/images/b.png", Body=_png(20))
     server.client().put_object(Bucket=BUCKET, Key=f"{prefix}/metadata.csv", Body=b"other,bytes\n")
     assert upload([str(src), uri]) == 0
