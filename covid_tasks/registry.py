@@ -116,12 +116,14 @@ def alias_version(name: str, alias: str, tracking_uri: str) -> Any | None:
 def load_keras_file(path: str | Path, threshold: float | None = None) -> LoadedModel:
     """Load a ``.keras`` file; mapping and threshold come from files beside it.
 
-    ``class_indices.json`` and ``metrics.json`` (its ``threshold``) are read when present;
-    otherwise the fixed class order and 0.5 are used.
+    ``class_indices.json`` is read when present (else the fixed class order). The threshold is
+    ``threshold`` when given, else the ``threshold`` of ``operating_point.json`` or
+    ``metrics.json`` beside the file; without either, loading fails rather than assume 0.5.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: ``class_indices.json`` differs from the required order.
+        ValueError: ``class_indices.json`` differs from the required order, or no threshold was
+            given and none is recorded beside the file.
     """
     import keras
 
@@ -132,8 +134,12 @@ def load_keras_file(path: str | Path, threshold: float | None = None) -> LoadedM
     mapping = check_class_indices(read_json(mapping_file)) if mapping_file.is_file() else \
         {n: i for i, n in enumerate(CLASS_NAMES)}
     if threshold is None:
-        metrics = p.parent / "metrics.json"
-        threshold = float(read_json(metrics)["threshold"]) if metrics.is_file() else 0.5
+        recorded = [f for f in (p.parent / "operating_point.json", p.parent / "metrics.json") if f.is_file()]
+        if not recorded:
+            raise ValueError(f"{p} has no operating point beside it (operating_point.json or metrics.json "
+                             f"with its threshold): pass the threshold explicitly (predict --threshold) "
+                             f"rather than assume 0.5")
+        threshold = float(read_json(recorded[0])["threshold"])
     model = keras.saving.load_model(p)
     return LoadedModel(model, mapping, float(threshold), int(model.input_shape[1]), str(p))
 

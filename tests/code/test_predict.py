@@ -57,6 +57,7 @@ def test_predict_refuses_bad_inputs(data_root: Path, tmp_path: Path) -> None:
 
     path = tmp_path / "finetune.keras"
     save_model(tiny_run.channel_model(tiny_run.GOOD), path)
+    write_json(tmp_path / "metrics.json", {"threshold": 0.5})
     with pytest.raises(FileNotFoundError):
         predict([str(tmp_path / "missing.png")], str(path))
     (tmp_path / "broken.png").write_bytes(b"not an image")
@@ -65,6 +66,22 @@ def test_predict_refuses_bad_inputs(data_root: Path, tmp_path: Path) -> None:
     write_json(tmp_path / "class_indices.json", {"covid": 0, "non_covid": 1})  # the swapped mapping
     with pytest.raises(ValueError, match="class_indices"):
         predict([_images(data_root)[0]], str(path))
+
+
+def test_keras_file_without_its_operating_point_needs_a_threshold(data_root: Path, tmp_path: Path) -> None:
+    """A ``.keras`` file without ``operating_point.json`` once used threshold 0.5 silently."""
+    from covid_tasks.predict import predict
+    from covid_tasks.storage import write_json
+    from covid_tasks.training import save_model
+
+    path = tmp_path / "finetune.keras"
+    save_model(tiny_run.channel_model(tiny_run.GOOD), path)
+    covid, _ = _images(data_root)
+    with pytest.raises(ValueError, match=r"no operating point beside it .* \(predict --threshold\)"):
+        predict([covid], str(path))
+    assert predict([covid], str(path), threshold=0.7)["threshold"] == 0.7
+    write_json(tmp_path / "operating_point.json", {"threshold": 0.25, "img_size": 32})
+    assert predict([covid], str(path))["threshold"] == 0.25
 
 
 @pytest.fixture(scope="module")
