@@ -80,8 +80,9 @@ _MAX_EXAMPLES = 20
 #: The rule table, in the order the rules apply; each row is dropped by the first rule it fails.
 #: ``(reason key, rule)``; the README repeats this table with the counts on the full data set.
 RULES: tuple[tuple[str, str], ...] = (
-    ("malformed_row", "drop rows with text past the header's named columns or fewer fields than"
-                      " them (unquoted commas spill notes into later columns): no field is trusted"),
+    ("malformed_row", "drop rows with text past the header's named columns, fewer fields than"
+                      " them, or more fields than the file's usual row (unquoted commas shift fields);"
+                      " and every line of a record an unterminated quote ran across: no field is trusted"),
     ("missing_patientid", "drop rows with an empty patientid"),
     ("unsafe_filename", "drop rows whose filename is empty, absolute or contains '..'"),
     ("modality", f"keep modality '{KEEP_MODALITY}' only (CT, empty and any other modality are dropped)"),
