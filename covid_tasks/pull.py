@@ -16,7 +16,8 @@ an unchanged bad file is not downloaded every week.
 
 Crash safety: downloads go to ``.pull/tmp`` (never under ``raw/``), are fsynced, validated and
 renamed into place; each placed file is appended to ``.pull/journal.jsonl``. ``metadata.csv``
-and the manifest are placed together, last, after every image and every clean-up. A pull killed at any moment leaves ``raw/metadata.csv`` and every
+and the manifest are placed together, last, after every image and every clean-up. A pull
+killed at any moment leaves ``raw/metadata.csv`` and every
 image complete; the next pull replays the journal, so it does not download again what the killed
 one already placed, and completes the work. One pull per data root runs at a time (file lock).
 
@@ -267,6 +268,46 @@ class _Progress:
         self._maybe_log(force=True)
 
 
+class _DiskSpace:
+    """The pull's disk-space checks: up front, and "no space left" while writing, both named."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.work = root / WORK_DIR
+        self.needed = 0
+
+    def check(self, to_fetch: list[SourceObject], n_objects: int, raw: Path, workers: int) -> None:
+        """Refuse, before downloading, a pull that needs more space than the data root has free."""
+        needed = SPACE_MARGIN_BYTES + SPACE_PER_OBJECT_BYTES * n_objects
+        for obj in to_fetch:
+            try:  # a file replaced in place frees its old bytes
+                needed += max(0, obj.size - (raw / obj.key).stat().st_size)
+            except OSError:
+                needed += obj.size
+        needed += sum(sorted((o.size for o in to_fetch), reverse=True)[:max(1, workers)])  # staged copies
+        self.needed = needed
+        free = _free_bytes(self.work)
+        if free is not None and needed > free:
+            raise DiskFullError(
+                f"pull: not enough space on the device holding {self.work}: this pull needs about "
+                f"{needed} bytes ({needed / 2**20:.1f} MiB, {len(to_fetch)} object(s) to fetch) and "
+                f"{free} bytes ({free / 2**20:.1f} MiB) are free; nothing was changed under {raw}")
+
+    @contextlib.contextmanager
+    def guard(self, what: str, path: Path, needed: int) -> Any:
+        """Turn "no space left" while writing ``path`` into a :class:`DiskFullError` saying so."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            total = f"; this pull needs about {self.needed} bytes in all" if self.needed else ""
+            raise DiskFullError(
+                f"pull: no space left on the device holding {path} ({what}, {needed} bytes; "
+                f"{_free_bytes(path)} bytes free there{total}): free space or move the data root "
+                f"{self.root}; raw/metadata.csv and the manifest were not changed") from None
+
+
 class _Run:
     """One pull into one data root; holds the lock and the state while it runs."""
 
@@ -284,7 +325,7 @@ class _Run:
         self._decode_slots = threading.BoundedSemaphore(max(1, min(cfg.pull_workers, os.cpu_count() or 1)))
         self._lock_fh: Any = None
         self.bytes_downloaded = 0
-        self.space_needed = 0
+        self.disk = _DiskSpace(root)
 
     # -- lock, staging and journal -----------------------------------------------------------
     def __enter__(self) -> "_Run":
@@ -308,23 +349,9 @@ class _Run:
 
     def _journal(self, key: str, entry: dict[str, Any]) -> None:
         line = json.dumps({"key": key, "entry": entry}, sort_keys=True) + "\n"
-        with self._journal_lock, self._space("appending to the journal", self.journal_path, len(line)), \
+        with self._journal_lock, self.disk.guard("appending to the journal", self.journal_path, len(line)), \
                 open(self.journal_path, "a", encoding="utf-8") as fh:
             fh.write(line)
-
-    @contextlib.contextmanager
-    def _space(self, what: str, path: Path, needed: int) -> Any:
-        """Turn "no space left" while writing ``path`` into a :class:`DiskFullError` saying so."""
-        try:
-            yield
-        except OSError as exc:
-            if exc.errno not in _DISK_FULL:
-                raise
-            total = f"; this pull needs about {self.space_needed} bytes in all" if self.space_needed else ""
-            raise DiskFullError(
-                f"pull: no space left on the device holding {path} ({what}, {needed} bytes; "
-                f"{_free_bytes(path)} bytes free there{total}): free space or move the data root "
-                f"{self.root}; raw/metadata.csv and the manifest were not changed") from None
 
     def _load_state(self) -> tuple[dict[str, dict[str, Any]], str | None, dict[str, dict[str, Any]], int]:
         """The committed manifest, its version, and the on-disk state (manifest + journal)."""
@@ -384,7 +411,7 @@ class _Run:
         meta_entry = disk.get(METADATA_KEY)
         if not self._in_place(meta_entry, meta_obj, meta_target):
             staged_meta = self.tmp / f"{uuid.uuid4().hex}.csv"
-            with self._space(f"downloading {METADATA_KEY}", staged_meta, meta_obj.size):
+            with self.disk.guard(f"downloading {METADATA_KEY}", staged_meta, meta_obj.size):
                 got = self._fetch(meta_obj.key, staged_meta, lambda n: None)
             if got is None:
                 raise FileNotFoundError(f"source {self.source.uri!r} lost its {METADATA_KEY} during the pull")
@@ -392,7 +419,7 @@ class _Run:
         _check_metadata(staged_meta or meta_target, self.source.uri)
 
         plan = self._plan(listing, disk)
-        self._check_space(plan, listing)
+        self.disk.check(plan.to_fetch, len(listing.objects), self.raw, self.cfg.pull_workers)
         self.images.mkdir(parents=True, exist_ok=True)
         outcomes = self._fetch_all(plan.to_fetch)
         for out in outcomes:
@@ -408,13 +435,13 @@ class _Run:
         manifest = {"format": MANIFEST_FORMAT, "source_uri": self.source.uri, "dataset_version": version,
                     "objects": dict(sorted(disk.items()))}
         if staged_meta is not None:
-            with self._space(f"placing {METADATA_KEY}", meta_target, meta_obj.size):
+            with self.disk.guard(f"placing {METADATA_KEY}", meta_target, meta_obj.size):
                 self._place(staged_meta, meta_target)
             assert meta_entry is not None
             self._journal(METADATA_KEY, meta_entry)
         manifest_path = self.raw / MANIFEST
         if not manifest_path.is_file() or read_json(manifest_path) != json.loads(json.dumps(manifest)):
-            with self._space("writing the manifest", manifest_path, len(json.dumps(manifest))):
+            with self.disk.guard("writing the manifest", manifest_path, len(json.dumps(manifest))):
                 write_json(manifest_path, manifest)
         self.journal_path.unlink(missing_ok=True)
 
@@ -446,24 +473,6 @@ class _Run:
                                          UnsafePathError):
                     resolve_under(self.raw, key).unlink()
         return deleted, removed
-
-    def _check_space(self, plan: _Plan, listing: Listing) -> None:
-        """Refuse, before downloading, a pull that needs more space than the data root has free."""
-        needed = SPACE_MARGIN_BYTES + SPACE_PER_OBJECT_BYTES * len(listing.objects)
-        for obj in plan.to_fetch:
-            try:  # a file replaced in place frees its old bytes
-                needed += max(0, obj.size - (self.raw / obj.key).stat().st_size)
-            except OSError:
-                needed += obj.size
-        largest = sorted((o.size for o in plan.to_fetch), reverse=True)[:max(1, self.cfg.pull_workers)]
-        needed += sum(largest)  # staged copies in .pull/tmp while they are validated
-        self.space_needed = needed
-        free = _free_bytes(self.work)
-        if free is not None and needed > free:
-            raise DiskFullError(
-                f"pull: not enough space on the device holding {self.work}: this pull needs about "
-                f"{needed} bytes ({needed / 2**20:.1f} MiB, {len(plan.to_fetch)} object(s) to fetch) and "
-                f"{free} bytes ({free / 2**20:.1f} MiB) are free; nothing was changed under {self.raw}")
 
     def _in_place(self, entry: dict[str, Any] | None, obj: SourceObject, target: Path) -> bool:
         """Whether ``obj`` needs no transfer: same ETag and size, and its file is complete."""
@@ -512,7 +521,7 @@ class _Run:
     def _fetch_one(self, obj: SourceObject, progress: _Progress) -> _Outcome:
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            with self._space(f"downloading {obj.key}", tmp, obj.size):
+            with self.disk.guard(f"downloading {obj.key}", tmp, obj.size):
                 return self._fetch_validate_place(obj, tmp, progress)
         finally:
             tmp.unlink(missing_ok=True)
@@ -537,7 +546,8 @@ class _Run:
         if reason:
             logger.debug("pull: quarantined %s (%s)", obj.key, reason)
         else:
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # a fixed image leaves quarantine
+            # a fixed image leaves quarantine
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 resolve_under(self.quarantine, obj.key).unlink()
         self._journal(obj.key, entry)
         logger.debug("pull: fetched %s (%d bytes)", obj.key, got.size)

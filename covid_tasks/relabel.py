@@ -322,7 +322,8 @@ def relabel(data_root: str | Path, cfg: Config) -> dict[str, Any]:
     }
     for f in report["covid_like_unmatched"]:
         logger.warning("relabel: finding %r (%d row(s)) looks like COVID-19 but matches no rule: labelled "
-                       "%s; fix the finding upstream or extend COVID_SYNONYMS", f["finding"], f["rows"], f["label"])
+                       "%s; fix the finding upstream or extend COVID_SYNONYMS",
+                       f["finding"], f["rows"], f["label"])
     if dropped["malformed_row"]:
         logger.warning("relabel: %d malformed row(s) dropped in %s, lines %s", dropped["malformed_row"],
                        meta_path, examples["malformed_row"])

@@ -98,7 +98,8 @@ class _PendingTensor:
             raise TorchFileError(f"{name}: its storage is not a storage of this file")
         ints = (offset, *size, *stride)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints) or len(size) != len(stride):
-            raise TorchFileError(f"{name}: offset {offset!r}, size {size!r} and stride {stride!r} are not a view")
+            raise TorchFileError(f"{name}: offset {offset!r}, size {size!r} and stride {stride!r} "
+                                 f"are not a view")
         for what, values in (("offset", (offset,)), ("size", size), ("stride", stride)):
             if any(v < 0 for v in values):
                 raise TorchFileError(f"{name}: negative {what} in {values}")
@@ -111,8 +112,9 @@ class _PendingTensor:
             raise TorchFileError(f"{name}: offset {offset} is outside storage {storage.key}, which holds "
                                  f"{storage.numel} element(s)")
         if last >= storage.numel or offset > storage.numel:
-            raise TorchFileError(f"{name}: size {size}, stride {stride} and offset {offset} reach element {last} "
-                                 f"of storage {storage.key}, which holds {storage.numel} element(s)")
+            raise TorchFileError(f"{name}: size {size}, stride {stride} and offset {offset} reach "
+                                 f"element {last} of storage {storage.key}, which holds {storage.numel} "
+                                 f"element(s)")
         return numel
 
     def to_numpy(self) -> np.ndarray:
@@ -275,11 +277,12 @@ def _load_zip(path: Path) -> Any:
             try:
                 info = zf.getinfo(f"{prefix}data/{key}")
             except KeyError:
-                raise TorchFileError(f"{path}: storage {key} is used by a tensor but not in the archive") from None
+                raise TorchFileError(f"{path}: storage {key} is used by a tensor but not in the "
+                                     f"archive") from None
             expected = (storage.numel or 0) * storage.dtype.itemsize
             if info.file_size != expected:
-                raise TorchFileError(f"{path}: storage {key} holds {info.file_size} bytes, its pickle declares "
-                                     f"{storage.numel} elements ({expected} bytes)")
+                raise TorchFileError(f"{path}: storage {key} holds {info.file_size} bytes, its pickle "
+                                     f"declares {storage.numel} elements ({expected} bytes)")
             storage.data = np.frombuffer(zf.read(info), dtype=storage.dtype)
     return obj
 

@@ -110,7 +110,8 @@ def main(argv: list[str]) -> int:
 
     src = Path(argv[0])
     if not (src / METADATA_KEY).is_file():
-        print(f"{src}/{METADATA_KEY} not found: the folder must hold {METADATA_KEY} and images/", file=sys.stderr)
+        print(f"{src}/{METADATA_KEY} not found: the folder must hold {METADATA_KEY} and images/",
+              file=sys.stderr)
         return 1
     files, refused = collect(src)
     if refused:

@@ -56,4 +56,5 @@ def test_predict_confidence_says_what_the_number_is():
 def test_misspelt_override_is_refused_naming_the_valid_fields(tmp_path):
     out = _cli("relabel", "--data-root", str(tmp_path), "--set", "img_sise=32")
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert "unknown config field(s) 'img_sise'" in out.stderr and "did you mean img_sise -> img_size" in out.stderr
+    assert "unknown config field(s) 'img_sise'" in out.stderr
+    assert "did you mean img_sise -> img_size" in out.stderr

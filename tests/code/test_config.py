@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from covid_tasks.config import CLASS_NAMES, ENV_NOT_FIELDS, RENAMED_FIELDS, Config, class_indices, safe_run_key
+from covid_tasks.config import (
+    CLASS_NAMES,
+    ENV_NOT_FIELDS,
+    RENAMED_FIELDS,
+    Config,
+    class_indices,
+    safe_run_key,
+)
 
 
 def test_class_order_is_fixed():
@@ -80,9 +87,9 @@ def test_every_covid_variable_the_repository_sets_is_known():
     """Grep the deployment files and tests: each COVID_* name is a field or on the allow list."""
     repo = Path(__file__).resolve().parents[2]
     files = [repo / n for n in ("Makefile", "docker-compose.yaml", ".env.example", "README.md")]
+    suffixes = ("", ".py", ".sh", ".yaml", ".yml", ".md", ".env", ".txt")
     files += [p for d in ("docker", "tests", "dags", "covid_tasks", "benchmarks", "scripts", ".ci")
-              for p in (repo / d).rglob("*") if p.is_file() and p.suffix in ("", ".py", ".sh", ".yaml", ".yml",
-                                                                               ".md", ".env", ".txt")]
+              for p in (repo / d).rglob("*") if p.is_file() and p.suffix in suffixes]
     fields = {"COVID_" + f.name.upper() for f in dataclasses.fields(Config)}
     fields |= {"COVID_" + old.upper() for old in RENAMED_FIELDS}
     names = set()

@@ -113,7 +113,8 @@ def test_image_size_reads_the_header_only(contents: bytes, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("contents, match", [
-    (b"", "empty"), (png_header(9, 9)[:20], "truncated"), (b"GIF8", "not a JPEG, PNG, BMP or GIF"), (b"\xff\xd8\xff\xd9", "without a frame"),
+    (b"", "empty"), (png_header(9, 9)[:20], "truncated"), (b"GIF8", "not a JPEG, PNG, BMP or GIF"),
+    (b"\xff\xd8\xff\xd9", "without a frame"),
     (_encoded("TIFF"), "not a JPEG, PNG, BMP or GIF"), (png_header(0, 5), "0x5"),
 ], ids=["empty", "cut-png", "cut-gif", "jpeg-no-frame", "tiff", "zero-width"])
 def test_image_size_refuses_what_the_decoder_cannot_read(contents: bytes, match: str) -> None:
@@ -127,7 +128,8 @@ def test_load_image_refuses_a_bomb_before_decoding(tmp_path: Path) -> None:
         bomb = tmp_path / f"bomb-{width}.png"
         bomb.write_bytes(png_header(width, height))
         t0 = time.monotonic()
-        with pytest.raises(data.ImageTooLargeError, match=f"{width}x{height}.*over the limit of {MAX_IMAGE_PIXELS}"):
+        too_large = f"{width}x{height}.*over the limit of {MAX_IMAGE_PIXELS}"
+        with pytest.raises(data.ImageTooLargeError, match=too_large):
             data.load_image(bomb, SIZE)
         assert time.monotonic() - t0 < 1.0
         with pytest.raises(ValueError):  # a ValueError for callers that catch those
@@ -175,7 +177,8 @@ def _unusable_set(tmp_path: Path) -> tuple[pd.DataFrame, Config]:
     (tmp_path / "rle8.bmp").write_bytes(rle8_bmp(np.full((PIPE, PIPE), 77, np.uint8)))
     (tmp_path / "cut.png").write_bytes(_png(np.full((PIPE, PIPE), 5, np.uint8))[:60])
     _write_constant_images(tmp_path, {"big.png": 9}, size=2 * PIPE)
-    names = ["ok0.png", "rle8.bmp", "ok1.png", "ok2.png", "big.png", "ok3.png", "ok4.png", "ok5.png", "cut.png"]
+    names = ["ok0.png", "rle8.bmp", "ok1.png", "ok2.png", "big.png", "ok3.png", "ok4.png", "ok5.png",
+             "cut.png"]
     frame = pd.DataFrame({"filename": names, "label": ["covid", "non_covid"] * 4 + ["covid"]})
     return frame, Config(data_root=str(tmp_path), img_size=PIPE, batch_size=4, max_image_pixels=PIPE * PIPE)
 
@@ -202,7 +205,8 @@ def test_unusable_images_fail_evaluation_naming_them(tmp_path: Path) -> None:
     with pytest.raises(tf.errors.OpError, match=r"cannot be decoded: .*rle8.bmp: .*Input size should match"):
         list(ds)
     good = frame[frame["filename"].str.startswith("ok")]
-    values = [v for x, _ in data.make_dataset(good, tmp_path, cfg, training=False) for v in x.numpy()[:, 0, 0, 0]]
+    ds = data.make_dataset(good, tmp_path, cfg, training=False)
+    values = [v for x, _ in ds for v in x.numpy()[:, 0, 0, 0]]
     assert values == [0.0, 20.0, 40.0, 60.0, 80.0, 100.0]  # row order kept
 
 

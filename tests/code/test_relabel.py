@@ -170,7 +170,8 @@ def test_unterminated_quote_and_shifted_rows_count_as_malformed(
     assert report["dropped_examples"].get("malformed_row", []) == malformed  # line numbers
     assert result["dropped"] == {**dict.fromkeys(REASONS, 0), "malformed_row": len(malformed)}
     assert report["kept"] + len(malformed) == report["source_rows"] == 4 + len(malformed) + len(kept)
-    assert sorted(r["filename"] for r in read_labeled(root)) == sorted([f"ok{i}.png" for i in range(4)] + kept)
+    expected = sorted([f"ok{i}.png" for i in range(4)] + kept)
+    assert sorted(r["filename"] for r in read_labeled(root)) == expected
 
 
 def test_each_rule_counts_its_rows(tmp_path: Path) -> None:

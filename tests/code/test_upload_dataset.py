@@ -14,7 +14,8 @@ from PIL import Image
 from tests.helpers.s3_server import BUCKET, SeaweedS3, weed_binary
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.s3, pytest.mark.skipif(weed_binary() is None, reason="the weed binary is not installed")]
+pytestmark = [pytest.mark.s3,
+              pytest.mark.skipif(weed_binary() is None, reason="the weed binary is not installed")]
 
 
 def _script() -> Any:
@@ -37,7 +38,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
 @pytest.fixture
 def upload(server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Any:
     opts = server.s3_options()
-    for var, key in (("AWS_ACCESS_KEY_ID", "aws_access_key_id"), ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+    for var, key in (("AWS_ACCESS_KEY_ID", "aws_access_key_id"),
+                     ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
                      ("AWS_ENDPOINT_URL", "endpoint_url"), ("AWS_DEFAULT_REGION", "region_name")):
         monkeypatch.setenv(var, opts[key])
     return _script().main
@@ -51,7 +53,8 @@ def _png(value: int) -> bytes:
 
 def _folder(root: Path) -> Path:
     (root / "images").mkdir(parents=True)
-    (root / "metadata.csv").write_text("patientid,finding,view,modality,filename\n1,COVID-19,PA,X-ray,a.png\n")
+    (root / "metadata.csv").write_text("patientid,finding,view,modality,filename\n"
+                                       "1,COVID-19,PA,X-ray,a.png\n")
     (root / "images" / "a.png").write_bytes(_png(10))
     (root / "images" / "b.png").write_bytes(_png(20))
     return root
