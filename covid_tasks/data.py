@@ -535,6 +535,8 @@ def _decoded(paths: list[str], labels: Any, img_size: int, skip: bool) -> Any:
     end catches trailing ones). For those rows a Python callback decodes the file again to get
     the decoder's message, then logs it (``skip``) or raises naming the file. The callback runs
     only when a row went missing, so a healthy data set pays one integer comparison per image.
+    With ``skip`` the dataset's length is unknown until its first pass ends (Keras then warns
+    once that the input "ran out of data"); without, it is asserted to be ``len(paths)``.
     """
     import tensorflow as tf
 
@@ -567,8 +569,9 @@ def _decoded(paths: list[str], labels: Any, img_size: int, skip: bool) -> Any:
     def without_index(index: Any, img: Any, y: Any) -> Any:
         return img, y
 
-    ds = ds.concatenate(end).scan(tf.constant(0, tf.int64), check)
-    return ds.filter(real).map(without_index)
+    ds = ds.concatenate(end).scan(tf.constant(0, tf.int64), check).filter(real).map(without_index)
+    # Without skipping, every row comes out or the dataset fails: Keras may know the batch count.
+    return ds if skip else ds.apply(tf.data.experimental.assert_cardinality(n))
 
 
 def _decode_error(path: str) -> str:
