@@ -87,7 +87,12 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFullError(PullError):
-    """The data root's file system has not enough free space for the pull."""
+    """The data root's file system has not enough free space for the pull.
+
+    Not retried by the DAG (``retryable = False``): space has to be freed, then the task cleared.
+    """
+
+    retryable = False
 
 
 def pull(source_uri: str, data_root: str | Path, cfg: Config,

@@ -371,6 +371,7 @@ def test_pull_that_does_not_fit_is_refused_before_downloading(tmp_path: Path,
         pull(str(src), root, _cfg(root))
     assert _tree(root / "raw") == before
     assert not list(root.rglob("*.part"))
+    assert DiskFullError.retryable is False  # the DAG fails it at once: free space, then clear the task
 
 
 def _fill_disk_after(monkeypatch: pytest.MonkeyPatch, n_ok: int) -> None:
