@@ -42,6 +42,9 @@ ENV_NOT_FIELDS: frozenset[str] = frozenset({
     "COVID_K8S_GPU_EXECUTOR",   # docker/k8s/airflow_local_settings.py
     "COVID_SHARED_FULL_DATA",   # tests: where the full data set lies
 })
+#: Namespaces of ``COVID_*`` variables owned by other components, which check them themselves:
+#: the inference service (``covid_tasks.serve.settings``) and the Kubernetes pod policy.
+ENV_NOT_FIELD_PREFIXES: tuple[str, ...] = ("COVID_SERVE_", "COVID_K8S_")
 
 #: Old field names still accepted (environment, overrides) under their new names.
 RENAMED_FIELDS: dict[str, str] = {"pull_max_image_pixels": "max_image_pixels"}
@@ -172,13 +175,16 @@ class Config:
 
         Raises:
             ValueError: an override or a ``COVID_*`` variable names no field (and is not in
-                ``ENV_NOT_FIELDS``); the message lists the valid names. Also any invalid value.
+                ``ENV_NOT_FIELDS`` or ``ENV_NOT_FIELD_PREFIXES``); the message lists the valid
+                names. Also any invalid value.
         """
         names = field_names(cls)
         values: dict[str, Any] = {}
         unknown_env = []
         for var, env in sorted(os.environ.items()):
             if not var.startswith(_ENV_PREFIX) or var in ENV_NOT_FIELDS:
+                continue
+            if var.startswith(ENV_NOT_FIELD_PREFIXES):
                 continue
             name = var[len(_ENV_PREFIX):].lower()
             name = RENAMED_FIELDS.get(name, name)
@@ -188,9 +194,10 @@ class Config:
                 values[name] = env
         if unknown_env:
             valid = sorted(_ENV_PREFIX + n.upper() for n in names)
+            outside = [*sorted(ENV_NOT_FIELDS), *(p + "*" for p in ENV_NOT_FIELD_PREFIXES)]
             raise ValueError(f"unknown COVID_* environment variable(s) {', '.join(unknown_env)}"
                              f"{_suggest(unknown_env, valid)}; valid: {', '.join(valid)} (and, read "
-                             f"outside Config: {', '.join(sorted(ENV_NOT_FIELDS))})")
+                             f"outside Config: {', '.join(outside)})")
         unknown = [k for k in (overrides or {}) if RENAMED_FIELDS.get(k, k) not in names]
         if unknown:
             raise ValueError(f"unknown config field(s) {', '.join(map(repr, unknown))}"
