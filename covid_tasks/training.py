@@ -146,6 +146,8 @@ def fit(model: Any, splits: dict[str, Any], data_root: str | Path, cfg: Config, 
 
 #: Inverse L2 strengths tried by the linear-probe head (``cfg.head == "probe"``).
 PROBE_C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+#: C when a class has fewer than two patient groups in the train split (no inner CV possible).
+PROBE_DEFAULT_C = 0.01
 
 
 def fit_probe_head(model: Any, splits: dict[str, Any], data_root: str | Path, cfg: Config
@@ -154,8 +156,9 @@ def fit_probe_head(model: Any, splits: dict[str, Any], data_root: str | Path, cf
 
     The features of the train split (no augmentation) are standardised and fitted with
     scikit-learn's class-balanced ``LogisticRegression``; its strength C is the one with the best
-    mean ROC AUC in a 3-fold cross-validation on the train split grouped by patient
-    (``split_group``). The standardisation is folded into the layer's kernel and bias, so the
+    ROC AUC in a 3-fold cross-validation on the train split grouped by patient (``split_group``;
+    fewer folds when a class has fewer patient groups, ``PROBE_DEFAULT_C`` with fewer than two). The
+    standardisation is folded into the layer's kernel and bias, so the
     model stays plain Keras.
 
     Returns:
@@ -176,18 +179,23 @@ def fit_probe_head(model: Any, splits: dict[str, Any], data_root: str | Path, cf
     mu, sigma = x["train"].mean(axis=0), x["train"].std(axis=0) + 1e-6
     z = {s: (x[s] - mu) / sigma for s in x}
     groups = splits["train"].get("split_group", splits["train"]["patientid"]).to_numpy()
-    folds = list(StratifiedGroupKFold(3, shuffle=True, random_state=cfg.seed).split(z["train"], y["train"], groups))
+    if len(set(y["train"].tolist())) < 2:
+        raise ValueError("the train split holds one class only: cannot fit the linear-probe head")
+    n_inner = min(3, *(len(set(groups[y["train"] == k])) for k in (0, 1)))
 
     def clf(c: float) -> Any:
         return LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
 
     scores = {}
-    for c in PROBE_C_GRID:
-        oof = np.zeros(len(y["train"]))
-        for tr, te in folds:
-            oof[te] = clf(c).fit(z["train"][tr], y["train"][tr]).predict_proba(z["train"][te])[:, 1]
-        scores[c] = roc_auc_score(y["train"], oof)
-    best = max(PROBE_C_GRID, key=lambda c: (scores[c], -c))
+    if n_inner >= 2:
+        folds = list(StratifiedGroupKFold(n_inner, shuffle=True, random_state=cfg.seed)
+                     .split(z["train"], y["train"], groups))
+        for c in PROBE_C_GRID:
+            oof = np.zeros(len(y["train"]))
+            for tr, te in folds:
+                oof[te] = clf(c).fit(z["train"][tr], y["train"][tr]).predict_proba(z["train"][te])[:, 1]
+            scores[c] = roc_auc_score(y["train"], oof)
+    best = max(PROBE_C_GRID, key=lambda c: (scores[c], -c)) if scores else PROBE_DEFAULT_C
     fitted = clf(best).fit(z["train"], y["train"])
     w = fitted.coef_[0] / sigma
     head_layer(model).set_weights([w[:, None].astype("float32"),
