@@ -106,14 +106,14 @@ def decode_uploads(uploads: Sequence[Upload], img_size: int, max_file_bytes: int
             paths.append(path)
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
             items = zip(uploads, paths, strict=True)
-            return np.stack(list(pool.map(lambda item: _decode(*item, img_size), items)))
+            return np.stack(list(pool.map(lambda item: _decode(*item, img_size, max_pixels), items)))
 
 
-def _decode(upload: Upload, path: Path, img_size: int) -> np.ndarray:
+def _decode(upload: Upload, path: Path, img_size: int, max_pixels: int) -> np.ndarray:
     from covid_tasks.data import load_image
 
     try:
-        return load_image(path, img_size)
+        return load_image(path, img_size, max_pixels=max_pixels)
     except ValueError as exc:
         reason = _TF_NODE.sub("", str(exc).replace(str(path), "the file"))
         raise BadInputError(422, f"'{upload.filename}' cannot be decoded: {reason}") from None
