@@ -27,6 +27,10 @@ BACKBONES = ("resnet50", "mobilenet_v3_small", "efficientnet_lite0", "efficientn
 
 HEADS = ("adam", "probe")
 SCHEDULES = ("constant", "cosine")
+#: What the gate compares with the floors: the test estimates or their 95% Wilson lower bounds.
+GATE_ON = ("point", "lower_bound")
+#: How evaluate calibrates P(covid) on the validation split (see covid_tasks/calibration.py).
+CALIBRATION_METHODS = ("platt", "temperature", "none")
 
 _ENV_PREFIX = "COVID_"
 
@@ -119,9 +123,18 @@ class Config:
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
     min_sensitivity: float = 0.80
     min_specificity: float = 0.70
-    # evaluate: a challenger that passes the gate replaces the champion unless its test
-    # sensitivity or specificity is more than this below the champion's on the same test split.
-    promotion_margin: float = 0.02
+    # evaluate: the gate reads the test estimates ("point") or their 95% Wilson lower bounds.
+    gate_on: str = "point"
+    # evaluate: non-inferiority margin. A challenger that passes the gate replaces the champion when
+    # the lower 95% bound (paired patient bootstrap, same test images) of its difference to the
+    # champion in ROC AUC, sensitivity and specificity is at least -promotion_margin.
+    promotion_margin: float = 0.05
+    # evaluate: calibration of P(covid) fitted on the validation split and folded into the model.
+    calibration: str = "platt"
+    # evaluate: the shortcut audit warns when test ROC AUC with the lungs hidden reaches this; the
+    # warning blocks promotion only when shortcut_blocks_promotion is on.
+    shortcut_auc_limit: float = 0.70
+    shortcut_blocks_promotion: bool = False
     force: bool = False
     # pull: parallel downloads, attempts per S3 call, what to do with objects deleted upstream
     # (False keeps the local copy and reports it), and the smallest accepted image side in px.
@@ -146,7 +159,8 @@ class Config:
         for name in ("batch_size", "epochs", "finetune_epochs"):
             if getattr(self, name) < 0 or (name == "batch_size" and self.batch_size < 1):
                 errors.append(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("min_sensitivity", "min_specificity", "dropout"):
+        for name in ("min_sensitivity", "min_specificity", "dropout", "promotion_margin",
+                     "shortcut_auc_limit"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 errors.append(f"{name} must be within [0, 1], got {getattr(self, name)}")
         fr = self.split_fractions
@@ -162,6 +176,10 @@ class Config:
             errors.append(f"finetune_top_blocks must be >= 0, got {self.finetune_top_blocks}")
         if self.max_image_pixels < 1:
             errors.append(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+        if self.gate_on not in GATE_ON:
+            errors.append(f"gate_on must be one of {GATE_ON}, got {self.gate_on!r}")
+        if self.calibration not in CALIBRATION_METHODS:
+            errors.append(f"calibration must be one of {CALIBRATION_METHODS}, got {self.calibration!r}")
         if errors:
             raise ValueError("invalid config: " + "; ".join(errors))
 

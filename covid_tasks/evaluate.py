@@ -1,21 +1,28 @@
-"""Evaluate stage: threshold on val, metrics on test, the gate, and the champion/challenger decision.
+"""Evaluate stage: calibrate and set the threshold on val; score, gate, compare and audit on test.
 
 COVID is the positive class (index 1). The confusion matrix is always built with explicit
 labels ``[0, 1]`` so its cells cannot be swapped by the data's class order: rows are the true
 class, columns the predicted class, ``[[tn, fp], [fn, tp]]``. Sensitivity is COVID recall,
 specificity is non-COVID recall.
 
-* **Threshold**: the highest threshold whose *validation* sensitivity reaches
-  ``min_sensitivity`` (of all thresholds meeting the target, the one with the best validation
-  specificity). It is recorded and applied unchanged to the test split.
+Everything that learns sees only the validation split; the test split is only scored.
+
+* **Calibration** (``covid_tasks.calibration``): Platt scaling of the last layer's logit, fitted
+  on val and folded into that layer, so the saved ``model.keras`` outputs the calibrated P(covid).
+* **Threshold** (``covid_tasks.operating_point``): the bootstrap mean, over patient resamples of
+  val, of the highest threshold reaching ``min_sensitivity``; recorded and applied unchanged to test.
 * **Uncertainty**: each proportion gets a 95% Wilson interval; ROC AUC and PR AUC get a 95%
   stratified percentile bootstrap interval (``BOOTSTRAP_RESAMPLES`` resamples, seeded).
-* **Gate**: test ``sensitivity >= min_sensitivity`` and ``specificity >= min_specificity``.
+* **Gate** (``covid_tasks.promotion``): test sensitivity and specificity (``gate_on=point``) or
+  their Wilson lower bounds (``lower_bound``) against ``min_sensitivity`` / ``min_specificity``.
 * **Champion/challenger**: when ``<model_name>@champion`` exists it is scored on the same test
-  images (resized to its own input size) at *its own* recorded threshold, i.e. as it runs in
-  production. The challenger is promoted only if it passes the gate and neither its test
-  sensitivity nor its specificity is more than ``promotion_margin`` below the champion's.
+  images (resized to its own input size) at *its own* recorded threshold, as it runs in
+  production. The challenger is promoted when it passes the gate and a paired patient bootstrap
+  shows it non-inferior (lower 95% bound of each difference >= ``-promotion_margin``).
   An unreachable registry fails the stage instead of promoting blindly.
+* **Shortcut audit** (``covid_tasks.shortcut_audit``): test ROC AUC with the lungs hidden and with
+  everything else hidden; a warning at ``shortcut_auc_limit``, blocking when
+  ``shortcut_blocks_promotion`` is on.
 """
 
 from __future__ import annotations
@@ -27,14 +34,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, POSITIVE_INDEX, Config
+from covid_tasks.operating_point import THRESHOLD_RULE
+from covid_tasks.promotion import gate
+from covid_tasks.stats import weighted_auc, weighted_average_precision, wilson_interval
 from covid_tasks.storage import atomic_path, jsonable, require_file, write_bytes_atomic, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["binary_metrics", "bootstrap_auc_intervals", "classification_report", "confusion", "evaluate",
+           "gate", "predict_split", "save_figure", "weighted_auc", "weighted_average_precision",
+           "wilson_interval", "THRESHOLD_RULE"]
+
 BOOTSTRAP_RESAMPLES = 1000
-THRESHOLD_RULE = "highest threshold whose val sensitivity reaches min_sensitivity"
-#: Metrics compared between challenger and champion (the gate's metrics).
-GATE_METRICS = ("sensitivity", "specificity")
+#: The evaluated model: the fine-tuned model with the calibration folded into its last layer.
+MODEL_FILE = "model.keras"
 
 
 def confusion(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, int]:
@@ -51,17 +64,6 @@ def confusion(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, int]:
 
     (tn, fp), (fn, tp) = confusion_matrix(list(y_true), list(y_pred), labels=[0, POSITIVE_INDEX]).tolist()
     return {"tp": int(tp), "fn": int(fn), "tn": int(tn), "fp": int(fp)}
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion; ``(nan, nan)`` when ``n`` is 0."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def bootstrap_auc_intervals(y_true: Sequence[int], prob: Sequence[float],
@@ -98,34 +100,6 @@ def bootstrap_auc_intervals(y_true: Sequence[int], prob: Sequence[float],
     roc, pr = weighted_auc(y, p, weights), weighted_average_precision(y, p, weights)
     return {"roc_auc_ci95": np.percentile(roc, [2.5, 97.5]).tolist(),
             "pr_auc_ci95": np.percentile(pr, [2.5, 97.5]).tolist()}
-
-
-def weighted_auc(y_true: Any, prob: Any, weights: Any) -> Any:
-    """ROC AUC for each row of ``weights`` (B x N sample weights): P(score_pos > score_neg), ties 1/2."""
-    import numpy as np
-
-    y, p, w = np.asarray(y_true), np.asarray(prob, dtype=float), np.atleast_2d(weights)
-    pos, neg = y == POSITIVE_INDEX, y != POSITIVE_INDEX
-    wins = (p[pos][:, None] > p[neg][None, :]) + 0.5 * (p[pos][:, None] == p[neg][None, :])
-    wp, wn = w[:, pos], w[:, neg]
-    return ((wp @ wins) * wn).sum(axis=1) / (wp.sum(axis=1) * wn.sum(axis=1))
-
-
-def weighted_average_precision(y_true: Any, prob: Any, weights: Any) -> Any:
-    """Average precision for each row of ``weights``: sum over thresholds of (R_k - R_k-1) * P_k."""
-    import numpy as np
-
-    order = np.argsort(-np.asarray(prob, dtype=float), kind="mergesort")
-    ys = (np.asarray(y_true)[order] == POSITIVE_INDEX).astype(float)
-    ps = np.asarray(prob, dtype=float)[order]
-    w = np.atleast_2d(weights)[:, order]
-    last = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]  # last image of each distinct score
-    tps = np.cumsum(w * ys, axis=1)[:, last]
-    fps = np.cumsum(w * (1 - ys), axis=1)[:, last]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(tps + fps > 0, tps / (tps + fps), 0.0)
-    recall = tps / tps[:, -1:]
-    return (np.diff(recall, axis=1, prepend=0.0) * precision).sum(axis=1)
 
 
 def _ratio(a: int, b: int) -> float:
@@ -197,56 +171,6 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int]) -> tuple
             report(list(y_true), list(y_pred), output_dict=True, **kwargs))
 
 
-def choose_threshold(y_true: Sequence[int], prob: Sequence[float], min_sensitivity: float) -> float:
-    """The highest threshold whose validation sensitivity still reaches ``min_sensitivity``.
-
-    Among thresholds meeting the sensitivity target, the highest one gives the best
-    specificity. It is one of the covid images' probabilities, so ``prob >= threshold``
-    keeps at least ``ceil(min_sensitivity * n_covid)`` covid images positive.
-
-    Raises:
-        ValueError: the validation split has no covid image.
-    """
-    import numpy as np
-
-    y = np.asarray(y_true, dtype=int)
-    pos = np.sort(np.asarray(prob, dtype=float)[y == POSITIVE_INDEX])[::-1]
-    if len(pos) == 0:
-        raise ValueError("the validation split has no covid image: cannot choose a threshold")
-    k = max(1, math.ceil(min_sensitivity * len(pos) - 1e-9))
-    return float(pos[k - 1])
-
-
-def gate(metrics: dict[str, Any], min_sensitivity: float, min_specificity: float) -> list[str]:
-    """The gate's failed checks on test metrics (empty when it passes); NaN fails."""
-    reasons = []
-    for name, bound in (("sensitivity", min_sensitivity), ("specificity", min_specificity)):
-        value = metrics[name]
-        if not (value is not None and value >= bound):
-            reasons.append(f"{name} {_fmt(value)} < min_{name} {bound:.3f}")
-    return reasons
-
-
-def compare_with_champion(challenger: dict[str, Any], champion: dict[str, Any] | None,
-                          margin: float) -> list[str]:
-    """Why the challenger may not replace the champion (empty when it may, or with no champion).
-
-    The challenger is "not worse" when each gate metric is at least the champion's minus
-    ``margin``, both measured on the same test split.
-    """
-    if champion is None:
-        return []
-    reasons = []
-    for name in GATE_METRICS:
-        ours, theirs = challenger[name], champion[name]
-        if theirs is None or (isinstance(theirs, float) and math.isnan(theirs)):
-            continue  # an undefined champion figure cannot block
-        if not (ours is not None and ours >= theirs - margin - 1e-12):
-            reasons.append(f"{name} {_fmt(ours)} is more than {margin:.3f} below champion "
-                           f"v{champion['version']}'s {_fmt(theirs)}")
-    return reasons
-
-
 def predict_split(model: Any, frame: Any, images_dir: Path, cfg: Config) -> Any:
     """P(covid) for every row of ``frame``, in row order, at ``cfg.img_size``."""
     from covid_tasks.data import make_dataset
@@ -256,47 +180,50 @@ def predict_split(model: Any, frame: Any, images_dir: Path, cfg: Config) -> Any:
 
 
 def evaluate(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]:
-    """Evaluate ``finetune.keras`` and, when one exists, the registered champion on the same test split.
+    """Calibrate ``finetune.keras`` on val, score it (and the champion) on test, gate, compare and audit.
 
-    Writes to ``<data_root>/runs/<run_key>/``: ``metrics.json``, ``predictions.csv``
-    (``filename, patientid, label, prob_covid, predicted``), ``classification_report.txt``,
-    ``confusion_matrix.png``, ``roc_curve.png`` and, with a champion,
+    Writes to ``<data_root>/runs/<run_key>/``: ``model.keras`` (the calibrated model, the one
+    ``register`` registers; rewritten only when its content changes), ``operating_point.json``,
+    ``metrics.json``, ``predictions.csv`` (``filename, patientid, label, prob_covid, predicted,
+    logit_uncalibrated, prob_covid_lungs_hidden, prob_covid_outside_hidden``),
+    ``val_predictions.csv``, ``classification_report.txt``, ``confusion_matrix.png``,
+    ``roc_curve.png``, ``reliability.png``, ``shortcut_audit.png`` and, with a champion,
     ``champion_predictions.csv``.
 
     Args:
         data_root: the data root holding ``splits.csv`` and ``raw/images``.
-        cfg: configuration (``min_sensitivity``, ``min_specificity``, ``promotion_margin``,
-            ``img_size``, ``model_name``, ``tracking_uri``).
+        cfg: configuration (``min_sensitivity``, ``min_specificity``, ``gate_on``,
+            ``promotion_margin``, ``calibration``, ``shortcut_auc_limit``,
+            ``shortcut_blocks_promotion``, ``img_size``, ``model_name``, ``tracking_uri``).
         run_key: this run's key.
 
     Returns:
         ``metrics.json``'s content plus ``metrics_path`` and ``predictions_path``. ``passed`` is
         the gate, ``reasons`` its failed checks; ``promote`` is the final decision,
-        ``promotion_reasons`` why not; ``decision`` is ``promote``, ``challenger`` (passed but
-        worse than the champion) or ``reject``; ``champion`` holds the champion's test metrics
-        and version (``None`` without a champion).
+        ``promotion_reasons`` why not; ``decision`` is ``promote``, ``challenger`` (passed but not
+        promoted) or ``reject``; ``champion`` holds the champion's test metrics and version
+        (``None`` without a champion); ``promotion``, ``calibration`` and ``shortcut_audit``
+        explain the three decisions.
 
     Raises:
         FileNotFoundError: the fine-tuned model or ``splits.csv`` is missing.
         covid_tasks.registry.RegistryUnavailableError: the registry cannot be read (the stage
             fails rather than promote without comparing).
-        ValueError: the validation split has no covid image, or ``promotion_margin`` is outside
-            [0, 1].
+        ValueError: the validation split has no covid image (or lacks a class for calibration),
+            the model's output is not a final ``Dense(1, sigmoid)``, or a setting is invalid.
     """
     import keras
-    import numpy as np
-    import pandas as pd
 
     from covid_tasks.data import label_index
+    from covid_tasks.registry import bound_mlflow_http
     from covid_tasks.training import load_splits
 
     run_dir = cfg.run_dir(run_key)
-    model_path = require_file(run_dir / "finetune.keras", "finetune")
-    margin = cfg.promotion_margin
-    if not 0.0 <= margin <= 1.0:
-        raise ValueError(f"promotion_margin must be within [0, 1], got {margin}")
-    logger.info("evaluate: %s min_sensitivity=%.3f min_specificity=%.3f promotion_margin=%.3f registry=%s",
-                model_path, cfg.min_sensitivity, cfg.min_specificity, margin, cfg.tracking_uri)
+    source_path = require_file(run_dir / "finetune.keras", "finetune")
+    logger.info("evaluate: %s min_sensitivity=%.3f min_specificity=%.3f gate_on=%s promotion_margin=%.3f "
+                "calibration=%s registry=%s", source_path, cfg.min_sensitivity, cfg.min_specificity,
+                cfg.gate_on, cfg.promotion_margin, cfg.calibration, cfg.tracking_uri)
+    bound_mlflow_http()
     champion_entry = _champion_entry(cfg)  # before the slow part: an unreachable registry fails fast
     splits = load_splits(data_root)
     images = Path(data_root) / "raw" / "images"
@@ -304,70 +231,278 @@ def evaluate(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]
     y_val = label_index(val["label"]).astype(int)
     y_test = label_index(test["label"]).astype(int)
 
-    model = keras.saving.load_model(model_path)
-    val_prob = predict_split(model, val, images, cfg)
-    threshold = choose_threshold(y_val, val_prob, cfg.min_sensitivity)
-    val_m = binary_metrics(y_val, val_prob, threshold, resamples=0)
-    prob = predict_split(model, test, images, cfg)
-    m = binary_metrics(y_test, prob, threshold, seed=cfg.seed)
-    predicted = (prob >= threshold).astype(int)
-    report_text, report = classification_report(y_test, predicted)
+    model = keras.saving.load_model(source_path, compile=False)
+    fitted = _fit_on_val(model, val, y_val, images, cfg)
+    model_sha = _save_evaluated_model(model, run_dir / MODEL_FILE)  # calibration now folded in
+    scored = _score_test(model, test, images, cfg, fitted)
+    m = binary_metrics(y_test, scored["prob"], fitted["threshold"], seed=cfg.seed)
 
     champion, champion_prob = None, None
     if champion_entry is not None:
         champion, champion_prob = _score_champion(champion_entry, cfg, test, images, y_test)
-    reasons = gate(m, cfg.min_sensitivity, cfg.min_specificity)
-    promotion_reasons = reasons + compare_with_champion(m, champion, margin)
-    promote = not promotion_reasons
+    decision = _decide(cfg, m, test, y_test, scored, champion, champion_prob)
     metrics = {
         **m,
         "n_test": m["n"],
         "n_val": int(len(y_val)),
-        "val_sensitivity": val_m["sensitivity"],
-        "val_specificity": val_m["specificity"],
+        **fitted["val"],
         "threshold_rule": THRESHOLD_RULE,
+        "threshold_method": fitted["threshold_method"],
+        "threshold_uncalibrated": fitted["threshold_uncalibrated"],
         "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
         "min_sensitivity": cfg.min_sensitivity,
         "min_specificity": cfg.min_specificity,
-        "passed": not reasons,
-        "reasons": reasons,
-        "promotion_margin": margin,
-        "champion": champion,
-        "promote": promote,
-        "promotion_reasons": promotion_reasons,
-        "decision": "promote" if promote else ("challenger" if not reasons else "reject"),
-        "classification_report": report,
+        "gate_on": cfg.gate_on,
+        **decision,
+        "calibration": {**fitted["calibration"], **_calibration_scores(y_test, scored, fitted)},
+        "classification_report": classification_report(y_test, scored["predicted"])[1],
         "class_names": list(CLASS_NAMES),
         "positive_class": CLASS_NAMES[POSITIVE_INDEX],
-        "model_path": str(model_path),
+        "model_path": str(run_dir / MODEL_FILE),
+        "model_sha256": model_sha,
+        "source_model_path": str(source_path),
+        "operating_point_path": str(run_dir / "operating_point.json"),
         "img_size": cfg.img_size,
     }
-    preds = pd.DataFrame({
-        "filename": test["filename"],
-        "patientid": test["patientid"],
-        "label": test["label"],
-        "prob_covid": prob.astype(float),
-        "predicted": np.where(predicted == 1, CLASS_NAMES[1], CLASS_NAMES[0]),
-    })
-    write_csv(run_dir / "predictions.csv", preds)
-    if champion_prob is not None:
-        write_csv(run_dir / "champion_predictions.csv", preds.assign(
-            prob_covid=champion_prob.astype(float),
-            predicted=np.where(champion_prob >= champion["threshold"], CLASS_NAMES[1], CLASS_NAMES[0])))
-    header = (f"Test split, n={m['n']}, positive class '{CLASS_NAMES[POSITIVE_INDEX]}', "
-              f"threshold {threshold:.6f} ({THRESHOLD_RULE})\n\n")
-    write_bytes_atomic(run_dir / "classification_report.txt", (header + report_text).encode())
-    metrics["plots"] = _plots(run_dir, y_test, prob, m, champion, champion_prob)
+    metrics["plots"] = _write_outputs(run_dir, run_key, cfg, metrics, fitted, scored, test, y_test,
+                                      champion_prob)
     write_json(run_dir / "metrics.json", metrics)
     result = jsonable({**metrics, "metrics_path": str(run_dir / "metrics.json"),
                        "predictions_path": str(run_dir / "predictions.csv")})
-    if reasons:
-        logger.warning("evaluate: gate FAILED: %s", "; ".join(reasons))
-    elif not promote:
-        logger.warning("evaluate: gate passed but not promoted: %s", "; ".join(promotion_reasons))
+    _log_decisions(metrics)
     logger.info("evaluate: done %s", json.dumps({k: v for k, v in result.items()
                                                   if k != "classification_report"}, default=str))
     return result
+
+
+def _fit_on_val(model: Any, val: Any, y_val: Any, images: Path, cfg: Config) -> dict[str, Any]:
+    """Fit the calibration and choose the threshold on val; fold the calibration into ``model``.
+
+    Returns:
+        ``{"calibration", "threshold" (calibrated P(covid)), "threshold_uncalibrated",
+        "threshold_method", "val" (val_sensitivity/specificity at the threshold), "val_frame"}``.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from covid_tasks import calibration
+    from covid_tasks.data import make_dataset
+    from covid_tasks.operating_point import choose_threshold
+    from covid_tasks.stats import sigmoid
+
+    kernel, bias = calibration.head_weights(model)  # fails early on a model without the contract
+    feats, _ = calibration.features_and_output(model).predict(
+        make_dataset(val, images, cfg, training=False), verbose=0)
+    z_val = np.asarray(feats, dtype=float) @ kernel + bias
+    cal = calibration.fit(y_val, z_val, cfg.calibration)
+    chosen = choose_threshold(y_val, z_val, val["patientid"], cfg.min_sensitivity, seed=cfg.seed)
+    params = cal["params"]
+    threshold = float(sigmoid(calibration.apply(chosen["logit"], params)))
+    calibration.fold_into_model(model, params)
+    val_prob = sigmoid(calibration.apply(z_val, params))
+    val_m = binary_metrics(y_val, val_prob, threshold, resamples=0)
+    method = {**chosen, "target": cfg.min_sensitivity, "rule": THRESHOLD_RULE,
+              "ci95": [float(sigmoid(calibration.apply(v, params))) for v in chosen["ci95_logit"]],
+              "plain_rule_threshold": float(sigmoid(calibration.apply(chosen["plain_rule_logit"], params)))}
+    frame = pd.DataFrame({"filename": val["filename"], "patientid": val["patientid"], "label": val["label"],
+                          "logit_uncalibrated": z_val, "prob_covid": val_prob,
+                          "predicted": np.where(val_prob >= threshold, CLASS_NAMES[1], CLASS_NAMES[0])})
+    logger.info("evaluate: calibration %s a=%.4f b=%.4f on %d val images; threshold %.4f (uncalibrated "
+                "%.4f, plain rule %.4f), val sensitivity %.3f", cal["method"], params["a"], params["b"],
+                len(z_val), threshold, float(sigmoid(chosen["logit"])), method["plain_rule_threshold"],
+                val_m["sensitivity"])
+    return {"calibration": cal, "threshold": threshold, "kernel": kernel, "bias": bias,
+            "threshold_uncalibrated": float(sigmoid(chosen["logit"])),
+            "threshold_method": method, "val_frame": frame, "z_val": z_val, "y_val": y_val,
+            "val": {"val_sensitivity": val_m["sensitivity"], "val_specificity": val_m["specificity"]}}
+
+
+def _score_test(model: Any, test: Any, images: Path, cfg: Config, fitted: dict[str, Any]) -> dict[str, Any]:
+    """The calibrated model's P(covid) on test in the three audit views, its decisions, and raw logits."""
+    from covid_tasks import calibration, shortcut_audit
+
+    views = shortcut_audit.score_views(calibration.features_and_output(model), test, images, cfg)
+    prob = views["prob"]["full"]
+    return {"prob": prob, "views": views["prob"], "examples": views["examples"],
+            "z": views["features"] @ fitted["kernel"] + fitted["bias"],
+            "predicted": (prob >= fitted["threshold"]).astype(int)}
+
+
+def _calibration_scores(y_test: Any, scored: dict[str, Any], fitted: dict[str, Any]) -> dict[str, Any]:
+    """ECE and Brier score before and after calibration, on test (held out) and on val (fitted on)."""
+    from covid_tasks.stats import ECE_BINS, brier_score, expected_calibration_error, sigmoid
+
+    val_before = sigmoid(fitted["z_val"])
+    val_after = fitted["val_frame"]["prob_covid"].to_numpy()
+    before = sigmoid(scored["z"])
+    return {
+        "scored_on": "test", "ece_bins": ECE_BINS,
+        "ece_before": expected_calibration_error(y_test, before),
+        "ece_after": expected_calibration_error(y_test, scored["prob"]),
+        "brier_before": brier_score(y_test, before),
+        "brier_after": brier_score(y_test, scored["prob"]),
+        "val_ece_before": expected_calibration_error(fitted["y_val"], val_before),
+        "val_ece_after": expected_calibration_error(fitted["y_val"], val_after),
+        "threshold_uncalibrated": fitted["threshold_uncalibrated"],
+        "threshold": fitted["threshold"],
+    }
+
+
+def _decide(cfg: Config, m: dict[str, Any], test: Any, y_test: Any, scored: dict[str, Any],
+            champion: dict[str, Any] | None, champion_prob: Any) -> dict[str, Any]:
+    """Gate, shortcut audit and promotion, as ``metrics.json`` keys."""
+    from covid_tasks import promotion, shortcut_audit
+
+    reasons = gate(m, cfg.min_sensitivity, cfg.min_specificity, cfg.gate_on)
+    audit = shortcut_audit.summarize(y_test, scored["views"], cfg.shortcut_auc_limit, cfg.seed)
+    deltas = None
+    if champion is not None:
+        deltas = promotion.paired_deltas(y_test, test["patientid"], (scored["prob"], m["threshold"]),
+                                         (champion_prob, champion["threshold"]), seed=cfg.seed)
+    decided = promotion.decide(reasons, deltas, champion["version"] if champion else None,
+                               cfg.promotion_margin, audit, cfg.shortcut_blocks_promotion)
+    promote = decided["promoted"]
+    return {
+        "passed": not reasons,
+        "reasons": reasons,
+        "promotion_margin": cfg.promotion_margin,
+        "champion": champion,
+        "promote": promote,
+        "promotion_reasons": decided["reasons"],
+        "promotion": decided,
+        "decision": "promote" if promote else ("challenger" if not reasons else "reject"),
+        "shortcut_audit": {**audit, "blocks_promotion": cfg.shortcut_blocks_promotion},
+    }
+
+
+def _write_outputs(run_dir: Path, run_key: str, cfg: Config, metrics: dict[str, Any], fitted: dict[str, Any],
+                   scored: dict[str, Any], test: Any, y_test: Any, champion_prob: Any) -> list[str]:
+    """Predictions, the operating point, the report and every plot; returns the plot paths."""
+    import numpy as np
+    import pandas as pd
+
+    from covid_tasks import calibration, shortcut_audit
+    from covid_tasks.stats import sigmoid
+
+    threshold = metrics["threshold"]
+    names = np.array(CLASS_NAMES)
+    preds = pd.DataFrame({
+        "filename": test["filename"], "patientid": test["patientid"], "label": test["label"],
+        "prob_covid": scored["prob"].astype(float), "predicted": names[scored["predicted"]],
+        "logit_uncalibrated": scored["z"].astype(float),
+        "prob_covid_lungs_hidden": scored["views"]["lungs_hidden"].astype(float),
+        "prob_covid_outside_hidden": scored["views"]["outside_hidden"].astype(float),
+    })
+    write_csv(run_dir / "predictions.csv", preds)
+    write_csv(run_dir / "val_predictions.csv", fitted["val_frame"])
+    champion = metrics["champion"]
+    if champion_prob is not None:
+        write_csv(run_dir / "champion_predictions.csv", preds[["filename", "patientid", "label"]].assign(
+            prob_covid=champion_prob.astype(float),
+            predicted=names[(champion_prob >= champion["threshold"]).astype(int)]))
+    write_json(run_dir / "operating_point.json", operating_point(metrics, run_key))
+    report_text = classification_report(y_test, scored["predicted"])[0]
+    header = (f"Test split, n={metrics['n']}, positive class '{CLASS_NAMES[POSITIVE_INDEX]}', "
+              f"threshold {threshold:.6f} on the calibrated P(covid) ({THRESHOLD_RULE})\n\n")
+    write_bytes_atomic(run_dir / "classification_report.txt", (header + report_text).encode())
+    cal = metrics["calibration"]
+    plots = _plots(run_dir, y_test, scored["prob"], metrics, champion, champion_prob)
+    plots.append(calibration.reliability_plot(run_dir / "reliability.png", y_test, sigmoid(scored["z"]),
+                                              scored["prob"], (cal["ece_before"], cal["ece_after"])))
+    plots.append(shortcut_audit.plot(run_dir / "shortcut_audit.png", scored["examples"],
+                                     metrics["shortcut_audit"]))
+    return plots
+
+
+def operating_point(metrics: dict[str, Any], run_key: str) -> dict[str, Any]:
+    """``operating_point.json``: how to read the evaluated model's output (shipped with every version)."""
+    cal = metrics["calibration"]
+    return {
+        "threshold": metrics["threshold"],
+        "positive_class": CLASS_NAMES[POSITIVE_INDEX],
+        "rule": metrics["threshold_rule"],
+        "img_size": metrics["img_size"],
+        "run_key": run_key,
+        "input": "float32 RGB 0..255, shape (N, img_size, img_size, 3)",
+        "output": (f"calibrated P(covid): {cal['method']} scaling fitted on the validation split"
+                   if cal["method"] != "none" else "P(covid), not calibrated"),
+        "calibration": ({k: cal[k] for k in ("method", "params", "fitted_on", "ece_before", "ece_after")}
+                        if cal["method"] != "none" else None),
+        "threshold_uncalibrated": metrics["threshold_uncalibrated"],
+        "model_sha256": metrics["model_sha256"],
+        "test_sensitivity": metrics["sensitivity"],
+        "test_specificity": metrics["specificity"],
+    }
+
+
+def _save_evaluated_model(model: Any, path: Path) -> str:
+    """Save ``model`` to ``path`` unless the file there already holds the same content; return its SHA-256.
+
+    A ``.keras`` file's ``metadata.json`` carries the save time, so two saves of one model differ
+    in bytes; comparing the other members keeps re-runs byte-identical (and the registry's
+    content hash stable).
+    """
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".keras", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        model.save(tmp)
+        if not (path.is_file() and _same_model_content(tmp, path)):
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return file_sha256(path)
+
+
+def _same_model_content(a: Path, b: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(a) as za, zipfile.ZipFile(b) as zb:
+            names = sorted(n for n in za.namelist() if n != "metadata.json")
+            if names != sorted(n for n in zb.namelist() if n != "metadata.json"):
+                return False
+            return all(za.read(n) == zb.read(n) for n in names)
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, hex."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _log_decisions(metrics: dict[str, Any]) -> None:
+    """One line per decision: gate, promotion (with its rule), shortcut audit, calibration."""
+    promo, audit, cal = metrics["promotion"], metrics["shortcut_audit"], metrics["calibration"]
+    if metrics["reasons"]:
+        logger.warning("evaluate: gate FAILED (gate_on=%s): %s", metrics["gate_on"],
+                       "; ".join(metrics["reasons"]))
+    else:
+        logger.info("evaluate: gate passed (gate_on=%s)", metrics["gate_on"])
+    (logger.info if promo["promoted"] else logger.warning)(
+        "evaluate: promotion %s by rule %s: %s", "YES" if promo["promoted"] else "no", promo["rule"],
+        promo["reason"])
+    if audit["warning"]:
+        logger.warning("evaluate: SHORTCUT AUDIT: %s%s", audit["warning"],
+                       " (blocks promotion)" if audit["blocks_promotion"] else " (warning only)")
+    else:
+        logger.info("evaluate: shortcut audit: test ROC AUC full %s, lungs hidden %s, outside hidden %s",
+                    _fmt(audit["roc_auc_full"]), _fmt(audit["roc_auc_lungs_hidden"]),
+                    _fmt(audit["roc_auc_outside_hidden"]))
+    logger.info("evaluate: calibration %s: test ECE %s -> %s, Brier %s -> %s", cal["method"],
+                _fmt(cal["ece_before"]), _fmt(cal["ece_after"]), _fmt(cal["brier_before"]),
+                _fmt(cal["brier_after"]))
 
 
 def _champion_entry(cfg: Config) -> Any | None:
@@ -425,7 +560,7 @@ def _plots(run_dir: Path, y: Any, prob: Any, m: dict[str, Any], champion: dict[s
            xlabel="predicted", ylabel="true",
            title=f"Test confusion matrix (threshold {m['threshold']:.3f})")
     fig.tight_layout()
-    out.append(_save(fig, run_dir / "confusion_matrix.png"))
+    out.append(save_figure(fig, run_dir / "confusion_matrix.png"))
 
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     curves = [("challenger", prob, m, "-")]
@@ -443,11 +578,12 @@ def _plots(run_dir: Path, y: Any, prob: Any, m: dict[str, Any], champion: dict[s
            ylim=(0, 1.02))
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    out.append(_save(fig, run_dir / "roc_curve.png"))
+    out.append(save_figure(fig, run_dir / "roc_curve.png"))
     return out
 
 
-def _save(fig: Any, target: Path) -> str:
+def save_figure(fig: Any, target: Path) -> str:
+    """Write a matplotlib figure as PNG atomically, close it, and return the path."""
     import matplotlib.pyplot as plt
 
     with atomic_path(target) as tmp:

@@ -47,10 +47,12 @@ def predict(images: Sequence[str | Path], model: str, tracking_uri: str | None =
         threshold: override the model's recorded operating threshold.
 
     Returns:
-        ``{"model", "version", "threshold", "img_size", "calibration", "predictions": [{"image",
-        "class", "confidence", "prob_covid"}]}``; ``version`` is the registered version used
-        (``None`` for a file), ``confidence`` the model's probability of the predicted class and
-        ``calibration`` the model's calibration record (``None`` when its output is uncalibrated).
+        ``{"model", "version", "threshold", "img_size", "calibration", "output", "predictions":
+        [{"image", "class", "confidence", "prob_covid"}]}``; ``version`` is the registered version
+        used (``None`` for a file), ``confidence`` the model's probability of the predicted class,
+        ``calibration`` the model's calibration record (``None`` when its output is uncalibrated)
+        and ``output`` what the probabilities mean (e.g. "calibrated P(covid): platt scaling
+        fitted on the validation split").
 
     Raises:
         FileNotFoundError: an image or the model file is missing.
@@ -75,5 +77,11 @@ def predict(images: Sequence[str | Path], model: str, tracking_uri: str | None =
         out.append({"image": str(path), "class": names[idx],
                     "confidence": float(p if idx == POSITIVE_INDEX else 1.0 - p), "prob_covid": float(p)})
     return {"model": loaded.source, "version": loaded.version, "threshold": loaded.threshold,
-            "img_size": loaded.img_size, "calibration": getattr(loaded, "calibration", None),
+            "img_size": loaded.img_size, "calibration": _calibration(loaded), "output": loaded.output,
             "predictions": out}
+
+
+def _calibration(loaded: Any) -> dict[str, Any] | None:
+    """The loaded model's calibration record, ``None`` when its output is not calibrated."""
+    calibration = getattr(loaded, "calibration", None)
+    return calibration if calibration and calibration.get("method", "none") != "none" else None

@@ -1,21 +1,31 @@
 """Register stage: log the run to MLflow, register a passing model, move the aliases in a safe order.
 
-* One MLflow run per DAG run (tag ``run_key``) holds params (hyper-parameters, data version, split
-  counts, Airflow run id, git commit), per-epoch and test metrics (with interval bounds, and the
-  champion's figures on the same test split) and the evaluation artifacts.
-* A model that passed the gate is saved with ``mlflow.keras`` (signature and input example), with
-  ``class_indices.json`` and ``operating_point.json`` beside it, and registered as a new version
-  of ``covid-xray-classifier`` tagged with its metrics, thresholds, data version and decision.
+* What is registered is identified by **content**: ``content_id`` hashes the evaluated model file
+  (``model.keras``, calibrated) and its ``operating_point.json``. An MLflow run, a logged model
+  and a model version are reused only when they carry the same ``run_key`` *and* ``content_id``;
+  a re-run that re-trained or re-evaluated under the same run key gets a new run and version,
+  so a reported version always holds the evaluated model.
+* One MLflow run per evaluated model (tags ``run_key``, ``content_id``) holds params (settings,
+  data version, split counts, Airflow run id, git commit), per-epoch metrics (step = the 1-based
+  epoch the logs print), test metrics with interval bounds, the champion's figures and the
+  evaluation artifacts, and tags naming the decisions and the rule that made them.
+* A model that passed the gate is logged as an **MLflow 3 logged model** of that run (``keras``
+  flavour, signature, input example, explicit requirements, plus ``class_indices.json`` and
+  ``operating_point.json``; the run's params and test metrics linked to it) and registered from
+  it as a new version of ``covid-xray-classifier`` tagged with its metrics, thresholds, data
+  version and decisions. The version's artifacts keep the layout services read:
+  ``data/model.keras``, ``class_indices.json``, ``operating_point.json``.
 * Aliases: once the version is READY it takes ``challenger``; only then, and only when evaluate
   decided ``promote``, does ``champion`` move to it. A reader therefore never finds an alias on a
   version that is not READY, and ``champion`` never moves to an unvetted version.
 * A failing model is not registered; the task still succeeds and logs why. A registry error
-  raises (the task fails and Airflow retries) before any alias has moved.
-* A retry finds the version already tagged with the run key and does not register twice.
+  raises before any alias has moved; an unreachable registry raises
+  ``RegistryUnavailableError`` (one line naming the URI, after MLflow's bounded retries).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -33,16 +43,23 @@ from covid_tasks.config import (
     Config,
     sqlite_path,
 )
-from covid_tasks.registry import alias_version_number
+from covid_tasks.registry import alias_version_number, bound_mlflow_http, unavailable
 from covid_tasks.storage import jsonable, read_json, require_file, write_json
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT_GLOBS = ("*.png", "*.json", "*.txt", "predictions.csv", "champion_predictions.csv")
+ARTIFACT_GLOBS = ("*.png", "*.json", "*.txt", "predictions.csv", "val_predictions.csv",
+                  "champion_predictions.csv")
+#: Shipped with the model only: a folder holding it is taken for a servable model version.
+RUN_ONLY_FILES = ("operating_point.json",)
 PIP_REQUIREMENTS = ("tensorflow==2.21.0", "keras==3.15.1", "pillow==13.0.0")
 #: How long to wait for a new model version to become READY.
 READY_TIMEOUT_S = 300.0
+LOGGED_MODEL_NAME = "model"
 _LOGGED_TAG = "run_logged"
+#: metrics.json entries that are settings or counts, logged as params rather than test metrics.
+SETTINGS = ("min_sensitivity", "min_specificity", "promotion_margin", "img_size", "bootstrap_resamples",
+            "n", "n_test", "n_val", "gate_on", "threshold_rule")
 
 
 def register(data_root: str | Path, cfg: Config, run_key: str, context: dict[str, Any] | None = None
@@ -58,25 +75,67 @@ def register(data_root: str | Path, cfg: Config, run_key: str, context: dict[str
     Returns:
         ``{"mlflow_run_id", "registered", "model_name", "version", "alias", "aliases",
         "promoted", "decision", "champion_version", "model_uri", "passed", "reasons",
-        "promotion_reasons", "tracking_uri"}``; ``champion_version`` is the champion after
-        this step.
+        "promotion_reasons", "tracking_uri", "promotion_rule", "content_id", "model_id"}``;
+        ``champion_version`` is the champion after this step, ``model_id`` the MLflow logged model.
 
     Raises:
-        FileNotFoundError: ``metrics.json`` or the model is missing.
-        mlflow.exceptions.MlflowException: the tracking server is unreachable or refuses a call;
-            no alias is changed when this happens before the version is READY.
+        FileNotFoundError: ``metrics.json``, ``model.keras`` or ``operating_point.json`` is missing.
+        ValueError: the model or operating point changed since evaluate wrote ``metrics.json``.
+        covid_tasks.registry.RegistryUnavailableError: the tracking server cannot be reached.
+        mlflow.exceptions.MlflowException: the registry refuses a call; no alias is changed when
+            this happens before the version is READY.
         RuntimeError: the new version ended in ``FAILED_REGISTRATION`` or never became READY.
     """
+    from mlflow.exceptions import MlflowException
+
+    run_dir = cfg.run_dir(run_key)
+    metrics = read_json(require_file(run_dir / "metrics.json", "evaluate"))
+    content = _content(run_dir, metrics)
+    tracking_uri = cfg.tracking_uri
+    logger.info("register: %s -> %s (passed=%s, decision=%s, content %s)", run_dir, tracking_uri,
+                metrics["passed"], metrics.get("decision"), content["content_id"][:12])
+    bound_mlflow_http()
+    try:
+        return _register(Path(data_root), cfg, run_key, run_dir, metrics, content, context or {})
+    except MlflowException as exc:
+        down = unavailable(exc, tracking_uri, f"register run {run_key}")
+        if down is not None:
+            raise down from exc
+        raise
+    except OSError as exc:  # requests' connection errors are OSErrors too
+        down = unavailable(exc, tracking_uri, f"register run {run_key}")
+        if down is not None:
+            raise down from exc
+        raise
+
+
+def _content(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
+    """Hashes of the evaluated model and its operating point; check they are what evaluate wrote.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: the model file is not the one ``metrics.json`` describes.
+    """
+    from covid_tasks.evaluate import MODEL_FILE, file_sha256
+
+    model_path = require_file(run_dir / MODEL_FILE, "evaluate")
+    op_path = require_file(run_dir / "operating_point.json", "evaluate")
+    model_sha, op_sha = file_sha256(model_path), file_sha256(op_path)
+    recorded = metrics.get("model_sha256")
+    if recorded != model_sha or read_json(op_path).get("model_sha256") != model_sha:
+        raise ValueError(f"{model_path} (sha256 {model_sha[:12]}) is not the model metrics.json and "
+                         f"operating_point.json describe (sha256 {str(recorded)[:12]}); re-run evaluate")
+    content_id = hashlib.sha256(f"{model_sha}:{op_sha}".encode()).hexdigest()
+    return {"content_id": content_id, "model_sha256": model_sha, "operating_point_sha256": op_sha,
+            "model_path": str(model_path), "operating_point_path": str(op_path)}
+
+
+def _register(data_root: Path, cfg: Config, run_key: str, run_dir: Path, metrics: dict[str, Any],
+              content: dict[str, str], context: dict[str, Any]) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
 
-    context = context or {}
-    run_dir = cfg.run_dir(run_key)
-    metrics = read_json(require_file(run_dir / "metrics.json", "evaluate"))
-    model_path = require_file(run_dir / "finetune.keras", "finetune")
     tracking_uri = cfg.tracking_uri
-    logger.info("register: %s -> %s (passed=%s, decision=%s)", run_dir, tracking_uri, metrics["passed"],
-                metrics.get("decision"))
     db_file = sqlite_path(tracking_uri)
     if db_file is not None:
         db_file.parent.mkdir(parents=True, exist_ok=True)
@@ -84,54 +143,68 @@ def register(data_root: str | Path, cfg: Config, run_key: str, context: dict[str
     mlflow.set_registry_uri(tracking_uri)  # mlflow.register_model uses the process-wide registry
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     experiment_id = _experiment(client, cfg)
-
+    promotion = metrics.get("promotion") or {}
     result: dict[str, Any] = {
         "mlflow_run_id": None, "registered": False, "model_name": cfg.model_name, "version": None,
         "alias": None, "aliases": [], "promoted": False, "decision": metrics.get("decision", "reject"),
         "champion_version": None, "model_uri": None, "passed": bool(metrics["passed"]),
         "reasons": metrics.get("reasons", []), "promotion_reasons": metrics.get("promotion_reasons", []),
-        "tracking_uri": tracking_uri,
+        "tracking_uri": tracking_uri, "promotion_rule": promotion.get("rule"),
+        "content_id": content["content_id"], "model_id": None,
     }
-    run = _find_run(client, experiment_id, run_key)
+    run = _find_run(client, experiment_id, run_key, content["content_id"])
+    tags = {"run_key": run_key, "content_id": content["content_id"], "model_sha256": content["model_sha256"]}
     with mlflow.start_run(run_id=run.info.run_id if run else None, experiment_id=experiment_id,
-                          run_name=run_key, tags={"run_key": run_key}) as active:
+                          run_name=run_key, tags=tags) as active:
         run_id = active.info.run_id
         result["mlflow_run_id"] = run_id
         if run is None or run.data.tags.get(_LOGGED_TAG) != "true":
-            _log_run(run_dir, Path(data_root), cfg, metrics, context)
+            _log_run(run_dir, data_root, cfg, metrics, context, content)
             mlflow.set_tag(_LOGGED_TAG, "true")
         if not metrics["passed"]:
-            mlflow.set_tag("decision", "reject")
+            mlflow.set_tags(_decision_tags(metrics, "reject"))
             current = alias_version_number(client, cfg.model_name, CHAMPION_ALIAS)
             result.update(decision="reject", champion_version=current)
             logger.warning("register: gate failed, nothing registered (champion stays %s): %s", current,
                            "; ".join(result["reasons"]))
             logger.info("register: done %s", json.dumps(jsonable(result)))
             return jsonable(result)
-        existing = _existing_version(client, cfg.model_name, run_key)
-        if existing is not None:
-            version = existing.version
-            logger.info("register: version %s already holds run %s; not registering again", version, run_key)
-        else:
-            version = _register_model(client, run_id, model_path, cfg, metrics, run_key, context)
-        mlflow.set_tag("model_version", str(version))
-
-    _wait_ready(client, cfg.model_name, str(version))
-    client.set_registered_model_alias(cfg.model_name, CHALLENGER_ALIAS, str(version))
+        model_id = _logged_model(client, experiment_id, run_id, cfg, metrics, content)
+        version = _version(client, cfg, metrics, run_key, context, content, model_id)
+        mlflow.set_tags({"model_version": str(version.version), "model_id": model_id})
+    result["model_id"] = model_id
+    _wait_ready(client, cfg.model_name, str(version.version))
+    if not version.description:  # a re-run completing a registration that stopped before this
+        client.update_model_version(cfg.model_name, version.version,
+                                    description=_description(metrics, run_key))
+    client.set_registered_model_alias(cfg.model_name, CHALLENGER_ALIAS, str(version.version))
     aliases = [CHALLENGER_ALIAS]
-    promoted, why_not = _promote(client, cfg.model_name, str(version), metrics)
+    promoted, why_not = _promote(client, cfg.model_name, str(version.version), metrics)
     if promoted:
         aliases.append(CHAMPION_ALIAS)
     decision = "promote" if promoted else "challenger"
-    client.set_model_version_tag(cfg.model_name, str(version), "decision", decision)
-    client.set_tag(run_id, "decision", decision)
-    result.update(registered=True, version=int(version), aliases=aliases, alias=aliases[-1],
+    client.set_model_version_tag(cfg.model_name, str(version.version), "decision", decision)
+    for key, value in _decision_tags(metrics, decision).items():
+        client.set_tag(run_id, key, value)
+    result.update(registered=True, version=int(version.version), aliases=aliases, alias=aliases[-1],
                   promoted=promoted, decision=decision,
                   champion_version=alias_version_number(client, cfg.model_name, CHAMPION_ALIAS),
                   promotion_reasons=result["promotion_reasons"] + why_not,
-                  model_uri=f"models:/{cfg.model_name}/{version}")
+                  model_uri=f"models:/{cfg.model_name}/{version.version}")
     logger.info("register: done %s", json.dumps(jsonable(result)))
     return jsonable(result)
+
+
+def _decision_tags(metrics: dict[str, Any], decision: str) -> dict[str, str]:
+    """Run tags naming each decision and the rule that made it."""
+    promotion = metrics.get("promotion") or {}
+    audit = metrics.get("shortcut_audit") or {}
+    return {"decision": decision, "gate_on": str(metrics.get("gate_on", "point")),
+            "gate": "passed" if metrics["passed"] else "failed",
+            "promotion_rule": str(promotion.get("rule", "")),
+            "promotion_reason": str(promotion.get("reason", ""))[:5000],
+            "shortcut_audit": "warning" if audit.get("warning") else "ok",
+            "shortcut_audit_warning": str(audit.get("warning") or "none")[:5000]}
 
 
 def _promote(client: Any, name: str, version: str, metrics: dict[str, Any]) -> tuple[bool, list[str]]:
@@ -168,9 +241,11 @@ def _experiment(client: Any, cfg: Config) -> str:
     return client.create_experiment(cfg.experiment_name, artifact_location=artifact_location)
 
 
-def _existing_version(client: Any, name: str, run_key: str) -> Any | None:
+def _existing_version(client: Any, name: str, run_key: str, content_id: str) -> Any | None:
+    """The newest version holding exactly this run's evaluated model (same run key and content)."""
     if _model_exists(client, name):
-        found = client.search_model_versions(f"name='{name}' and tag.run_key='{run_key}'")
+        found = client.search_model_versions(
+            f"name='{name}' and tag.run_key='{run_key}' and tag.content_id='{content_id}'")
         if found:
             return max(found, key=lambda v: int(v.version))
     return None
@@ -180,8 +255,9 @@ def _model_exists(client: Any, name: str) -> bool:
     return bool(client.search_registered_models(f"name='{name}'"))
 
 
-def _find_run(client: Any, experiment_id: str, run_key: str) -> Any | None:
-    runs = client.search_runs([experiment_id], f"tags.run_key = '{run_key}'", max_results=1)
+def _find_run(client: Any, experiment_id: str, run_key: str, content_id: str) -> Any | None:
+    query = f"tags.run_key = '{run_key}' and tags.content_id = '{content_id}'"
+    runs = client.search_runs([experiment_id], query, max_results=1)
     return runs[0] if runs else None
 
 
@@ -230,97 +306,184 @@ def _split_counts(data_root: Path) -> dict[str, int]:
 
 
 def _test_scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """Numeric entries of ``metrics.json`` as MLflow metrics; intervals as ``_low``/``_high``."""
+    """Numeric results of ``metrics.json`` as MLflow metrics; intervals as ``_low``/``_high``.
+
+    Settings and counts (``SETTINGS``) are params, not metrics. The calibration, the shortcut
+    audit and the promotion's paired differences get the prefixes ``calibration_``,
+    ``shortcut_`` and ``promotion_delta_``.
+    """
     out: dict[str, float] = {}
 
     def add(prefix: str, source: dict[str, Any]) -> None:
         for k, v in source.items():
-            if isinstance(v, bool) or v is None:
+            if isinstance(v, bool) or v is None or k in SETTINGS:
                 continue
             if isinstance(v, (int, float)):
                 out[f"{prefix}{k}"] = float(v)
             elif k.endswith("_ci95") and isinstance(v, list) and len(v) == 2 and None not in v:
                 out[f"{prefix}{k}_low"], out[f"{prefix}{k}_high"] = float(v[0]), float(v[1])
 
-    add("test_", metrics)
+    add("test_", {k: v for k, v in metrics.items() if not k.startswith("val_")})
+    add("", {k: v for k, v in metrics.items() if k.startswith("val_")})
     if metrics.get("champion"):
         add("champion_test_", {k: v for k, v in metrics["champion"].items() if k != "version"})
+    cal = metrics.get("calibration") or {}
+    add("calibration_", {**{k: v for k, v in cal.items() if k.startswith(("ece_", "brier_", "val_"))},
+                         **{f"param_{k}": v for k, v in (cal.get("params") or {}).items()}})
+    audit = metrics.get("shortcut_audit") or {}
+    add("shortcut_", {k: v for k, v in audit.items() if k.startswith("roc_auc")})
+    for name, delta in ((metrics.get("promotion") or {}).get("metric_deltas") or {}).items():
+        add("promotion_delta_", {name: delta.get("point"), f"{name}_ci95": delta.get("ci95")})
     out["gate_passed"] = float(bool(metrics["passed"]))
     out["promote"] = float(bool(metrics.get("promote", False)))
-    return out
+    return {k: v for k, v in out.items() if v == v}  # MLflow stores NaN, but the UI cannot plot it
+
+
+def _params(data_root: Path, cfg: Config, metrics: dict[str, Any], context: dict[str, Any],
+            content: dict[str, str]) -> dict[str, str]:
+    """Settings, data facts and provenance, as MLflow params (strings of at most 500 characters)."""
+    from covid_tasks.operating_point import THRESHOLD_RESAMPLES
+    from covid_tasks.promotion import PROMOTION_RESAMPLES
+
+    params: dict[str, Any] = {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+                              for k, v in cfg.to_dict().items() if k not in ("mlflow_tracking_uri",)}
+    params.update({k: v for k, v in context.items() if v is not None})
+    params.update(_split_counts(data_root))
+    params.update({k: metrics[k] for k in SETTINGS if k in metrics and k not in ("n",)})
+    params.update(git_commit=_git_commit(), threshold_resamples=THRESHOLD_RESAMPLES,
+                  promotion_resamples=PROMOTION_RESAMPLES, content_id=content["content_id"],
+                  model_sha256=content["model_sha256"],
+                  calibration_method=(metrics.get("calibration") or {}).get("method", "none"),
+                  champion_version_compared=(metrics.get("champion") or {}).get("version", "none"))
+    return {k: str(v)[:500] for k, v in params.items()}
 
 
 def _log_run(run_dir: Path, data_root: Path, cfg: Config, metrics: dict[str, Any],
-             context: dict[str, Any]) -> None:
+             context: dict[str, Any], content: dict[str, str]) -> None:
+    """Params, per-epoch metrics (step = 1-based epoch), test metrics and evaluation artifacts."""
     import mlflow
 
-    params = {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
-              for k, v in cfg.to_dict().items() if k not in ("mlflow_tracking_uri",)}
-    params.update({k: v for k, v in context.items() if v is not None})
-    params.update(_split_counts(data_root))
-    params["git_commit"] = _git_commit()
-    params["threshold_rule"] = metrics.get("threshold_rule", "")
-    champion = metrics.get("champion") or {}
-    params["champion_version_compared"] = champion.get("version", "none")
-    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    mlflow.log_params(_params(data_root, cfg, metrics, context, content))
     for phase in ("train", "finetune"):
         hist_path = run_dir / f"{phase}_history.json"
         if hist_path.is_file():
             history = read_json(hist_path)
-            for step in range(max((len(v) for v in history.values()), default=0)):
-                mlflow.log_metrics({f"{phase}_{name}": values[step] for name, values in history.items()
-                                    if step < len(values) and values[step] is not None}, step=step)
+            for index in range(max((len(v) for v in history.values()), default=0)):
+                mlflow.log_metrics({f"{phase}_{name}": values[index] for name, values in history.items()
+                                    if index < len(values) and values[index] is not None}, step=index + 1)
     mlflow.log_metrics(_test_scalars(metrics))
     for pattern in ARTIFACT_GLOBS:
         for f in sorted(run_dir.glob(pattern)):
-            mlflow.log_artifact(str(f), artifact_path="evaluation")
+            if f.name not in RUN_ONLY_FILES:
+                mlflow.log_artifact(str(f), artifact_path="evaluation")
 
 
-def _register_model(client: Any, run_id: str, model_path: Path, cfg: Config, metrics: dict[str, Any],
-                    run_key: str, context: dict[str, Any]) -> str:
-    """Save with ``mlflow.keras`` into a prepared folder, log it, register it; returns the version."""
+def _logged_model(client: Any, experiment_id: str, run_id: str, cfg: Config, metrics: dict[str, Any],
+                  content: dict[str, str]) -> str:
+    """The run's READY logged model holding this content, logging it first if there is none.
+
+    The model is saved with ``mlflow.keras.save_model`` into a folder made beforehand (mlflow 3.17
+    writes the input example before creating it), then uploaded as the logged model's artifacts;
+    the run's params and test metrics are linked to it.
+    """
     import keras
     import mlflow
     import numpy as np
-    from mlflow.models import infer_signature
+    from mlflow.entities import LoggedModelOutput, Metric
+    from mlflow.models import Model, infer_signature
 
-    model = keras.saving.load_model(model_path)
-    size = int(model.input_shape[1])
-    example = np.full((1, size, size, 3), 127.0, dtype="float32")
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "model"
-        local.mkdir()  # mlflow 3.17 writes the input example before creating the folder
-        mlflow.keras.save_model(model, str(local), signature=signature, input_example=example,
-                                pip_requirements=list(PIP_REQUIREMENTS))
-        mapping = model_path.parent / "class_indices.json"
-        if mapping.is_file():
-            shutil.copy(mapping, local / "class_indices.json")
-        else:
+    query = f"source_run_id = '{run_id}' AND tags.content_id = '{content['content_id']}'"
+    found = client.search_logged_models([experiment_id], filter_string=query, max_results=10)
+    ready = [m for m in found if str(m.status) in ("READY", "LoggedModelStatus.READY")]
+    if ready:
+        logger.info("register: logged model %s already holds this content", ready[0].model_id)
+        return ready[0].model_id
+    params = client.get_run(run_id).data.params
+    logged = mlflow.initialize_logged_model(
+        name=LOGGED_MODEL_NAME, source_run_id=run_id, experiment_id=experiment_id, params=params,
+        model_type="keras-binary-classifier",
+        tags={k: content[k] for k in ("content_id", "model_sha256", "operating_point_sha256")})
+    try:
+        model = keras.saving.load_model(content["model_path"])
+        size = int(model.input_shape[1])
+        example = np.full((1, size, size, 3), 127.0, dtype="float32")
+        signature = infer_signature(example, model.predict(example, verbose=0))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            local.mkdir()  # mlflow 3.17 writes the input example before creating the folder
+            mlmodel = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
+                            model_id=logged.model_id)
+            mlflow.keras.save_model(model, str(local), mlflow_model=mlmodel, signature=signature,
+                                    input_example=example, pip_requirements=list(PIP_REQUIREMENTS))
+            # The evaluated file itself, byte for byte (a re-save would differ in its timestamp), so
+            # the version's data/model.keras has the SHA-256 its tags and operating point name.
+            shutil.copy(content["model_path"], local / "data" / "model.keras")
             write_json(local / "class_indices.json", {n: i for i, n in enumerate(CLASS_NAMES)})
-        write_json(local / "operating_point.json", {
-            "threshold": metrics["threshold"], "positive_class": CLASS_NAMES[POSITIVE_INDEX],
-            "rule": metrics.get("threshold_rule", ""), "img_size": size, "run_key": run_key,
-            "input": "float32 RGB 0..255, shape (N, img_size, img_size, 3); output P(covid)",
-            "test_sensitivity": metrics["sensitivity"], "test_specificity": metrics["specificity"]})
-        mlflow.log_artifacts(str(local), artifact_path="model")
+            shutil.copy(content["operating_point_path"], local / "operating_point.json")
+            client.log_model_artifacts(logged.model_id, str(local))
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0, run_id=run_id, model_id=logged.model_id)
+                                          for k, v in _test_scalars(metrics).items()])
+    except BaseException:
+        mlflow.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    mlflow.finalize_logged_model(logged.model_id, "READY")
+    logger.info("register: logged model %s (%s) in run %s", logged.model_id, logged.artifact_location, run_id)
+    return logged.model_id
+
+
+def _version(client: Any, cfg: Config, metrics: dict[str, Any], run_key: str, context: dict[str, Any],
+             content: dict[str, str], model_id: str) -> Any:
+    """The model version holding this content: the existing one, or a new one from the logged model."""
+    import mlflow
+
+    existing = _existing_version(client, cfg.model_name, run_key, content["content_id"])
+    if existing is not None:
+        logger.info("register: version %s already holds run %s's model (content %s); not registering again",
+                    existing.version, run_key, content["content_id"][:12])
+        return existing
+    stale = _model_exists(client, cfg.model_name) and client.search_model_versions(
+        f"name='{cfg.model_name}' and tag.run_key='{run_key}'")
+    if stale:
+        logger.warning("register: version(s) %s hold an earlier model of run %s (different content); "
+                       "registering the evaluated one as a new version",
+                       ", ".join(sorted((v.version for v in stale), key=int)), run_key)
+    version = mlflow.register_model(f"models:/{model_id}", cfg.model_name,
+                                    tags=_version_tags(cfg, metrics, run_key, context, content, model_id))
+    return client.get_model_version(cfg.model_name, str(version.version))
+
+
+def _version_tags(cfg: Config, metrics: dict[str, Any], run_key: str, context: dict[str, Any],
+                  content: dict[str, str], model_id: str) -> dict[str, str]:
     champion = metrics.get("champion") or {}
+    cal = metrics.get("calibration") or {}
+    audit = metrics.get("shortcut_audit") or {}
     tags = {
         "run_key": run_key,
+        "content_id": content["content_id"],
+        "model_sha256": content["model_sha256"],
+        "operating_point_sha256": content["operating_point_sha256"],
+        "model_id": model_id,
         "source_uri": cfg.source_uri,
         "dataset_version": str(context.get("dataset_version", "unknown")),
         "airflow_run_id": str(context.get("airflow_run_id", "unknown")),
         "gate": "passed",
+        "gate_on": str(metrics.get("gate_on", "point")),
         "decision": "pending",
+        "promotion_rule": str((metrics.get("promotion") or {}).get("rule", "")),
         "threshold": f"{metrics['threshold']:.6f}",
         "threshold_rule": metrics.get("threshold_rule", ""),
+        "output": _output(cal),
+        "calibration": str(cal.get("method", "none")),
         "min_sensitivity": str(metrics["min_sensitivity"]),
         "min_specificity": str(metrics["min_specificity"]),
         "promotion_margin": str(metrics.get("promotion_margin", "")),
         "champion_compared": str(champion.get("version", "none")),
+        "shortcut_audit": "warning" if audit.get("warning") else "ok",
         "n_test": str(metrics.get("n_test", "")),
         "backbone": cfg.backbone,
-        "img_size": str(size),
+        "img_size": str(metrics.get("img_size", cfg.img_size)),
         "git_commit": _git_commit(),
     }
     for name in ("sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc"):
@@ -329,10 +492,22 @@ def _register_model(client: Any, run_id: str, model_path: Path, cfg: Config, met
         ci = metrics.get(f"{name}_ci95")
         if ci and None not in ci:
             tags[f"{name}_ci95"] = f"[{ci[0]:.4f}, {ci[1]:.4f}]"
-    version = mlflow.register_model(f"runs:/{run_id}/model", cfg.model_name, tags=tags)
-    client.update_model_version(cfg.model_name, version.version,
-                                description=f"run {run_key}: sensitivity {metrics['sensitivity']:.3f}, "
-                                            f"specificity {metrics['specificity']:.3f} at threshold "
-                                            f"{metrics['threshold']:.3f} on {metrics.get('n_test')} "
-                                            "test images")
-    return str(version.version)
+    for key in ("ece_after", "brier_after"):
+        if cal.get(key) is not None:
+            tags[key] = f"{cal[key]:.4f}"
+    if audit.get("roc_auc_lungs_hidden") is not None:
+        tags["roc_auc_lungs_hidden"] = f"{audit['roc_auc_lungs_hidden']:.4f}"
+    return tags
+
+
+def _output(cal: dict[str, Any]) -> str:
+    method = cal.get("method", "none")
+    return f"calibrated P(covid) ({method})" if method != "none" else "P(covid), not calibrated"
+
+
+def _description(metrics: dict[str, Any], run_key: str) -> str:
+    promotion = metrics.get("promotion") or {}
+    return (f"run {run_key}: sensitivity {metrics['sensitivity']:.3f}, specificity "
+            f"{metrics['specificity']:.3f} at threshold {metrics['threshold']:.3f} on "
+            f"{metrics.get('n_test')} test images; output {_output(metrics.get('calibration') or {})}; "
+            f"promotion rule {promotion.get('rule', 'n/a')}: {promotion.get('reason', '')}")

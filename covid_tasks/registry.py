@@ -10,23 +10,122 @@ A registered version's artifacts are one folder (the MLflow ``keras`` flavour pl
 The alias is resolved to a version number *first*, and that exact version is downloaded, so the
 version a caller reports is the one it loaded even if the alias moves in between. Other services
 can copy the pattern with plain ``mlflow`` and ``keras`` (see the README's "Using the model").
+
+A lookup never creates a store: a SQLite or folder URI that does not exist is reported as such,
+and every lookup error names the tracking URI it used. MLflow's own HTTP retries (minutes by
+default) are bounded by :func:`bound_mlflow_http`, so an unreachable registry fails in seconds
+with one line naming the URI; Airflow's task retries cover longer outages.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, MODEL_NAME, sqlite_path
+from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, MODEL_NAME, Config, sqlite_path
 from covid_tasks.storage import read_json
 
 logger = logging.getLogger(__name__)
 
+#: MLflow HTTP client limits set by the tasks and lookups unless the environment sets them (MLflow's
+#: defaults, 7 retries with factor 2 and 120 s per request, take minutes to give up): two retries
+#: about 1 s and 2 s apart, 15 s per request. A refused connection fails in about 3 s, a host that
+#: drops packets in under 50 s.
+MLFLOW_HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
 
 class RegistryUnavailableError(RuntimeError):
     """The MLflow registry could not be reached or refused a read (not "the model is absent")."""
+
+
+def bound_mlflow_http() -> dict[str, str]:
+    """Bound MLflow's HTTP retries and timeouts (``MLFLOW_HTTP_LIMITS``) where the environment does not.
+
+    Returns:
+        The limits in effect.
+    """
+    for key, value in MLFLOW_HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in MLFLOW_HTTP_LIMITS}
+
+
+def unavailable(exc: BaseException, uri: str, doing: str) -> RegistryUnavailableError | None:
+    """A one-line ``RegistryUnavailableError`` when ``exc`` means the registry cannot be reached.
+
+    Args:
+        exc: an exception raised by an MLflow call.
+        uri: the tracking URI used.
+        doing: what was being done, for the message (``"register the model"``).
+
+    Returns:
+        The error to raise, or ``None`` when ``exc`` is an answer from the registry (not found,
+        refused as invalid, permission denied), which retrying would not change.
+    """
+    text = str(exc)
+    code = getattr(exc, "error_code", None)
+    transport = ("API request to" in text and "failed with exception" in text) or code in (
+        "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") or _is_requests_error(exc)
+    if not transport:
+        return None
+    short = text.splitlines()[0][:160] if text else type(exc).__name__
+    for pattern in (r"\[Errno -?\d+\] ([^\"')]+)", r"(Read timed out)", r"(Max retries exceeded)"):
+        found = re.search(pattern, text)
+        if found:
+            short = found.group(1).strip()
+            break
+    return RegistryUnavailableError(f"MLflow registry at {uri} is unreachable ({short}) while trying to "
+                                    f"{doing}; the task fails now and Airflow retries it later")
+
+
+def _is_requests_error(exc: BaseException) -> bool:
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        return False
+    return isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The tracking URI a lookup uses: the argument, else ``MLFLOW_TRACKING_URI`` or the URI set in
+    this process with ``mlflow.set_tracking_uri``, else the project's (``COVID_MLFLOW_TRACKING_URI``
+    or the SQLite store beside the data root)."""
+    if tracking_uri:
+        return tracking_uri
+    import mlflow
+
+    if os.environ.get("MLFLOW_TRACKING_URI") or mlflow.tracking.is_tracking_uri_set():
+        return mlflow.get_tracking_uri()
+    return Config.from_env().tracking_uri
+
+
+def require_store(tracking_uri: str) -> None:
+    """Refuse a local store that does not exist (MLflow would create an empty one and find nothing).
+
+    Raises:
+        mlflow.exceptions.MlflowException: ``RESOURCE_DOES_NOT_EXIST``, naming the URI.
+    """
+    from mlflow.exceptions import MlflowException
+
+    local = sqlite_path(tracking_uri)
+    if local is None and tracking_uri.startswith(("/", "./", "../")):
+        local = Path(tracking_uri)  # a plain folder path (a file store)
+    elif local is None and tracking_uri.startswith("file:"):
+        local = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+    if local is not None and not local.exists():
+        raise MlflowException(f"no MLflow store at {tracking_uri} ({local} does not exist); nothing was "
+                              "registered there. Pass the tracking URI of your registry (or set "
+                              "MLFLOW_TRACKING_URI / COVID_MLFLOW_TRACKING_URI)",
+                              error_code="RESOURCE_DOES_NOT_EXIST")
 
 
 @dataclass
@@ -41,6 +140,9 @@ class LoadedModel:
         source: what the caller asked for (a ``models:/`` URI or a file path).
         version: the registered version actually loaded, or ``None`` for a file.
         run_key: the pipeline run that produced the version, when known.
+        output: what the model's output means (``operating_point.json``'s ``output``), e.g.
+            "calibrated P(covid): platt scaling fitted on the validation split".
+        calibration: the calibration recorded with the version (method, parameters, ECE), if any.
     """
 
     model: Any
@@ -50,6 +152,8 @@ class LoadedModel:
     source: str
     version: str | None = None
     run_key: str | None = None
+    output: str = "P(covid)"
+    calibration: dict[str, Any] | None = field(default=None)
 
 
 def check_class_indices(mapping: dict[str, int]) -> dict[str, int]:
@@ -85,7 +189,8 @@ def alias_version_number(client: Any, name: str, alias: str) -> str | None:
 def alias_version(name: str, alias: str, tracking_uri: str) -> Any | None:
     """The ``ModelVersion`` that ``name@alias`` points to, or ``None`` when there is none.
 
-    A SQLite registry file that does not exist yet means "no model" (it is not created here).
+    A local store (SQLite file or folder) that does not exist yet means "no model"; it is not
+    created here.
 
     Args:
         name: registered model name.
@@ -98,27 +203,31 @@ def alias_version(name: str, alias: str, tracking_uri: str) -> Any | None:
     Raises:
         RegistryUnavailableError: the registry cannot be reached or refuses the request.
     """
-    db_file = sqlite_path(tracking_uri)
-    if db_file is not None and not db_file.is_file():
-        return None
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    try:
+        require_store(tracking_uri)
+    except MlflowException:
+        return None
     try:
         client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         version = alias_version_number(client, name, alias)
         return None if version is None else client.get_model_version(name, version)
     except MlflowException as exc:
-        raise RegistryUnavailableError(
-            f"cannot read {name}@{alias} from the MLflow registry at {tracking_uri}: {exc}") from exc
+        down = unavailable(exc, tracking_uri, f"read {name}@{alias}")
+        raise (down or RegistryUnavailableError(
+            f"cannot read {name}@{alias} from the MLflow registry at {tracking_uri}: {exc}")) from exc
 
 
 def load_keras_file(path: str | Path, threshold: float | None = None) -> LoadedModel:
     """Load a ``.keras`` file; mapping and threshold come from files beside it.
 
     ``class_indices.json`` is read when present (else the fixed class order). The threshold is
-    ``threshold`` when given, else the ``threshold`` of ``operating_point.json`` or
-    ``metrics.json`` beside the file; without either, loading fails rather than assume 0.5.
+    ``threshold`` when given, else the one recorded beside the file: ``operating_point.json`` when
+    it belongs to this file (its ``model_sha256``), else ``metrics.json`` (whose ``threshold``
+    applies to the evaluated, calibrated ``model.keras``; for the uncalibrated ``finetune.keras``
+    it records ``threshold_uncalibrated``); without either, loading fails rather than assume 0.5.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -133,15 +242,52 @@ def load_keras_file(path: str | Path, threshold: float | None = None) -> LoadedM
     mapping_file = p.parent / "class_indices.json"
     mapping = check_class_indices(read_json(mapping_file)) if mapping_file.is_file() else \
         {n: i for i, n in enumerate(CLASS_NAMES)}
-    if threshold is None:
-        recorded = [f for f in (p.parent / "operating_point.json", p.parent / "metrics.json") if f.is_file()]
-        if not recorded:
-            raise ValueError(f"{p} has no operating point beside it (operating_point.json or metrics.json "
-                             f"with its threshold): pass the threshold explicitly (predict --threshold) "
-                             f"rather than assume 0.5")
-        threshold = float(read_json(recorded[0])["threshold"])
+    recorded, output, calibration = _recorded_beside(p)
+    if threshold is None and recorded is None:
+        raise ValueError(f"{p} has no operating point beside it (operating_point.json or metrics.json "
+                         f"with its threshold): pass the threshold explicitly (predict --threshold) "
+                         f"rather than assume 0.5")
     model = keras.saving.load_model(p)
-    return LoadedModel(model, mapping, float(threshold), int(model.input_shape[1]), str(p))
+    return LoadedModel(model, mapping, float(recorded if threshold is None else threshold),
+                       int(model.input_shape[1]), str(p), output=output, calibration=calibration)
+
+
+def _recorded_beside(path: Path) -> tuple[float | None, str, dict[str, Any] | None]:
+    """The threshold, output meaning and calibration recorded beside a model file, if any."""
+    op_file, metrics_file = path.parent / "operating_point.json", path.parent / "metrics.json"
+    if op_file.is_file():
+        op = read_json(op_file)
+        if op.get("model_sha256") in (None, _sha256(path)):  # written for this very file
+            return float(op["threshold"]), op.get("output", "P(covid)"), op.get("calibration")
+    if metrics_file.is_file():
+        return _recorded_operating_point(path, read_json(metrics_file))
+    return None, "P(covid), calibration unknown", None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _recorded_operating_point(path: Path, metrics: dict[str, Any]
+                              ) -> tuple[float, str, dict[str, Any] | None]:
+    """The threshold ``metrics.json`` records for the model file ``path``, what its output means,
+    and its calibration record (``None`` for the uncalibrated ``finetune.keras``)."""
+    source = metrics.get("source_model_path")
+    if source and Path(source).name == path.name and "threshold_uncalibrated" in metrics:
+        return float(metrics["threshold_uncalibrated"]), "P(covid), not calibrated", None
+    calibration = metrics.get("calibration") or {}
+    method = calibration.get("method", "none")
+    if method == "none":
+        return float(metrics["threshold"]), "P(covid), not calibrated", None
+    record = {k: calibration.get(k) for k in ("method", "params", "fitted_on", "ece_before", "ece_after")}
+    output = f"calibrated P(covid): {method} scaling fitted on the validation split"
+    return float(metrics["threshold"]), output, record
 
 
 def load_registered(model_uri: str, tracking_uri: str | None = None, threshold: float | None = None
@@ -169,11 +315,14 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, threshold: 
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    bound_mlflow_http()
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    require_store(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     if model_uri.startswith("runs:/"):
         version, pinned, source = None, model_uri, model_uri  # an unregistered run's model
     else:
-        name, version = _resolve(client, model_uri)
+        name, version = _resolve(client, model_uri, tracking_uri)
         pinned = f"models:/{name}/{version}"
     try:
         if version is not None:
@@ -182,32 +331,45 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, threshold: 
             source = client.get_model_version_download_uri(name, version)
         local = Path(mlflow.artifacts.download_artifacts(source, tracking_uri=tracking_uri))
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise RegistryUnavailableError(f"cannot download {pinned}: {exc}") from exc
+        if exc.error_code in _NOT_FOUND:
+            raise MlflowException(f"{pinned} not found in the MLflow registry at {tracking_uri}: "
+                                  f"{exc.message}", error_code=exc.error_code) from exc
+        down = unavailable(exc, tracking_uri, f"download {pinned}")
+        raise (down or RegistryUnavailableError(f"cannot download {pinned} from {tracking_uri}: {exc}")
+               ) from exc
     for required in ("class_indices.json", "operating_point.json"):
         if not (local / required).is_file():
-            raise FileNotFoundError(f"{pinned} has no {required}; it was not registered by this pipeline")
+            raise FileNotFoundError(f"{pinned} (registry {tracking_uri}) has no {required}; it was not "
+                                    "registered by this pipeline")
     mapping = check_class_indices(read_json(local / "class_indices.json"))
     op = read_json(local / "operating_point.json")
     model = keras.saving.load_model(next(local.rglob("*.keras")))
     img_size = int(model.input_shape[1] or op["img_size"])
     logger.info("loaded %s (version %s, threshold %.4f) from %s", model_uri, version, op["threshold"], local)
     return LoadedModel(model, mapping, float(op["threshold"]) if threshold is None else float(threshold),
-                       img_size, model_uri, version, op.get("run_key"))
+                       img_size, model_uri, version, op.get("run_key"),
+                       output=op.get("output", "P(covid), not calibrated"), calibration=op.get("calibration"))
 
 
 def load_champion(tracking_uri: str | None = None, name: str = MODEL_NAME) -> LoadedModel:
     """Load ``models:/<name>@champion``, the version downstream services should use.
 
+    Args:
+        tracking_uri: the registry; ``None`` uses ``MLFLOW_TRACKING_URI`` (or the URI set with
+            ``mlflow.set_tracking_uri``), else the project's (``COVID_MLFLOW_TRACKING_URI`` or
+            the SQLite store beside the data root). A local store that does not exist is an
+            error; it is never created.
+        name: the registered model name.
+
     Raises:
         RegistryUnavailableError: the registry cannot be reached.
-        mlflow.exceptions.MlflowException: no such model or no champion yet.
+        mlflow.exceptions.MlflowException: no store, no such model or no champion yet (the
+            message names the tracking URI).
     """
     return load_registered(f"models:/{name}@{CHAMPION_ALIAS}", tracking_uri)
 
 
-def _resolve(client: Any, model_uri: str) -> tuple[str, str]:
+def _resolve(client: Any, model_uri: str, tracking_uri: str) -> tuple[str, str]:
     """``(name, version)`` for ``models:/name@alias`` or ``models:/name/version``."""
     from mlflow.exceptions import MlflowException
 
@@ -219,9 +381,12 @@ def _resolve(client: Any, model_uri: str) -> tuple[str, str]:
         try:
             return name, str(client.get_model_version_by_alias(name, alias).version)
         except MlflowException as exc:
-            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise
-            raise RegistryUnavailableError(f"cannot resolve {model_uri}: {exc}") from exc
+            if exc.error_code in _NOT_FOUND:
+                raise MlflowException(f"{model_uri} not found in the MLflow registry at {tracking_uri}: "
+                                      f"{exc.message}", error_code=exc.error_code) from exc
+            down = unavailable(exc, tracking_uri, f"resolve {model_uri}")
+            raise (down or RegistryUnavailableError(f"cannot resolve {model_uri} at {tracking_uri}: {exc}")
+                   ) from exc
     parts = rest.split("/")
     if len(parts) != 2 or not parts[1].isdigit():
         raise ValueError(f"expected models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}")

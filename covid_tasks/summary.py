@@ -49,6 +49,16 @@ def summary(cfg: Config) -> tuple[str, dict[str, Any]]:
         if "decision" in m:
             why = "; ".join(m.get("promotion_reasons") or [])
             lines.append(f"  decision {m['decision']}" + (f" ({why})" if why and m["passed"] else ""))
+        if m.get("promotion"):
+            lines.append(f"  promotion rule {m['promotion']['rule']}: {m['promotion']['reason']}")
+        audit, cal = m.get("shortcut_audit") or {}, m.get("calibration") or {}
+        if audit:
+            flag = " - WARNING (see README, Shortcut audit)" if audit.get("warning") else ""
+            lines.append(f"  shortcut audit: test ROC AUC full {_fmt(audit.get('roc_auc_full'))}, "
+                         f"lungs hidden {_fmt(audit.get('roc_auc_lungs_hidden'))}{flag}")
+        if cal:
+            lines.append(f"  calibration {cal.get('method')}: test ECE {_fmt(cal.get('ece_before'))} -> "
+                         f"{_fmt(cal.get('ece_after'))}")
     for alias in (CHAMPION_ALIAS, CHALLENGER_ALIAS):
         try:
             mv = alias_version(cfg.model_name, alias, cfg.tracking_uri)

@@ -12,15 +12,16 @@ ieee8023 covid-chestxray-dataset) and, step by step:
 5. **train**: the head on a frozen ImageNet backbone (queue and pool `gpu`);
 6. **finetune**: all layers unfrozen (BatchNorm frozen), class weights, lr 1e-5,
    best-epoch checkpoint and early stopping (queue and pool `gpu`);
-7. **evaluate**: threshold chosen on val; sensitivity and specificity on test, COVID positive;
-   the current champion is scored on the same test images; the gate's verdict (passed or
-   rejected, and why) is an event of the asset `covid-xray-evaluation`;
+7. **evaluate**: calibration and threshold fitted on val; sensitivity and specificity on test,
+   COVID positive; the current champion is scored on the same test images; a shortcut audit
+   scores test with the lungs hidden; the gate's verdict (passed or rejected, and why) is an
+   event of the asset `covid-xray-evaluation`;
 8. **register**: logs the run to MLflow; a model that passes the gate becomes a new version of
    `covid-xray-classifier` with the alias `challenger`, and takes the alias `champion` that
-   services read only when it is not worse than the champion by more than **promotion_margin**;
-   the decision (promoted or challenger) is an event of the asset `covid-xray-classifier`.
-   **A rejected model ends `register` as skipped** (the reason is in its log and XCom); the run
-   still succeeds.
+   services read only when a paired bootstrap shows it non-inferior to the champion within
+   **promotion_margin**; the decision (promoted or challenger) is an event of the asset
+   `covid-xray-classifier`. **A rejected model ends `register` as skipped** (the reason is in its
+   log and XCom); the run still succeeds.
 
 Outputs of a run land in `<data_root>/runs/<run id>/` (models, plots, `metrics.json`,
 `predictions.csv`); the registry holds the passing models.
@@ -35,8 +36,10 @@ Defaults are those of `covid_tasks.config.Config`; a Param overrides the `COVID_
 
 - **source_uri**: `s3://bucket/prefix`, `file:///path` or a folder; empty uses `COVID_SOURCE_URI`.
 - **min_sensitivity** / **min_specificity**: the gate on the test split (0..1).
-- **promotion_margin**: how much lower than the champion's test sensitivity or specificity a
-  challenger may be and still be promoted.
+- **gate_on**: `point` (the test estimates) or `lower_bound` (their 95% Wilson lower bounds).
+- **promotion_margin**: non-inferiority margin: promote when the lower 95% bound of challenger minus
+  champion in ROC AUC, sensitivity and specificity is at least minus this.
+- **shortcut_blocks_promotion**: a shortcut-audit warning also blocks promotion.
 - **epochs** / **finetune_epochs**: epochs of the frozen and the unfrozen phase.
 - **img_size** / **batch_size**: square input size in pixels and images per batch (per GPU).
 - **backbone**: `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`, `resnet50` or
@@ -56,7 +59,7 @@ from typing import Any
 from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, task
 
 # Side-effect free (no TensorFlow, pandas, MLflow): the Params' defaults are the Config's defaults.
-from covid_tasks.config import BACKBONES, MODEL_NAME, field_defaults
+from covid_tasks.config import BACKBONES, GATE_ON, MODEL_NAME, field_defaults
 
 GPU = {"queue": "gpu", "pool": "gpu"}
 DEFAULTS = field_defaults()
@@ -90,9 +93,14 @@ def _param(name: str, kind: str, description: str, **schema: Any) -> Param:
                                   "Gate: minimum test sensitivity (COVID recall)", minimum=0, maximum=1),
         "min_specificity": _param("min_specificity", "number",
                                   "Gate: minimum test specificity (non-COVID recall)", minimum=0, maximum=1),
+        "gate_on": _param("gate_on", "string", "Gate on the test estimates (point) or on their 95% "
+                          "Wilson lower bounds (lower_bound)", enum=list(GATE_ON)),
         "promotion_margin": _param("promotion_margin", "number",
-                                   "Allowed drop vs the champion on either gate metric",
-                                   minimum=0, maximum=1),
+                                   "Non-inferiority margin vs the champion (paired bootstrap: the lower "
+                                   "95% bound of each difference must be >= -margin)", minimum=0, maximum=1),
+        "shortcut_blocks_promotion": _param("shortcut_blocks_promotion", "boolean",
+                                            "A shortcut-audit warning (test ROC AUC with the lungs "
+                                            "hidden >= shortcut_auc_limit) also blocks promotion"),
         "epochs": _param("epochs", "integer", "Frozen-backbone epochs", minimum=0, maximum=200),
         "finetune_epochs": _param("finetune_epochs", "integer",
                                   "Fine-tuning epochs (early stopping may end sooner)",

@@ -51,6 +51,10 @@ def test_coercion_from_strings(monkeypatch):
     ("min_sensitivity", 1.5, "min_sensitivity"),
     ("split_fractions", (0.5, 0.5, 0.5), "split_fractions"),
     ("batch_size", 0, "batch_size"),
+    ("gate_on", "median", "gate_on"),
+    ("calibration", "isotonic", "calibration"),
+    ("promotion_margin", 1.5, "promotion_margin"),
+    ("shortcut_auc_limit", -0.1, "shortcut_auc_limit"),
 ])
 def test_invalid_values_raise(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -136,3 +140,11 @@ def test_bundled_weights_need_an_efficientnet_lite_backbone():
     with pytest.raises(ValueError, match="weights 'bundled' exist only for the efficientnet_lite backbones"):
         Config(backbone="resnet50", weights="bundled")
     assert Config(backbone="efficientnet_lite0", weights="bundled").weights == "bundled"
+
+
+def test_decision_settings_defaults_and_strings():
+    cfg = Config()
+    assert (cfg.gate_on, cfg.promotion_margin, cfg.calibration) == ("point", 0.05, "platt")
+    assert (cfg.shortcut_auc_limit, cfg.shortcut_blocks_promotion) == (0.70, False)
+    cfg = Config.from_env({"gate_on": "lower_bound", "shortcut_blocks_promotion": "true"})
+    assert cfg.gate_on == "lower_bound" and cfg.shortcut_blocks_promotion is True

@@ -1,5 +1,5 @@
 """Evaluate: metrics from hand-made confusion matrices, the swapped-report regression, intervals,
-the threshold rule, the gate and champion comparison, and the files the stage writes.
+the plain threshold rule, and the files the stage writes (calibrated model, operating point).
 
 Every ``metrics.json`` + ``predictions.csv`` pair written here is recomputed from the CSV with
 scikit-learn (``tests.helpers.tiny_run.assert_metrics_match``) and must agree.
@@ -7,6 +7,7 @@ scikit-learn (``tests.helpers.tiny_run.assert_metrics_match``) and must agree.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -17,15 +18,13 @@ from covid_tasks.config import Config
 from covid_tasks.evaluate import (
     binary_metrics,
     bootstrap_auc_intervals,
-    choose_threshold,
-    compare_with_champion,
     confusion,
-    gate,
     weighted_auc,
     weighted_average_precision,
     wilson_interval,
 )
 from covid_tasks.evaluate import classification_report as our_report
+from covid_tasks.operating_point import highest_threshold_reaching
 from tests.helpers import tiny_run
 
 
@@ -117,27 +116,16 @@ def test_bootstrap_weighted_aucs_equal_sklearn_and_intervals_behave() -> None:
     assert big[1] - big[0] < hi - lo  # ten times the data, a narrower interval
 
 
-def test_choose_threshold_is_the_highest_reaching_the_target() -> None:
+def test_plain_rule_is_the_highest_threshold_reaching_the_target() -> None:
     y = [1, 1, 1, 1, 1, 0, 0, 0]
     prob = [0.95, 0.9, 0.6, 0.4, 0.3, 0.5, 0.2, 0.1]
-    t = choose_threshold(y, prob, 0.8)
+    t = highest_threshold_reaching(y, prob, 0.8)
     assert t == 0.4  # 4 of 5 covid images at or above it
     assert binary_metrics(y, prob, t, resamples=0)["sensitivity"] >= 0.8
     assert binary_metrics(y, prob, np.nextafter(t, 1), resamples=0)["sensitivity"] < 0.8
-    assert choose_threshold(y, prob, 1.0) == 0.3
+    assert highest_threshold_reaching(y, prob, 1.0) == 0.3
     with pytest.raises(ValueError, match="no covid"):
-        choose_threshold([0, 0], [0.1, 0.2], 0.8)
-
-
-def test_gate_and_champion_margin() -> None:
-    assert gate({"sensitivity": 0.8, "specificity": 0.7}, 0.8, 0.7) == []
-    reasons = gate({"sensitivity": 0.79, "specificity": float("nan")}, 0.8, 0.7)
-    assert len(reasons) == 2 and "sensitivity" in reasons[0] and "specificity" in reasons[1]
-    champ = {"version": "3", "sensitivity": 0.90, "specificity": 0.80}
-    assert compare_with_champion({"sensitivity": 0.88, "specificity": 0.78}, champ, 0.02) == []
-    worse = compare_with_champion({"sensitivity": 0.95, "specificity": 0.77}, champ, 0.02)
-    assert len(worse) == 1 and "specificity" in worse[0] and "v3" in worse[0]
-    assert compare_with_champion({"sensitivity": 0.5, "specificity": 0.5}, None, 0.02) == []
+        highest_threshold_reaching([0, 0], [0.1, 0.2], 0.8)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +140,7 @@ def _cfg(data_root, tmp_path, **kw) -> Config:
 
 
 def test_evaluate_writes_metrics_that_sklearn_reproduces(data_root, tmp_path) -> None:
-    from covid_tasks.evaluate import evaluate, predict_split
+    from covid_tasks.evaluate import evaluate, file_sha256, predict_split
     from covid_tasks.training import load_splits
 
     cfg = _cfg(data_root, tmp_path)
@@ -163,15 +151,42 @@ def test_evaluate_writes_metrics_that_sklearn_reproduces(data_root, tmp_path) ->
     tiny_run.assert_metrics_match(metrics, run_dir / "predictions.csv")
     assert {k: result[k] for k in metrics} == metrics  # the returned dict is the file's content
 
-    # The threshold is the val rule's, applied unchanged to test.
+    # The threshold is chosen on val logits, mapped through the calibration, applied unchanged to test.
     import keras
+    import pandas as pd
+
+    from covid_tasks.operating_point import choose_threshold
+    from covid_tasks.stats import sigmoid
 
     splits = load_splits(data_root)
-    val_prob = predict_split(keras.saving.load_model(run_dir / "finetune.keras"), splits["val"],
-                             data_root / "raw" / "images", cfg)
+    source = keras.saving.load_model(run_dir / "finetune.keras")
+    val_prob = predict_split(source, splits["val"], data_root / "raw" / "images", cfg)
+    val_rows = pd.read_csv(run_dir / "val_predictions.csv")
+    assert sigmoid(val_rows["logit_uncalibrated"]) == pytest.approx(val_prob, abs=1e-6)
     y_val = (splits["val"]["label"] == "covid").astype(int)
-    assert metrics["threshold"] == choose_threshold(y_val, val_prob, cfg.min_sensitivity)
-    assert metrics["val_sensitivity"] >= cfg.min_sensitivity
+    chosen = choose_threshold(y_val, val_rows["logit_uncalibrated"], splits["val"]["patientid"],
+                              cfg.min_sensitivity, seed=cfg.seed)
+    a, b = metrics["calibration"]["params"]["a"], metrics["calibration"]["params"]["b"]
+    assert metrics["threshold"] == pytest.approx(float(sigmoid(a * chosen["logit"] + b)), rel=1e-9)
+    assert metrics["threshold_uncalibrated"] == pytest.approx(float(sigmoid(chosen["logit"])), rel=1e-9)
+    # The evaluated model file outputs the calibrated probabilities written to predictions.csv,
+    # and calibration changed no decision.
+    evaluated = keras.saving.load_model(run_dir / "model.keras")
+    rows = pd.read_csv(run_dir / "predictions.csv")
+    test_prob = predict_split(evaluated, splits["test"], data_root / "raw" / "images", cfg)
+    assert test_prob == pytest.approx(rows["prob_covid"].to_numpy(), abs=1e-6)
+    raw = predict_split(source, splits["test"], data_root / "raw" / "images", cfg)
+    assert list(raw >= metrics["threshold_uncalibrated"]) == list(rows["predicted"] == "covid")
+    assert metrics["model_sha256"] == file_sha256(run_dir / "model.keras")
+    op = json.loads((run_dir / "operating_point.json").read_text())
+    assert op["threshold"] == metrics["threshold"] and op["model_sha256"] == metrics["model_sha256"]
+    assert op["output"].startswith("calibrated P(covid)") and op["calibration"]["method"] == "platt"
+    # Loading a run folder's file picks the threshold that belongs to it.
+    from covid_tasks.registry import load_keras_file
+
+    assert load_keras_file(run_dir / "model.keras").threshold == metrics["threshold"]
+    raw_file = load_keras_file(run_dir / "finetune.keras")
+    assert raw_file.threshold == metrics["threshold_uncalibrated"] and raw_file.calibration is None
 
     assert metrics["passed"] and metrics["promote"] and metrics["decision"] == "promote"
     assert metrics["champion"] is None and metrics["n_test"] == 35
@@ -179,14 +194,16 @@ def test_evaluate_writes_metrics_that_sklearn_reproduces(data_root, tmp_path) ->
     for key in ("sensitivity", "specificity", "threshold", "roc_auc", "tp", "fn", "tn", "fp", "n_test",
                 "min_sensitivity", "min_specificity", "passed", "reasons", "roc_auc_ci95", "pr_auc_ci95"):
         assert key in metrics
-    for name in ("confusion_matrix.png", "roc_curve.png"):
+    for name in ("confusion_matrix.png", "roc_curve.png", "reliability.png", "shortcut_audit.png"):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "non_covid" in (run_dir / "classification_report.txt").read_text()
     assert not (tmp_path / "registry").exists()
 
-    first = {n: (run_dir / n).read_bytes() for n in ("metrics.json", "predictions.csv")}
+    outputs = ("metrics.json", "predictions.csv", "val_predictions.csv", "model.keras",
+               "operating_point.json")
+    first = {n: (run_dir / n).read_bytes() for n in outputs}
     evaluate(data_root, cfg, "good")
-    assert first == {n: (run_dir / n).read_bytes() for n in ("metrics.json", "predictions.csv")}
+    assert first == {n: (run_dir / n).read_bytes() for n in outputs}  # a re-run changes no byte
 
 
 def test_evaluate_gate_failure_is_a_result_not_an_error(data_root, tmp_path) -> None:
@@ -202,13 +219,15 @@ def test_evaluate_gate_failure_is_a_result_not_an_error(data_root, tmp_path) -> 
 
 def test_evaluate_fails_when_the_registry_is_unreachable(data_root, tmp_path, monkeypatch) -> None:
     from covid_tasks.evaluate import evaluate
-    from covid_tasks.registry import RegistryUnavailableError
+    from covid_tasks.registry import MLFLOW_HTTP_LIMITS, RegistryUnavailableError
     from tests.helpers.mlflow_server import closed_port_uri
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    cfg = _cfg(data_root, tmp_path).replace(mlflow_tracking_uri=closed_port_uri())
+    for key in MLFLOW_HTTP_LIMITS:  # the stage bounds MLflow's retries itself
+        monkeypatch.delenv(key, raising=False)
+    down = closed_port_uri()
+    cfg = _cfg(data_root, tmp_path).replace(mlflow_tracking_uri=down)
     tiny_run.write_model_run(cfg, "offline", tiny_run.channel_model(tiny_run.GOOD))
-    with pytest.raises(RegistryUnavailableError, match="cannot read"):
+    with pytest.raises(RegistryUnavailableError, match=f"MLflow registry at {down} is unreachable") as failed:
         evaluate(data_root, cfg, "offline")
+    assert "\n" not in str(failed.value)
     assert not (cfg.run_dir("offline") / "metrics.json").exists()

@@ -131,6 +131,8 @@ def test_cli_predict_resolves_the_champion_and_prints_its_version(
     assert lines[3].startswith("Confidence : ") and "% for covid (" in lines[3]
     assert lines[4].startswith("P(covid) : ") and f">= {champion['threshold'] * 100:.1f}%" in lines[4]
     assert lines[5:7] == [f"Image : {non_covid}", "Class : non_covid"]
+    # What the number means: the registered model's output is the calibrated probability.
+    assert "(calibrated probability: platt fitted on the val split" in lines[3]
     assert not elsewhere.exists()
 
 

@@ -99,7 +99,9 @@ def test_worse_challenger_is_registered_but_not_promoted(flow: dict[str, Any]) -
     ev, reg = run["evaluate"], run["register"]
     assert ev["passed"], ev["reasons"]  # passes the gate ...
     assert not ev["promote"] and ev["decision"] == "challenger"  # ... but is worse than the champion
-    assert any("below champion v1" in r for r in ev["promotion_reasons"])
+    assert ev["promotion"]["rule"] == "paired_patient_bootstrap_noninferiority"
+    assert any("champion v1" in r and "lower 95% bound" in r for r in ev["promotion_reasons"])
+    assert ev["promotion"]["metric_deltas"]["roc_auc"]["ci95"][0] < -ev["promotion_margin"]
     assert reg["registered"] and not reg["promoted"] and reg["version"] == 2
     assert run["aliases"] == {"challenger": "2", "champion": "1"}
     # The champion was scored on the same test split, at its own 32 px and threshold.
@@ -129,7 +131,9 @@ def test_challenger_not_worse_than_champion_is_promoted(flow: dict[str, Any]) ->
     run = flow["runs"]["run4_as_good"]
     ev, reg = run["evaluate"], run["register"]
     assert ev["champion"]["version"] == "1" and ev["promote"]
-    assert reg["promoted"] and reg["version"] == 3
+    # Same ranking and decisions as the champion: every paired difference is zero.
+    assert all(d == {"point": 0.0, "ci95": [0.0, 0.0]} for d in ev["promotion"]["metric_deltas"].values())
+    assert reg["promoted"] and reg["version"] == 3 and reg["promotion_rule"] == ev["promotion"]["rule"]
     assert run["aliases"] == {"challenger": "3", "champion": "3"}
 
 
@@ -169,6 +173,13 @@ def test_registered_version_carries_model_mapping_signature_and_tags(flow: dict[
     assert list(meta.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 40, 40, 3]
     assert meta.saved_input_example_info is not None and (local / "input_example.json").is_file()
     assert "keras" in meta.flavors and (local / "data" / "model.keras").is_file()
+    # The version holds exactly the evaluated (calibrated) file, identified by content.
+    from covid_tasks.evaluate import file_sha256
+
+    assert file_sha256(local / "data" / "model.keras") == ev["model_sha256"] == tags["model_sha256"]
+    assert op["model_sha256"] == ev["model_sha256"] and tags["content_id"]
+    assert op["output"].startswith("calibrated P(covid)") and tags["calibration"] == "platt"
+    assert tags["promotion_rule"] == ev["promotion"]["rule"] and tags["shortcut_audit"] in ("ok", "warning")
 
 
 def test_mlflow_run_holds_params_metrics_and_artifacts(flow: dict[str, Any]) -> None:
@@ -179,14 +190,56 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(flow: dict[str, Any]) -> 
     assert params["dataset_version"] == "ds-run2_worse" and params["airflow_run_id"] == "manual__run2_worse"
     assert params["n_test"] == "35" and params["n_test_covid"] == "15" and params["n_val"] == "24"
     assert params["img_size"] == "40" and params["min_sensitivity"] == "0.8" and "git_commit" in params
-    assert params["champion_version_compared"] == "1"
+    assert params["champion_version_compared"] == "1" and params["gate_on"] == "point"
+    assert params["n_test"] == "35" and params["calibration_method"] == "platt"
     assert {"test_sensitivity", "test_specificity", "test_roc_auc", "test_sensitivity_ci95_low",
-            "test_roc_auc_ci95_high", "champion_test_sensitivity", "promote"} <= set(metrics)
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "finetune_loss")] == [0.7, 0.5]
+            "test_roc_auc_ci95_high", "champion_test_sensitivity", "promote", "val_sensitivity",
+            "calibration_ece_before", "calibration_ece_after", "calibration_brier_after",
+            "shortcut_roc_auc_lungs_hidden", "shortcut_roc_auc_outside_hidden",
+            "promotion_delta_roc_auc", "promotion_delta_sensitivity_ci95_low"} <= set(metrics)
+    settings = {"test_min_sensitivity", "test_min_specificity", "test_img_size", "test_promotion_margin",
+                "test_bootstrap_resamples", "test_n_test", "test_n"}
+    assert not settings & set(metrics)  # settings are params, not metrics
+    history = client.get_metric_history(run.info.run_id, "finetune_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 0.7), (2, 0.5)]  # step = the epoch the logs print
     files = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"metrics.json", "predictions.csv", "champion_predictions.csv", "class_indices.json",
-            "confusion_matrix.png", "roc_curve.png", "classification_report.txt"} <= files
+            "confusion_matrix.png", "roc_curve.png", "classification_report.txt", "reliability.png",
+            "shortcut_audit.png", "val_predictions.csv"} <= files
+    assert "operating_point.json" not in files  # only a model version holds one
     assert run.data.tags["decision"] == "challenger" and run.data.tags["model_version"] == "2"
+    assert run.data.tags["promotion_rule"] == "paired_patient_bootstrap_noninferiority"
+    assert "champion v1" in run.data.tags["promotion_reason"]
+
+
+def test_model_is_an_mlflow3_logged_model_linked_to_run_metrics_and_version(flow: dict[str, Any]) -> None:
+    import mlflow
+    import pandas as pd
+
+    from covid_tasks.data import make_dataset
+    from covid_tasks.training import load_splits
+
+    client, reg = flow["client"], flow["runs"]["run2_worse"]["register"]
+    mlflow.set_tracking_uri(flow["url"])
+    mlflow.set_registry_uri(flow["url"])
+    info = mlflow.models.get_model_info(f"models:/{MODEL}/2")
+    assert info.model_id == reg["model_id"] and info.model_id.startswith("m-")
+    assert info.run_id == reg["mlflow_run_id"]
+    assert client.get_model_version(MODEL, "2").source == f"models:/{reg['model_id']}"
+    logged = mlflow.get_logged_model(reg["model_id"])
+    assert str(logged.status).endswith("READY") and logged.source_run_id == reg["mlflow_run_id"]
+    assert logged.params["img_size"] == "40" and logged.tags["content_id"] == reg["content_id"]
+    linked = {m.key: m.value for m in logged.metrics}
+    run = client.get_run(reg["mlflow_run_id"])
+    assert linked["test_sensitivity"] == run.data.metrics["test_sensitivity"]
+    assert [o.model_id for o in run.outputs.model_outputs] == [reg["model_id"]]
+    # The registered model's own output is the calibrated P(covid) recorded in predictions.csv.
+    model = mlflow.keras.load_model(f"models:/{MODEL}/2")
+    cfg = flow["runs"]["run2_worse"]["cfg"]
+    test = load_splits(flow["root"])["test"]
+    prob = model.predict(make_dataset(test, flow["root"] / "raw" / "images", cfg, training=False), verbose=0)
+    rows = pd.read_csv(cfg.run_dir("run2_worse") / "predictions.csv")
+    assert prob.reshape(-1) == pytest.approx(rows["prob_covid"].to_numpy(), abs=1e-6)
 
 
 def test_every_written_metrics_file_matches_sklearn_on_its_predictions(flow: dict[str, Any]) -> None:
@@ -247,11 +300,21 @@ def test_registry_error_fails_the_task_and_moves_no_alias(flow: dict[str, Any], 
     tiny_run.write_model_run(cfg, "run5_good", tiny_run.channel_model(tiny_run.GOOD, 32, 20.0))
     assert evaluate(root, cfg, "run5_good")["promote"]
 
-    # 1. The registry is down: the task fails fast.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    with pytest.raises(MlflowException):
-        register(root, cfg.replace(mlflow_tracking_uri=closed_port_uri()), "run5_good")
+    # 1. The registry is down: the task fails with one line naming the URI, after MLflow's
+    #    retries and timeouts were bounded by the task itself (MLflow's defaults take minutes).
+    from covid_tasks.registry import MLFLOW_HTTP_LIMITS, RegistryUnavailableError
+
+    for key in MLFLOW_HTTP_LIMITS:
+        monkeypatch.delenv(key, raising=False)
+    down = closed_port_uri()
+    with pytest.raises(RegistryUnavailableError) as failed:
+        register(root, cfg.replace(mlflow_tracking_uri=down), "run5_good")
+    message = str(failed.value)
+    assert message.startswith(f"MLflow registry at {down} is unreachable (Connection refused)")
+    assert "\n" not in message
+    import os
+
+    assert {key: os.environ.get(key) for key in MLFLOW_HTTP_LIMITS} == MLFLOW_HTTP_LIMITS
     # 2. The registry refuses the registration itself, after the run was logged.
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise MlflowException("registry refused the new version")
@@ -266,3 +329,86 @@ def test_registry_error_fails_the_task_and_moves_no_alias(flow: dict[str, Any], 
     done = register(root, cfg, "run5_good")
     assert done["promoted"] and done["version"] == 4
     assert _aliases(client) == {"challenger": "4", "champion": "4"}
+
+
+def test_rerun_with_the_same_run_key_registers_the_new_model(flow: dict[str, Any]) -> None:
+    """A run re-trained and re-evaluated under the same key gets a new version holding the new model."""
+    import hashlib
+
+    import mlflow
+
+    from covid_tasks.evaluate import evaluate
+    from covid_tasks.register import register
+
+    client, root = flow["client"], flow["root"]
+    first = flow["runs"]["run2_worse"]
+    cfg = first["cfg"]
+    old = client.get_model_version(MODEL, "2")
+    latest = max(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
+    tiny_run.write_model_run(cfg, "run2_worse", tiny_run.channel_model(tiny_run.GOOD, 40, 12.0))  # re-trained
+    ev = evaluate(root, cfg, "run2_worse")
+    reg = register(root, cfg, "run2_worse", {"dataset_version": "ds-run2_worse-again"})
+    assert reg["registered"] and reg["version"] == latest + 1  # not the old version 2
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{reg['version']}",
+                                                     tracking_uri=flow["url"]))
+    assert json.loads((local / "operating_point.json").read_text())["threshold"] == ev["threshold"]
+    registered = hashlib.sha256((local / "data" / "model.keras").read_bytes()).hexdigest()
+    evaluated = hashlib.sha256(Path(ev["model_path"]).read_bytes()).hexdigest()
+    assert registered == evaluated == ev["model_sha256"] != old.tags["model_sha256"]
+    assert reg["mlflow_run_id"] != first["register"]["mlflow_run_id"]  # a new run for the new model
+    new = client.get_model_version(MODEL, str(reg["version"]))
+    assert new.tags["run_key"] == "run2_worse" and new.tags["content_id"] == reg["content_id"]
+    assert client.get_model_version(MODEL, "2").tags["model_sha256"] == old.tags["model_sha256"]  # untouched
+    again = register(root, cfg, "run2_worse", {"dataset_version": "ds-run2_worse-again"})
+    assert again["version"] == reg["version"] and again["mlflow_run_id"] == reg["mlflow_run_id"]
+    assert again["model_id"] == reg["model_id"]
+
+
+def test_a_rerun_completes_the_version_description(flow: dict[str, Any], monkeypatch) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from covid_tasks.evaluate import evaluate
+    from covid_tasks.register import register
+
+    client, root = flow["client"], flow["root"]
+    cfg = flow["base"].replace(img_size=32)
+    tiny_run.write_model_run(cfg, "run6_desc", tiny_run.channel_model(tiny_run.GOOD, 32, 16.0))
+    evaluate(root, cfg, "run6_desc")
+    before = _aliases(client)
+
+    def lost(*args: Any, **kwargs: Any) -> Any:
+        raise MlflowException("connection lost while writing the description")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(MlflowClient, "update_model_version", lost)
+        with pytest.raises(MlflowException, match="description"):
+            register(root, cfg, "run6_desc")
+    [version] = client.search_model_versions(f"name='{MODEL}' and tag.run_key='run6_desc'")
+    assert not version.description and _aliases(client) == before  # registered, nothing moved
+    done = register(root, cfg, "run6_desc")
+    assert done["version"] == int(version.version)
+    description = client.get_model_version(MODEL, version.version).description
+    assert description.startswith("run run6_desc: sensitivity")
+
+
+def test_lookup_errors_name_the_uri_and_create_no_store(flow: dict[str, Any], tmp_path: Path,
+                                                        monkeypatch) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from covid_tasks.registry import load_champion, load_registered
+
+    for key in ("MLFLOW_TRACKING_URI", "COVID_MLFLOW_TRACKING_URI", "COVID_DATA_ROOT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MlflowException) as missing:
+        load_champion()  # outside the repository, no store configured
+    assert f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}" in str(missing.value)
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns/
+    with pytest.raises(MlflowException) as absent:
+        load_champion(flow["url"], name="no-such-model")
+    assert flow["url"] in str(absent.value) and "no-such-model@champion" in str(absent.value)
+    with pytest.raises(MlflowException, match=flow["url"]):
+        load_registered(f"models:/{MODEL}/999", flow["url"])

