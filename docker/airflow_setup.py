@@ -120,8 +120,10 @@ def create_buckets(env: dict[str, str], attempts: int = 30) -> list[str]:
     from botocore.config import Config as BotoConfig
 
     names = [b.strip() for b in env.get("S3_BUCKETS", "").split(",") if b.strip()]
-    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"], region_name=env.get("S3_REGION") or "us-east-1",
-                          aws_access_key_id=env["S3_ACCESS_KEY"], aws_secret_access_key=env["S3_SECRET_KEY"],
+    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"],
+                          region_name=env.get("S3_REGION") or "us-east-1",
+                          aws_access_key_id=env["S3_ACCESS_KEY"],
+                          aws_secret_access_key=env["S3_SECRET_KEY"],
                           config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 3}))
     for attempt in range(attempts):
         try:

@@ -101,11 +101,11 @@ def ensure_users(database_uri: str, env: dict[str, str]) -> list[str]:
     return done
 
 
-def _upsert(store, name: str, password: str, is_admin: bool) -> None:
+def _upsert(store, name: str, pw: str, is_admin: bool) -> None:
     if store.has_user(name, use_primary=True):
-        store.update_user(name, password=password, is_admin=is_admin)
+        store.update_user(name, pw, is_admin)
     else:
-        store.create_user(name, password, is_admin=is_admin)
+        store.create_user(name, pw, is_admin=is_admin)
 
 
 def main(argv: list[str]) -> int:

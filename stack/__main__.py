@@ -15,18 +15,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from stack import init, procs, services
-from stack.settings import REPO, Settings
+from stack import procs
+
+if TYPE_CHECKING:  # the rest needs the virtual environment (PyYAML, Airflow's deps); `down` does not
+    from stack import services
+    from stack.settings import Settings
 
 log = logging.getLogger("stack")
-DEFAULT_HOME = REPO / ".stack"
+DEFAULT_HOME = Path(__file__).resolve().parents[1] / ".stack"
 START_TIMEOUT_S = 240.0
+#: How each service is stopped: signal to its leader, then SIGKILL to all of it after the timeout.
+#: PostgreSQL: SIGINT = fast shutdown; Celery: SIGTERM = warm shutdown (lets a task finish).
+STOP = {"postgres": (signal.SIGINT, 30.0), "s3": (signal.SIGTERM, 10.0),
+        "airflow-worker": (signal.SIGTERM, 60.0), "airflow-worker-gpu": (signal.SIGTERM, 60.0)}
 
 
 class StackError(RuntimeError):
@@ -35,6 +44,9 @@ class StackError(RuntimeError):
 
 def start(s: Settings, names: list[str], state: procs.State) -> list[services.Service]:
     """Start the named services that are not already running; returns their definitions."""
+    from stack import services
+    from stack.settings import REPO
+
     running = state.read()
     out = []
     for name in names:
@@ -99,6 +111,8 @@ def wait_dag(s: Settings, dag_id: str = "covid_retraining", timeout: float = 180
 
 
 def up(s: Settings) -> None:
+    from stack import init, services
+
     state = procs.State(s.home)
     init.prepare(s)
     init.initdb(s)
@@ -117,8 +131,10 @@ def summary(s: Settings) -> None:
     env = s.env
     print(f"""
 The stack is up (home {s.home}; credentials in {s.home / 'stack.env'}, mode 600):
-  Airflow UI/API  {s.url('airflow-apiserver')}   user {env.get('AIRFLOW_ADMIN_USER') or 'admin'}, password AIRFLOW_ADMIN_PASSWORD
-  MLflow          {s.url('mlflow')}   users {env.get('MLFLOW_ADMIN_USER')} (admin), {env.get('MLFLOW_VIEWER_USER')} (read)
+  Airflow UI/API  {s.url('airflow-apiserver')}   user {env.get('AIRFLOW_ADMIN_USER') or 'admin'}, \
+password AIRFLOW_ADMIN_PASSWORD
+  MLflow          {s.url('mlflow')}   users {env.get('MLFLOW_ADMIN_USER')} (admin), \
+{env.get('MLFLOW_VIEWER_USER')} (read)
   S3 (SeaweedFS)  {s.url('s3')}   key S3_ACCESS_KEY / S3_SECRET_KEY; buckets {', '.join(s.buckets)}
   Postgres        127.0.0.1:{s.port('STACK_PORT_POSTGRES')}   Redis 127.0.0.1:{s.port('STACK_PORT_REDIS')}
   Workers         {', '.join(f'{w} (queue {",".join(sorted(q))})' for w, q in s.workers().items())}
@@ -126,16 +142,17 @@ The stack is up (home {s.home}; credentials in {s.home / 'stack.env'}, mode 600)
 Stop everything with `make stack-down`.""")
 
 
-def down(s: Settings) -> bool:
+def down(home: Path) -> bool:
     """Stop every recorded process, newest first; True when none is left."""
-    state = procs.State(s.home)
+    state = procs.State(home)
     recs = state.read()
     ok = True
     for name in reversed(list(recs)):
-        svc_signal, timeout = _stop_params(s, name)
+        svc_signal, timeout = STOP.get(name, (signal.SIGTERM, 30.0))
         rec = recs[name]
+        began = time.monotonic()
         if rec.stop(svc_signal, timeout):
-            log.info("%-22s stopped", name)
+            log.info("%-22s stopped in %.1f s", name, time.monotonic() - began)
             state.remove(name)
         else:
             ok = False
@@ -143,15 +160,9 @@ def down(s: Settings) -> bool:
     return ok
 
 
-def _stop_params(s: Settings, name: str) -> tuple[int, float]:
-    try:
-        svc = services.build(s, name)
-        return svc.stop_signal, svc.stop_timeout
-    except Exception:  # noqa: BLE001 - stop what was recorded even when the config changed
-        return 15, 30.0
-
-
 def status(s: Settings) -> int:
+    from stack import services
+
     recs = procs.State(s.home).read()
     for name in services.names(s):
         rec = recs.get(name)
@@ -163,7 +174,7 @@ def one(s: Settings, action: str, name: str) -> None:
     state = procs.State(s.home)
     rec = state.read().get(name)
     if action in ("stop", "kill", "restart") and rec is not None:
-        done = rec.kill() if action == "kill" else rec.stop(*_stop_params(s, name))
+        done = rec.kill() if action == "kill" else rec.stop(*STOP.get(name, (signal.SIGTERM, 30.0)))
         if not done:
             raise StackError(f"{name}: processes left after {action}: {sorted(rec.members())}")
         state.remove(name)
@@ -181,15 +192,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="first port, used only when the env file is written (default 41000)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="stack: %(message)s")
-    if args.action == "down" and not (args.home / "stack.env").exists():
-        print(f"stack: nothing to stop ({args.home} has no stack)")
-        return 0
+    if args.action == "down":
+        if not (args.home / "state.json").exists():
+            print(f"stack: nothing to stop ({args.home} records no process)")
+            return 0
+        return 0 if down(args.home) else 1
+    from stack import init, services
+    from stack.settings import Settings
+
     s = Settings.load(args.home, args.port_base)
     try:
         if args.action == "up":
             up(s)
-        elif args.action == "down":
-            return 0 if down(s) else 1
         elif args.action == "status":
             return status(s)
         else:

@@ -71,16 +71,44 @@ def initdb(s: Settings) -> bool:
     user = pg_user()
     data.mkdir(parents=True, exist_ok=True)
     os.chmod(data, 0o700)
+    if user is not None:
+        _reachable_by(user, s)
     with tempfile.TemporaryDirectory(dir=s.home / "postgres") as tmp:
         pwfile = Path(tmp) / "pw"
         write_private(pwfile, s.env["POSTGRES_PASSWORD"] + "\n")
         if user is not None:
             for path in (data.parent, data, Path(tmp), pwfile):
                 os.chown(path, user.pw_uid, user.pw_gid)
-        run([pg_bin("initdb"), "-D", str(data), "-U", "airflow", f"--pwfile={pwfile}", "-A", "scram-sha-256",
-             "-E", "UTF8", "--locale=C"], s.base_env(), s.home / "logs" / "postgres-init.log",
-            "initdb", user=user)
+        run([pg_bin("initdb", s.home), "-D", str(data), "-U", "airflow", f"--pwfile={pwfile}",
+             "-A", "scram-sha-256", "-E", "UTF8", "--locale=C"], s.base_env(),
+            s.home / "logs" / "postgres-init.log", "initdb", user=user)
     return True
+
+
+def _reachable_by(user: Any, s: Settings) -> None:
+    """As root: copy the server binaries into the home and check that ``user`` reaches them.
+
+    PostgreSQL refuses to run as root, so it runs as ``user``, who must be able to traverse
+    every parent folder of the stack's home.
+    """
+    import shutil
+
+    src = Path(pg_bin("postgres")).parents[1]  # site-packages/pgserver/pginstall
+    target = Path(pg_bin("postgres", s.home))
+    if not target.exists():  # same layout as site-packages: the binaries' rpath is relative
+        dst = target.parents[1]
+        for sub in ("bin", "lib", "share"):
+            shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
+        libs = src.parents[1] / "pgserver.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, dst.parents[1] / "pgserver.libs", dirs_exist_ok=True)
+    os.chmod(s.home / "postgres", 0o755)
+    probe = subprocess.run([str(target), "--version"], user=user.pw_uid, group=user.pw_gid,
+                           extra_groups=[], capture_output=True)
+    if probe.returncode != 0:
+        raise StepFailed(f"PostgreSQL runs as user {user.pw_name} (it refuses root), who cannot reach "
+                         f"{s.home}: make its parent folders traversable (chmod o+x) or choose another "
+                         "home (make stack STACK_HOME=/srv/covid-stack)")
 
 
 def postgres_sql(s: Settings) -> None:
@@ -151,8 +179,9 @@ def upload_sample(s: Settings, env: dict[str, str], logfile: Path) -> None:
     source = env.get("COVID_SOURCE_URI", "")
     if not source.startswith("s3://") or source[5:].split("/")[0] not in s.buckets:
         return
-    aws = {**s.base_env(), "AWS_ACCESS_KEY_ID": env["S3_ACCESS_KEY"], "AWS_SECRET_ACCESS_KEY": env["S3_SECRET_KEY"],
-           "AWS_ENDPOINT_URL": env["S3_ENDPOINT_URL"], "AWS_DEFAULT_REGION": env.get("S3_REGION") or "us-east-1"}
+    aws = {**s.base_env(), "AWS_ACCESS_KEY_ID": env["S3_ACCESS_KEY"],
+           "AWS_SECRET_ACCESS_KEY": env["S3_SECRET_KEY"], "AWS_ENDPOINT_URL": env["S3_ENDPOINT_URL"],
+           "AWS_DEFAULT_REGION": env.get("S3_REGION") or "us-east-1"}
     import sys
 
     out = run([sys.executable, str(REPO / "docker" / "upload_dataset.py"), str(REPO / "sample_data"), source],

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import signal
 import socket
 import subprocess
 import sys
@@ -45,8 +44,6 @@ class Service:
     argv: list[str]
     env: dict[str, str]
     ready: Callable[[], bool]
-    stop_signal: int = signal.SIGTERM
-    stop_timeout: float = 30.0
     user: Any | None = field(default=None, repr=False)
 
 
@@ -58,9 +55,17 @@ def bin_path(name: str) -> str:
     return str(path)
 
 
-def pg_bin(name: str) -> str:
-    """A PostgreSQL program shipped in the pgserver wheel."""
+def pg_bin(name: str, home: Path | None = None) -> str:
+    """A PostgreSQL program shipped in the pgserver wheel.
+
+    With ``home`` and when running as root, the copy in ``HOME/postgres/runtime`` that
+    :func:`stack.init.initdb` makes, so that the unprivileged server user only needs to reach
+    the stack's home, not the virtual environment.
+    """
     import importlib.util
+
+    if home is not None and os.geteuid() == 0:
+        return str(home / "postgres" / "runtime" / "pgserver" / "pginstall" / "bin" / name)
 
     spec = importlib.util.find_spec("pgserver")  # located, not imported (its import has side effects)
     if spec is None or not spec.submodule_search_locations:
@@ -163,10 +168,9 @@ def celery_ready(s: Settings, name: str) -> bool:
 # ---------------------------------------------------------------------------- definitions
 def postgres(s: Settings) -> Service:
     data = s.home / "postgres" / "data"
-    argv = [pg_bin("postgres"), "-D", str(data), "-h", BIND, "-p", str(s.port("STACK_PORT_POSTGRES")),
+    argv = [pg_bin("postgres", s.home), "-D", str(data), "-h", BIND, "-p", str(s.port("STACK_PORT_POSTGRES")),
             "-k", "", "-c", "max_connections=200", "-c", "shared_buffers=128MB"]
-    return Service("postgres", argv, s.base_env(), lambda: postgres_ready(s), stop_signal=signal.SIGINT,
-                   user=pg_user())
+    return Service("postgres", argv, s.base_env(), lambda: postgres_ready(s), user=pg_user())
 
 
 def redis_service(s: Settings) -> Service:
@@ -182,14 +186,15 @@ def s3(s: Settings) -> Service:
     for flag, var in ports.items():
         argv = compose.set_flag(argv, flag, str(s.port(var)))
         argv = compose.set_flag(argv, flag + ".grpc", str(s.port(var) + 10000))
-    for flag, value in (("-dir", str(s.home / "s3")), ("-ip", BIND), ("-ip.bind", BIND), ("-s3.ip.bind", BIND),
+    for flag, value in (("-dir", str(s.home / "s3")), ("-ip", BIND), ("-ip.bind", BIND),
+                        ("-s3.ip.bind", BIND),
                         ("-master.volumeSizeLimitMB", "64"), ("-volume.max", "32"),
                         ("-s3.localSocket", str(s.home / "s3" / "s3.sock")),
                         ("-filer.localSocket", str(s.home / "s3" / "filer.sock"))):
         argv = compose.set_flag(argv, flag, value)
     env = {**s.base_env(), **s.compose_env("s3"), "TMPDIR": str(s.home / "s3")}
     url = s.url("s3")
-    return Service("s3", argv, env, lambda: http_ok(f"{url}/healthz"), stop_timeout=10.0)
+    return Service("s3", argv, env, lambda: http_ok(f"{url}/healthz"))
 
 
 def mlflow(s: Settings) -> Service:
@@ -226,7 +231,7 @@ def airflow_component(s: Settings, name: str) -> Service:
 def worker(s: Settings, name: str) -> Service:
     argv = [bin_path("airflow"), *compose.args(s.service(name).get("command"))]
     argv += ["--celery-hostname", f"{name}@{socket.gethostname()}", "--skip-serve-logs"]
-    return Service(name, argv, s.airflow_env(name), lambda: celery_ready(s, name), stop_timeout=60.0)
+    return Service(name, argv, s.airflow_env(name), lambda: celery_ready(s, name))
 
 
 def build(s: Settings, name: str) -> Service:

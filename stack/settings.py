@@ -129,11 +129,13 @@ class Settings:
         def swap(m: re.Match) -> str:
             key = f"{m[1]}:{m[2]}"
             if key not in self.addresses:
-                raise ValueError(f"docker-compose.yaml addresses {key}; the stack knows {sorted(self.addresses)}")
+                raise ValueError(f"docker-compose.yaml addresses {key}; "
+                                 f"the stack knows {sorted(self.addresses)}")
             return self.addresses[key]
 
         hosts = "|".join(sorted({k.split(":")[0] for k in self.addresses}, key=len, reverse=True))
-        value = re.sub(rf"(?<=[/@])({hosts}):(\d+)", swap, value)
+        # host:port after // or @, and not user:password (the port must end the authority)
+        value = re.sub(rf"(?<=[/@])({hosts}):(\d+)(?![\w@.:-])", swap, value)
         for container, (base, rel) in PATHS.items():
             root = self.home if base == "home" else REPO
             local = str(root / rel) + ("/" if container.endswith("/") else "")
@@ -187,7 +189,8 @@ class Settings:
             "AIRFLOW__API__PORT": str(api),
             "AIRFLOW__API__BASE_URL": f"http://{BIND}:{api}",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": BIND,
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(self.port("STACK_PORT_SCHEDULER_HEALTH")),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT":
+                str(self.port("STACK_PORT_SCHEDULER_HEALTH")),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self.port("STACK_PORT_TRIGGERER_LOGS")),
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.port("STACK_PORT_WORKER_LOGS")),
             "MPLBACKEND": "Agg",

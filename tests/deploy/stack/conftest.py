@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -71,7 +73,8 @@ def free_port_base() -> int:
 
 
 def stack_cli(home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-m", "stack", *args, "--home", str(home)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -111,7 +114,8 @@ class AirflowAPI:
     # ---------------------------------------------------------------- DAG runs
     def trigger(self, dag_id: str, conf: dict) -> str:
         self.call("PATCH", f"/dags/{dag_id}", {"is_paused": False})
-        return self.call("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
+        run = self.call("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
+        return run["dag_run_id"]
 
     def run(self, dag_id: str, run_id: str) -> dict:
         return self.call("GET", f"/dags/{dag_id}/dagRuns/{_q(run_id)}")
@@ -125,8 +129,8 @@ class AirflowAPI:
         return self.call("GET", path)["task_instances"]
 
     def log(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> str:
-        path = f"/dags/{dag_id}/dagRuns/{_q(run_id)}/taskInstances/{task_id}/logs/{try_number}?full_content=true"
-        return self.call("GET", path, raw=True)
+        path = f"/dags/{dag_id}/dagRuns/{_q(run_id)}/taskInstances/{task_id}/logs/{try_number}"
+        return self.call("GET", path + "?full_content=true", raw=True)
 
     def wait(self, what: str, predicate, timeout: float, interval: float = 1.0) -> Any:
         """Poll ``predicate()`` until it returns a truthy value; fail naming ``what`` after ``timeout``."""
@@ -145,12 +149,16 @@ def _q(run_id: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def stack_home(tmp_path_factory: pytest.TempPathFactory):
-    """A running stack; yields its home folder. Stopped at the end unless COVID_STACK_TEST_HOME is set."""
+def stack_home():
+    """A running stack; yields its home folder. Stopped at the end unless COVID_STACK_TEST_HOME is set.
+
+    The home is a fresh folder in the system's temporary directory rather than pytest's (mode
+    700 parents): run as root, PostgreSQL runs as an unprivileged user who must reach it.
+    """
     from stack.settings import render_env, write_private
 
     keep = os.environ.get("COVID_STACK_TEST_HOME")
-    home = Path(keep) if keep else tmp_path_factory.mktemp("stack")
+    home = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="covid-stack-test-"))
     env_path = home / "stack.env"
     if not env_path.exists():
         text = render_env(free_port_base())
@@ -163,11 +171,14 @@ def stack_home(tmp_path_factory: pytest.TempPathFactory):
     up = stack_cli(home, "up")
     print(f"\nmake stack equivalent (python -m stack up) took {time.monotonic() - began:.0f} s")
     if up.returncode != 0:
-        stack_cli(home, "down")
+        if stack_cli(home, "down").returncode == 0 and not keep:
+            shutil.rmtree(home, ignore_errors=True)
         pytest.fail(f"the stack did not come up:\n{up.stdout[-4000:]}\n{up.stderr[-6000:]}")
     yield home
     if not keep:
-        stack_cli(home, "down")
+        down = stack_cli(home, "down")
+        if down.returncode == 0:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

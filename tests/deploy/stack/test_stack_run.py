@@ -76,10 +76,14 @@ def faulty_run(api, settings, stack_home) -> dict:
                      lambda: _register_first_try(api, run_id), 300, 0.5)
     started = stack_cli(stack_home, "start", "mlflow", timeout=300)
     assert started.returncode == 0, started.stderr
-    run = api.wait("the run to end", lambda: (r := api.run(DAG, run_id))["state"] in ("success", "failed") and r,
-                   RUN_TIMEOUT_S, 2.0)
+    run = api.wait("the run to end", lambda: _ended(api, run_id), RUN_TIMEOUT_S, 2.0)
     return {"run_id": run_id, "run": run, "register_first_try": first,
             "register_first_log": api.log(DAG, run_id, "register", 1)}
+
+
+def _ended(api, run_id: str) -> dict | None:
+    run = api.run(DAG, run_id)
+    return run if run["state"] in ("success", "failed") else None
 
 
 def _register_first_try(api, run_id: str) -> dict | None:
@@ -169,8 +173,7 @@ def test_the_inference_user_cannot_move_the_champion(settings, faulty_run):
 
 def test_a_second_unforced_run_stops_after_pull(api, settings, faulty_run):
     run_id = api.trigger(DAG, {**CONF, "force": False})
-    run = api.wait("the unforced run to end",
-                   lambda: (r := api.run(DAG, run_id))["state"] in ("success", "failed") and r, 600, 2.0)
+    run = api.wait("the unforced run to end", lambda: _ended(api, run_id), 600, 2.0)
     states = {t: ti["state"] for t, ti in api.tis(DAG, run_id).items()}
     assert run["state"] == "success", states
     assert states["pull"] == "success" and states["check_new_data"] == "success", states
