@@ -58,6 +58,7 @@ def _mlflow_client(settings, user_var: str, password_var: str):
 @pytest.fixture(scope="module")
 def faulty_run(api, settings, stack_home) -> dict:
     """Trigger the forced run and inject both faults; returns what the tests check."""
+    began = time.monotonic()
     run_id = api.trigger(DAG, {**CONF, "force": True})
     # 1. SIGKILL the gpu worker while train runs (give it a few seconds inside the task).
     api.wait("train running", lambda: _state(api, run_id, "train")["state"] == "running", 600)
@@ -77,6 +78,7 @@ def faulty_run(api, settings, stack_home) -> dict:
     started = stack_cli(stack_home, "start", "mlflow", timeout=300)
     assert started.returncode == 0, started.stderr
     run = api.wait("the run to end", lambda: _ended(api, run_id), RUN_TIMEOUT_S, 2.0)
+    print(f"\nforced run with both faults: {time.monotonic() - began:.0f} s")
     return {"run_id": run_id, "run": run, "register_first_try": first,
             "register_first_log": api.log(DAG, run_id, "register", 1)}
 
