@@ -195,6 +195,7 @@ def test_stack_down_leaves_no_process_of_the_stack(stack_home, settings, faulty_
     members = {name: {pid: procs.start_time(pid) for pid in rec.members()} for name, rec in recorded.items()}
     assert all(members.values()), {n: m for n, m in members.items() if not m}
     down = stack_cli(stack_home, "down", timeout=300)
+    print("\n" + down.stderr)
     assert down.returncode == 0, down.stdout + down.stderr
     left = {pid for pids in members.values() for pid, started in pids.items()
             if started is not None and procs.start_time(pid) == started}
