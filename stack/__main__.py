@@ -73,14 +73,14 @@ def wait_ready(s: Settings, svcs: list[services.Service], state: procs.State,
         for name, svc in list(pending.items()):
             if not recs[name].alive():
                 raise StackError(f"{name} exited during start-up; last lines of {recs[name].log}:\n"
-                                 f"{recs[name].tail()}")
+                                 f"{recs[name].tail()}\n(`make stack-down` stops what did start)")
             if svc.ready():
                 log.info("%-22s ready after %.0f s", name, time.monotonic() - began)
                 del pending[name]
         if pending and time.monotonic() > deadline:
             name = next(iter(pending))
             raise StackError(f"{name} not ready after {timeout:.0f} s; last lines of {recs[name].log}:\n"
-                             f"{recs[name].tail()}")
+                             f"{recs[name].tail()}\n(`make stack-down` stops what did start)")
         time.sleep(0.5)
 
 
@@ -171,8 +171,14 @@ def status(s: Settings) -> int:
 
 
 def one(s: Settings, action: str, name: str) -> None:
+    from stack import services
+
+    if name not in services.names(s):
+        raise StackError(f"unknown service {name!r}; the stack runs {', '.join(services.names(s))}")
     state = procs.State(s.home)
     rec = state.read().get(name)
+    if action == "kill" and (rec is None or not rec.alive()):
+        raise StackError(f"{name} is not running")
     if action in ("stop", "kill", "restart") and rec is not None:
         done = rec.kill() if action == "kill" else rec.stop(*STOP.get(name, (signal.SIGTERM, 30.0)))
         if not done:
@@ -197,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stack: nothing to stop ({args.home} records no process)")
             return 0
         return 0 if down(args.home) else 1
+    if args.action != "up" and not (args.home / "stack.env").exists():
+        print(f"stack: {args.home} holds no stack (run `make stack` first)", file=sys.stderr)
+        return 1
     from stack import init, services
     from stack.settings import Settings
 
