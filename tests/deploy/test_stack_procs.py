@@ -20,8 +20,8 @@ SLEEP = [sys.executable, "-c", "import time; time.sleep(300)"]
 TREE = "import subprocess, sys, time\n" \
        f"subprocess.Popen({SLEEP!r}, start_new_session=True)\n" \
        "time.sleep(300)\n"
-STUBBORN = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n" \
-           "time.sleep(300)\n"
+STUBBORN = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" \
+           "print('ready', flush=True)\ntime.sleep(300)\n"
 
 
 def _spawn(tmp_path: Path, name: str, code: str) -> procs.Proc:
