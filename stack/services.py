@@ -95,8 +95,11 @@ def pg_user() -> Any | None:
             return pwd.getpwnam(name)
         except KeyError:
             continue
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                    "covid-stack"], check=True, capture_output=True)
+    import shutil
+
+    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+    subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "covid-stack"],
+                   check=True, capture_output=True)
     return pwd.getpwnam("covid-stack")
 
 
