@@ -142,21 +142,36 @@ password AIRFLOW_ADMIN_PASSWORD
 Stop everything with `make stack-down`.""")
 
 
+#: Services `down` stops last, one tier at a time, after everything that uses them.
+BACKENDS = (("mlflow",), ("s3", "redis"), ("postgres",))
+
+
 def down(home: Path) -> bool:
-    """Stop every recorded process, newest first; True when none is left."""
+    """Stop every recorded process: the Airflow components together, then the services they
+    use, tier by tier (``BACKENDS``). True when none is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
     state = procs.State(home)
     recs = state.read()
-    ok = True
-    for name in reversed(list(recs)):
+    last = {n for tier in BACKENDS for n in tier}
+    tiers = [[n for n in recs if n not in last]] + [[n for n in tier if n in recs] for tier in BACKENDS]
+
+    def stop(name: str) -> bool:
         svc_signal, timeout = STOP.get(name, (signal.SIGTERM, 30.0))
-        rec = recs[name]
         began = time.monotonic()
-        if rec.stop(svc_signal, timeout):
+        if recs[name].stop(svc_signal, timeout):
             log.info("%-22s stopped in %.1f s", name, time.monotonic() - began)
-            state.remove(name)
-        else:
-            ok = False
-            log.error("%-22s still has processes: %s", name, sorted(rec.members()))
+            return True
+        log.error("%-22s still has processes: %s", name, sorted(recs[name].members()))
+        return False
+
+    ok = True
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for tier in filter(None, tiers):
+            for name, done in zip(tier, pool.map(stop, tier), strict=True):
+                if done:
+                    state.remove(name)
+                ok = ok and done
     return ok
 
 
