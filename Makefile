@@ -102,7 +102,7 @@ stack-test: install-dev install-stack
 
 lint: install-dev
 	$(PIP) install -q ruff==0.17.6
-	$(BIN)/ruff check dags covid_tasks tests
+	$(BIN)/ruff check dags covid_tasks tests stack docker
 
 bench: install-dev
 	$(BIN)/python benchmarks/pull_bench.py
