@@ -98,7 +98,7 @@ stack-down:
 
 # Starts its own stack on free ports in a temporary folder, runs tests/deploy/stack/, stops it.
 stack-test: install-dev install-stack
-	COVID_STACK_TEST=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/deploy/stack
+	STACK_TEST=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/deploy/stack
 
 lint: install-dev
 	$(PIP) install -q ruff==0.17.6

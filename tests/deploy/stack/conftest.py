@@ -11,7 +11,7 @@ all through Airflow's own configuration, so that the fault scenarios fit in CI's
   task's ``retry_delay`` to RETRY_DELAY_S (``register``: REGISTER_RETRY_DELAY_S) instead of the
   DAG's minutes.
 
-``COVID_STACK_TEST_HOME=/path`` reuses (or creates) a stack there and leaves it running, to
+``STACK_TEST_HOME=/path`` reuses (or creates) a stack there and leaves it running, to
 iterate on the tests; by default the stack lives in a temporary folder and is stopped at the end.
 """
 
@@ -156,14 +156,14 @@ def _q(run_id: str) -> str:
 
 @pytest.fixture(scope="session")
 def stack_home():
-    """A running stack; yields its home folder. Stopped at the end unless COVID_STACK_TEST_HOME is set.
+    """A running stack; yields its home folder. Stopped at the end unless STACK_TEST_HOME is set.
 
     The home is a fresh folder in the system's temporary directory rather than pytest's (mode
     700 parents): run as root, PostgreSQL runs as an unprivileged user who must reach it.
     """
     from stack.settings import render_env, write_private
 
-    keep = os.environ.get("COVID_STACK_TEST_HOME")
+    keep = os.environ.get("STACK_TEST_HOME")
     home = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="covid-stack-test-"))
     env_path = home / "stack.env"
     if not env_path.exists():

@@ -205,8 +205,8 @@ def test_every_port_of_the_stack_listens_on_loopback_only(stack_home, faulty_run
 
 
 def test_stack_down_leaves_no_process_of_the_stack(stack_home, settings, faulty_run):
-    if os.environ.get("COVID_STACK_TEST_HOME"):
-        pytest.skip("COVID_STACK_TEST_HOME keeps the stack running")
+    if os.environ.get("STACK_TEST_HOME"):
+        pytest.skip("STACK_TEST_HOME keeps the stack running")
     from stack import procs
     from stack.settings import PORTS
 
