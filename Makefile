@@ -2,6 +2,7 @@
 #   make run   - venv, install, local Airflow + MLflow, one full DAG run on sample_data/
 #   make test  - install test tools and run the test suite
 #   make airflow - the Airflow UI on http://127.0.0.1:8080 (AIRFLOW_HOST, AIRFLOW_PORT change it)
+#   make stack / stack-down / stack-test - docker-compose.yaml's services as local processes (README)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := $(CURDIR)/.venv
@@ -34,7 +35,11 @@ AIRFLOW_HOST ?= 127.0.0.1
 AIRFLOW_PORT ?= 8080
 AIRFLOW_URL_HOST := $(if $(filter 0.0.0.0 ::,$(AIRFLOW_HOST)),127.0.0.1,$(AIRFLOW_HOST))
 
-.PHONY: install install-dev run airflow-init airflow test lint bench clean
+.PHONY: install install-dev install-stack run airflow-init airflow test lint bench clean stack stack-down stack-test
+
+# `make stack`: the compose topology as local processes; state, logs and credentials in STACK_HOME.
+STACK_HOME ?= $(CURDIR)/.stack
+STACK_PORT_BASE ?= 41000
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +53,13 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(PIP) install -r requirements-dev.txt -c constraints.txt
 	touch $@
 
+$(VENV)/.installed-stack: $(VENV)/.installed requirements-stack.txt
+	$(PIP) install -r requirements-stack.txt -c constraints.txt
+	touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+install-stack: $(VENV)/.installed-stack
 
 airflow-init: install
 	mkdir -p $(AIRFLOW_HOME)
@@ -79,9 +89,20 @@ airflow: airflow-init
 test: install-dev
 	$(BIN)/python -m pytest -q
 
+stack: install-stack
+	$(BIN)/python -m stack up --home $(STACK_HOME) --port-base $(STACK_PORT_BASE)
+
+# Stops exactly the processes `make stack` recorded in $(STACK_HOME)/state.json (standard library only).
+stack-down:
+	@PY=$(BIN)/python; [ -x $$PY ] || PY=python3; PYTHONPATH=$(CURDIR) $$PY -m stack down --home $(STACK_HOME)
+
+# Starts its own stack on free ports in a temporary folder, runs tests/deploy/stack/, stops it.
+stack-test: install-dev install-stack
+	STACK_TEST=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/deploy/stack
+
 lint: install-dev
 	$(PIP) install -q ruff==0.17.6
-	$(BIN)/ruff check dags covid_tasks tests
+	$(BIN)/ruff check dags covid_tasks tests stack docker
 
 bench: install-dev
 	$(BIN)/python benchmarks/pull_bench.py
@@ -99,4 +120,5 @@ bench-serve: install
 	$(BIN)/python benchmarks/serve_bench.py
 
 clean:
-	rm -rf $(VENV) .airflow data mlflow .pytest_cache
+	-$(MAKE) stack-down
+	rm -rf $(VENV) .airflow data mlflow .pytest_cache .stack

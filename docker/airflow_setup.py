@@ -5,6 +5,7 @@
 ``writable DIR UID`` fails unless user UID (group 0) can create a file in DIR (the data root).
 ``write DIR`` writes ``DIR/connections.json`` for ``airflow connections import --overwrite`` and
            ``DIR/pools.json`` (the pools the DAG's tasks use), both from the environment.
+``buckets`` creates the buckets of ``S3_BUCKETS`` in the S3 store unless they exist (needs boto3).
 
 Environment read by ``write`` (docker-compose.yaml passes it to airflow-init):
     S3_ACCESS_KEY, S3_SECRET_KEY     key pair of the S3 store (SeaweedFS): the connection's login, password
@@ -13,6 +14,7 @@ Environment read by ``write`` (docker-compose.yaml passes it to airflow-init):
     COVID_S3_CONN_ID                 the connection id the DAG reads (default aws_default)
     COVID_MLFLOW_TRACKING_URI        e.g. http://mlflow:5000 (also stored as connection mlflow_default)
     GPU_POOL_SLOTS                   slots of pool ``gpu`` (= GPUs that may train at once), default 1
+    S3_BUCKETS                       comma-separated buckets to create (``buckets``)
 """
 
 from __future__ import annotations
@@ -107,6 +109,36 @@ def pools(env: dict[str, str]) -> dict[str, dict[str, object]]:
                        "include_deferred": False}}
 
 
+def create_buckets(env: dict[str, str], attempts: int = 30) -> list[str]:
+    """Create every bucket of ``S3_BUCKETS`` that does not exist yet; returns the bucket names.
+
+    Retries while the S3 store is still starting (a fresh SeaweedFS needs a few seconds).
+    """
+    import time
+
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    names = [b.strip() for b in env.get("S3_BUCKETS", "").split(",") if b.strip()]
+    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"],
+                          region_name=env.get("S3_REGION") or "us-east-1",
+                          aws_access_key_id=env["S3_ACCESS_KEY"],
+                          aws_secret_access_key=env["S3_SECRET_KEY"],
+                          config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 3}))
+    for attempt in range(attempts):
+        try:
+            existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+            for name in names:
+                if name not in existing:
+                    client.create_bucket(Bucket=name)
+            return names
+        except Exception:  # noqa: BLE001 - the store may still be starting
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2)
+    return names
+
+
 def writable(folder: str, uid: int) -> str | None:
     """``None`` when user ``uid`` (group 0) can create a file in ``folder``, else the reason.
 
@@ -157,13 +189,16 @@ def main(argv: list[str]) -> int:
             with os.fdopen(fd, "w") as fh:
                 json.dump(data, fh, indent=2)
         return 0
+    if argv == ["buckets"]:
+        print(f"airflow-init: buckets {', '.join(create_buckets(env))} are there")
+        return 0
     if argv[:1] == ["writable"] and len(argv) == 3:
         reason = writable(argv[1], int(argv[2]))
         if reason:
             print(f"airflow-init: uid {argv[2]} cannot write the data root {argv[1]}: {reason}",
                   file=sys.stderr)
         return 1 if reason else 0
-    print("usage: airflow_setup.py check | writable DIR UID | write DIR", file=sys.stderr)
+    print("usage: airflow_setup.py check | writable DIR UID | write DIR | buckets", file=sys.stderr)
     return 2
 
 

@@ -7,7 +7,8 @@
 #   3. migrates the metadata database and creates the admin user (the image's /entrypoint does
 #      both, from _AIRFLOW_DB_MIGRATE and _AIRFLOW_WWW_USER_*, as in Airflow's own compose file);
 #   4. creates the pool `gpu` (GPU_POOL_SLOTS slots) used by the DAG's train and finetune tasks;
-#   5. creates the S3 connection ($COVID_S3_CONN_ID, default aws_default) and mlflow_default.
+#   5. creates the S3 connection ($COVID_S3_CONN_ID, default aws_default) and mlflow_default;
+#   6. creates the buckets of S3_BUCKETS in the S3 store (covid-xray, mlflow, airflow-logs).
 set -euo pipefail
 
 SETUP=/opt/covid/bin/airflow_setup.py
@@ -38,7 +39,8 @@ trap 'rm -rf "$work"' EXIT
 python "$SETUP" write "$work"
 airflow pools import "$work/pools.json"
 airflow connections import --overwrite "$work/connections.json"
+python "$SETUP" buckets
 
 # Files the steps above wrote as root under the logs volume must stay writable by the services.
 find /opt/airflow/logs -user 0 -exec chown "${AIRFLOW_UID}:0" {} +
-say "done: pool gpu (${GPU_POOL_SLOTS:-1} slots), connections ${COVID_S3_CONN_ID:-aws_default} and mlflow_default"
+say "done: pool gpu (${GPU_POOL_SLOTS:-1} slots), connections ${COVID_S3_CONN_ID:-aws_default} and mlflow_default, buckets ${S3_BUCKETS}"

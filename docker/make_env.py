@@ -36,7 +36,11 @@ GENERATED = {
     "AIRFLOW_FERNET_KEY": lambda: base64.urlsafe_b64encode(os.urandom(32)).decode("ascii"),
     "AIRFLOW_API_SECRET_KEY": lambda: secrets.token_hex(32),
     "AIRFLOW_JWT_SECRET": lambda: secrets.token_hex(32),
+    "MLFLOW_ADMIN_PASSWORD": lambda: secrets.token_hex(16),
+    "MLFLOW_AIRFLOW_PASSWORD": lambda: secrets.token_hex(24),
     "MLFLOW_INFERENCE_PASSWORD": lambda: secrets.token_hex(24),
+    "MLFLOW_VIEWER_PASSWORD": lambda: secrets.token_hex(16),
+    "MLFLOW_FLASK_SECRET_KEY": lambda: secrets.token_hex(32),
 }
 
 

@@ -1,0 +1,227 @@
+"""Authentication and exposure of the stack (issue 16, item 2).
+
+Reads docker-compose.yaml and the remote-worker override: MLflow must run with basic auth and the
+users of .env, the Airflow tasks must log in to it, SeaweedFS must expose only its S3 API (no
+WebDAV, Iceberg or Lance; master, volume and filer bound to the container's loopback), and the
+remote worker's log server must not listen on every interface. Then starts a real
+``mlflow server`` through docker/mlflow_auth.py (SQLite backend) and checks who may do what:
+anonymous requests and the read-only users are refused ``set-registered-model-alias``, the
+``airflow`` user may register and move the alias.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from stack import compose
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yaml"
+sys.path.insert(0, str(ROOT / "docker"))
+import make_env  # noqa: E402
+import mlflow_auth  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    out = compose.env_file(make_env.render((ROOT / ".env.example").read_text(), uid=1000))
+    out.update(STACK_HOST_IP="10.20.30.40", WORKER_HOSTNAME="gpu2", WORKER_BIND_IP="10.20.30.41",
+               NFS_SERVER="10.20.30.50", NFS_EXPORT="/export")
+    return out
+
+
+@pytest.fixture(scope="module")
+def services(env) -> dict:
+    return compose.interpolate(compose.load(COMPOSE), env)["services"]
+
+
+# --------------------------------------------------------------------------- what the compose file says
+def mlflow_problems(svc: dict, airflow_env: dict) -> list[str]:
+    """Why an mlflow service definition would accept unauthenticated requests (empty when fine)."""
+    argv = compose.args(svc.get("entrypoint")) + compose.args(svc.get("command"))
+    out = []
+    if compose.flag(argv, "--app-name") != "basic-auth":
+        out.append("mlflow server runs without --app-name=basic-auth")
+    if not any(a.endswith("mlflow_auth.py") for a in argv):
+        out.append("the users of .env are not set up (docker/mlflow_auth.py is not the entrypoint)")
+    senv = svc.get("environment", {})
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_AIRFLOW_PASSWORD", "MLFLOW_INFERENCE_PASSWORD",
+                 "MLFLOW_VIEWER_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        if not senv.get(name):
+            out.append(f"mlflow service lacks {name}")
+    if not (airflow_env.get("MLFLOW_TRACKING_USERNAME") and airflow_env.get("MLFLOW_TRACKING_PASSWORD")):
+        out.append("the Airflow services have no MLflow login")
+    return out
+
+
+def seaweed_problems(svc: dict) -> list[str]:
+    """Why an s3 service would expose more than the S3 API (empty when fine)."""
+    argv = compose.args(svc.get("command"))
+    mode = argv[0] if argv else ""
+    out = []
+    webdav = compose.flag(argv, "-webdav")
+    if (mode == "mini" and webdav != "false") or (webdav not in (None, "false")):
+        out.append("WebDAV is enabled")
+    if mode == "server" and "-webdav" in argv:
+        out.append("WebDAV is enabled")
+    for port in ("-s3.port.iceberg", "-s3.port.lance"):
+        if compose.flag(argv, port) != "0":
+            out.append(f"{port} is not 0 (Iceberg REST / Lance accept unauthenticated writes)")
+    if compose.flag(argv, "-ip.bind") not in ("127.0.0.1", "localhost"):
+        out.append("master, volume and filer listen on the network (-ip.bind)")
+    if mode == "mini" and compose.flag(argv, "-admin.ui") != "false":
+        out.append("the admin UI is enabled")
+    return out
+
+
+def test_compose_mlflow_requires_authentication(services):
+    assert mlflow_problems(services["mlflow"], services["airflow-worker"]["environment"]) == []
+    assert services["airflow-worker"]["environment"]["MLFLOW_TRACKING_USERNAME"] == "airflow"
+
+
+def test_the_mlflow_check_fails_on_an_unauthenticated_server(services):
+    """The old, unauthenticated definition is caught."""
+    bare = {"entrypoint": ["/usr/bin/dumb-init", "--", "mlflow", "server"],
+            "command": ["--host=0.0.0.0", "--port=5000"], "environment": {}}
+    problems = mlflow_problems(bare, {})
+    assert any("basic-auth" in p for p in problems) and any("no MLflow login" in p for p in problems)
+
+
+def test_compose_seaweedfs_exposes_only_s3(services):
+    assert seaweed_problems(services["s3"]) == []
+    assert [p.split(":")[-1] for p in services["s3"]["ports"]] == ["8333"]
+
+
+def test_the_seaweedfs_check_fails_on_webdav_and_an_open_filer():
+    old = {"command": ["mini", "-dir=/data", "-ip=127.0.0.1", "-ip.bind=0.0.0.0", "-admin.ui=false"]}
+    problems = seaweed_problems(old)
+    assert "WebDAV is enabled" in problems
+    assert any("-ip.bind" in p for p in problems) and any("iceberg" in p for p in problems)
+    assert "WebDAV is enabled" in seaweed_problems({"command": ["server", "-webdav", "-ip.bind=127.0.0.1"]})
+
+
+def test_remote_worker_log_server_binds_to_the_private_interface(env):
+    override = compose.interpolate(compose.load(ROOT / "docker" / "remote-worker.yaml"), env)
+    for name, svc in override["services"].items():
+        for port in svc.get("ports", []):
+            parts = str(port).split(":")
+            assert len(parts) == 3 and parts[0] == env["WORKER_BIND_IP"], \
+                f"{name} publishes {port} on all interfaces"
+
+
+def test_every_published_port_is_bound_to_bind_ip(services):
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond BIND_IP"
+
+
+def test_mlflow_auth_refuses_weak_settings():
+    good = {"MLFLOW_BACKEND_STORE_URI": "sqlite:///x.db", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": "a" * 20, "MLFLOW_AIRFLOW_PASSWORD": "b" * 20,
+            "MLFLOW_INFERENCE_PASSWORD": "c" * 20, "MLFLOW_VIEWER_PASSWORD": "d" * 20}
+    assert mlflow_auth.problems(good) == []
+    assert "MLFLOW_AIRFLOW_PASSWORD is empty" in mlflow_auth.problems({**good, "MLFLOW_AIRFLOW_PASSWORD": ""})
+    assert mlflow_auth.problems({**good, "MLFLOW_VIEWER_PASSWORD": "short"})
+    assert mlflow_auth.problems({**good, "MLFLOW_AUTH_ADMIN_PASSWORD": "password1234"})
+    assert mlflow_auth.problems({**good, "MLFLOW_VIEWER_USER": "airflow"})  # two roles, one user
+
+
+# --------------------------------------------------------------------------- a real server
+USERS = {"admin": ("mlflow-admin", "admin-pw-0123456789"), "airflow": ("airflow", "airflow-pw-0123456789"),
+         "inference": ("inference", "inference-pw-0123456789"), "viewer": ("viewer", "viewer-pw-0123456789")}
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    from tests.helpers.mlflow_server import free_port, mlflow_binary
+
+    root = tmp_path_factory.mktemp("mlflow_auth")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_BACKEND_STORE_URI=f"sqlite:///{root / 'mlflow.db'}",
+               MLFLOW_AUTH_CONFIG_PATH=str(root / "auth" / "basic_auth.ini"),
+               MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key-0123456789",
+               MLFLOW_AUTH_ADMIN_USERNAME=USERS["admin"][0], MLFLOW_AUTH_ADMIN_PASSWORD=USERS["admin"][1],
+               MLFLOW_AIRFLOW_PASSWORD=USERS["airflow"][1], MLFLOW_INFERENCE_PASSWORD=USERS["inference"][1],
+               MLFLOW_VIEWER_PASSWORD=USERS["viewer"][1], MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+               MLFLOW_DISABLE_TELEMETRY="true")
+    cmd = [sys.executable, str(ROOT / "docker" / "mlflow_auth.py"), mlflow_binary(), "server",
+           "--app-name=basic-auth", "--host=127.0.0.1", f"--port={port}", "--workers=1",
+           f"--artifacts-destination={root / 'artifacts'}"]
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield url, root
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+
+
+def _call(url: str, path: str, body: dict | None, user: str | None) -> tuple[int, dict]:
+    """(HTTP status, JSON body) of one MLflow REST call as ``user`` (``None``: anonymous)."""
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if user:
+        name, password = USERS[user]
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
+    req = urllib.request.Request(url + path, data=data, method="POST" if data else "GET", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw.startswith(b"{") else {}
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+
+
+@pytest.mark.mlflow_server
+def test_mlflow_server_refuses_anonymous_and_read_only_alias_changes(auth_server):
+    url, root = auth_server
+    assert oct((root / "auth" / "basic_auth.ini").stat().st_mode & 0o777) == "0o600"
+    api = "/api/2.0/mlflow"
+    model = {"name": "covid-xray-classifier"}
+    assert _call(url, f"{api}/registered-models/create", model, None)[0] == 401
+    assert _call(url, f"{api}/registered-models/create", model, "airflow")[0] == 200
+    status, exp = _call(url, f"{api}/experiments/create", {"name": "covid-retraining"}, "airflow")
+    assert status == 200
+    status, run = _call(url, f"{api}/runs/create", {"experiment_id": exp["experiment_id"]}, "airflow")
+    assert status == 200
+    run_id = run["run"]["info"]["run_id"]
+    version = {"name": "covid-xray-classifier", "source": f"runs:/{run_id}/model", "run_id": run_id}
+    assert _call(url, f"{api}/model-versions/create", version, "airflow")[0] == 200
+    alias = {"name": "covid-xray-classifier", "alias": "champion", "version": "1"}
+    assert _call(url, f"{api}/registered-models/alias", alias, None)[0] == 401
+    assert _call(url, f"{api}/registered-models/alias", alias, "inference")[0] == 403
+    assert _call(url, f"{api}/registered-models/alias", alias, "viewer")[0] == 403
+    assert _call(url, f"{api}/registered-models/alias", alias, "airflow")[0] == 200
+    get = f"{api}/registered-models/alias?name=covid-xray-classifier&alias=champion"
+    assert _call(url, get, None, "inference") == (200, _call(url, get, None, "viewer")[1])
+    assert _call(url, get, None, "inference")[1]["model_version"]["version"] == "1"
+    assert _call(url, get, None, None)[0] == 401
+    assert _call(url, "/health", None, None)[0] == 200
