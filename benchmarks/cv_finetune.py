@@ -79,10 +79,10 @@ def run_fold(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, r
              work: Path, args: argparse.Namespace) -> pd.DataFrame:
     """Train, fine-tune and score one fold; returns its held-out rows with P(covid) per view."""
     import keras
+    from cv_probe import choose_threshold
 
     from covid_tasks.finetune import finetune
     from covid_tasks.train import train
-    from cv_probe import choose_threshold
 
     part = folds[folds["repeat"] == repeat]
     root = work / "ft" / spec["name"] / f"r{repeat}f{fold}"
@@ -131,7 +131,8 @@ def run_finetune(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFram
         t0 = time.perf_counter()
         parts.append(run_fold(spec, labeled, folds, int(repeat), int(fold), work, args))
         n_trained += int((folds["repeat"] == repeat).sum() - len(parts[-1]))
-        logger.info("%s repeat %d fold %d done in %.0fs", spec["name"], repeat, fold, time.perf_counter() - t0)
+        logger.info("%s repeat %d fold %d done in %.0fs", spec["name"], repeat, fold,
+                    time.perf_counter() - t0)
     seconds = time.perf_counter() - start
     epochs = args.epochs + args.finetune_epochs
     return pd.concat(parts, ignore_index=True), {

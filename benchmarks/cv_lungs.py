@@ -116,6 +116,7 @@ def held_out_dice(work: Path, folds: pd.DataFrame) -> dict[str, Any]:
         y = np.stack([_mask(MASKS / table.loc[f, "mask"], SEG_SIZE) for f in names])
         model = load_segmenter(work / "segmenters" / f"r{repeat}f{fold}.weights.h5")
         d = dice(model.predict(x, verbose=0), y)
-        scores[f"r{repeat}f{fold}"] = {"n": len(names), "mean": float(d.mean()), "p5": float(np.percentile(d, 5))}
+        scores[f"r{repeat}f{fold}"] = {"n": len(names), "mean": float(d.mean()),
+                                       "p5": float(np.percentile(d, 5))}
     all_means = [s["mean"] for s in scores.values()]
     return {"folds": scores, "mean_of_folds": float(np.mean(all_means)), "min_fold": float(np.min(all_means))}

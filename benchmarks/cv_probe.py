@@ -61,7 +61,8 @@ def extract(images: np.ndarray, backbone: str, size: int, batch: int = 16) -> di
     inner = keras.Model(base.inputs, [base.output, mid, low])
     inputs = keras.Input((size, size, 3))
     model = keras.Model(inputs, inner(preprocess(inputs)))
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("top_gap", "top_grid2", "top_grid3", "mid_gap", "low_gap")}
+    names = ("top_gap", "top_grid2", "top_grid3", "mid_gap", "low_gap")
+    out: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for i in range(0, len(images), batch):
         top, m, lo = model.predict(images[i:i + batch], verbose=0)
         out["top_gap"].append(top.mean(axis=(1, 2)))
@@ -107,8 +108,9 @@ def features(work: Path, filenames: list[str], images_dir: Path, backbone: str, 
     cache = work / "features" / f"v2-{backbone}-{size}-{prep}{tag}-{key}.npz"
     if cache.is_file():
         with np.load(cache) as npz:
-            return ({v: {k.split("/", 1)[1]: npz[k] for k in npz.files if k.startswith(v + "/")} for v in VIEWS},
-                    float(npz["seconds"]))
+            arrays = {v: {k.split("/", 1)[1]: npz[k] for k in npz.files if k.startswith(v + "/")}
+                      for v in VIEWS}
+            return arrays, float(npz["seconds"])
     start = time.perf_counter()
     raw = np.stack([load_image(images_dir / f, size) for f in filenames])
     out = {v: extract(prepare(occlude(raw, v), filenames), backbone, size) for v in VIEWS}
@@ -174,7 +176,8 @@ def run_fold(folds: pd.DataFrame, repeat: int, fold: int, all_feats: dict[str, d
         x_train = np.concatenate([x_train, select(extra_feats["full"], feature_set)[keep]])
         y_all = np.concatenate([y, (rows["label"][keep] == "covid").to_numpy().astype(int)])
         group_of = dict(zip(part["patientid"], part["split_group"], strict=False))
-        groups = np.concatenate([groups, rows["patientid"][keep].map(lambda p: group_of.get(p, p)).to_numpy()])
+        extra_groups = rows["patientid"][keep].map(lambda p: group_of.get(p, p)).to_numpy()
+        groups = np.concatenate([groups, extra_groups])
     c, oof = _inner(x_train, y_all, groups, seed + 100 * repeat + fold)
     model = _fit(x_train, y_all, c)
     threshold = choose_threshold(y, oof[: len(y)], target)

@@ -120,7 +120,8 @@ def unfreeze(model: Any, learning_rate: Any, top_blocks: int = 0) -> int:
         raise ValueError(f"model has no '{BACKBONE_LAYER}' layer to unfreeze") from exc
     base.trainable = True
     if top_blocks > 0:
-        blocks = sorted({int(layer.name[5:7]) for layer in base.layers if re.match(r"block\d\d_", layer.name)})
+        numbered = (re.match(r"block(\d\d)_", layer.name) for layer in base.layers)
+        blocks = sorted({int(m.group(1)) for m in numbered if m})
         if not blocks:
             raise ValueError(f"top_blocks={top_blocks} needs an EfficientNet-Lite backbone (numbered blocks)")
         first = blocks[-1] - top_blocks + 1

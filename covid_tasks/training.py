@@ -174,7 +174,8 @@ def fit_probe_head(model: Any, splits: dict[str, Any], data_root: str | Path, cf
 
     images = Path(data_root) / "raw" / "images"
     feats = feature_model(model)
-    x = {s: feats.predict(make_dataset(splits[s], images, cfg, training=False), verbose=0) for s in ("train", "val")}
+    x = {s: feats.predict(make_dataset(splits[s], images, cfg, training=False), verbose=0)
+         for s in ("train", "val")}
     y = {s: label_index(splits[s]["label"]).astype(int) for s in ("train", "val")}
     mu, sigma = x["train"].mean(axis=0), x["train"].std(axis=0) + 1e-6
     z = {s: (x[s] - mu) / sigma for s in x}
@@ -206,7 +207,8 @@ def fit_probe_head(model: Any, splits: dict[str, Any], data_root: str | Path, cf
     for split, prefix in (("train", ""), ("val", "val_")):
         p = fitted.predict_proba(z[split])[:, 1]
         history[f"{prefix}loss"] = [float(log_loss(y[split], p, labels=[0, 1]))]
-        history[f"{prefix}auc"] = [float(roc_auc_score(y[split], p)) if len(set(y[split])) == 2 else float("nan")]
+        both = len(set(y[split])) == 2
+        history[f"{prefix}auc"] = [float(roc_auc_score(y[split], p)) if both else float("nan")]
     return history
 
 
@@ -221,8 +223,8 @@ def finetune_schedule(cfg: Config, n_train: int) -> Any:
     steps = max(math.ceil(n_train / cfg.batch_size), 1)
     warmup = steps
     return keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(steps * cfg.finetune_epochs - warmup, 1), warmup_target=cfg.finetune_learning_rate,
-        warmup_steps=warmup)
+        0.0, decay_steps=max(steps * cfg.finetune_epochs - warmup, 1),
+        warmup_target=cfg.finetune_learning_rate, warmup_steps=warmup)
 
 
 def save_model(model: Any, path: str | Path) -> str:

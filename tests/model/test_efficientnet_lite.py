@@ -83,7 +83,8 @@ def test_bigger_variants_classify_sample_photos(name: str) -> None:
     size = effl.VARIANTS[name].resolution
     model = effl.build_classifier(size, "bundled", name)
     assert len(effl.block_specs(name)) == 21
-    images = np.stack([_center_crop_resize(img, size) for img in (skimage_data.chelsea(), skimage_data.coffee())])
+    photos = (skimage_data.chelsea(), skimage_data.coffee())
+    images = np.stack([_center_crop_resize(img, size) for img in photos])
     cat, coffee = model.predict(images, verbose=0)
     assert int(np.argmax(cat)) in CAT_CLASSES
     assert cat[list(CAT_CLASSES)].sum() >= 0.8
