@@ -4,7 +4,8 @@ Input: ``predictions.csv`` with one row per image and repeat: ``filename, patien
 repeat, prob_covid`` (the fold model's P(covid) on the held-out image), ``threshold`` (the
 operating threshold the fold chose on its own training part) and, where measured,
 ``prob_covid_lungs_hidden`` / ``prob_covid_outside_hidden`` (the same model on the occluded
-image, see ``covid_tasks.occlusion``).
+image, see ``covid_tasks.occlusion``) and, for probes, ``prob_covid_lungs_hidden_retrained`` (a probe
+trained *and* scored with the lungs hidden: what there is to learn outside the lungs).
 
 * **Pooled AUC**: each repeat's out-of-fold predictions pooled into one ROC AUC; the figure is the
   mean over repeats. Its 95% interval resamples *patients* (all their images move together; the
@@ -26,7 +27,8 @@ import pandas as pd
 
 BOOTSTRAP = 2000
 GATE = (0.80, 0.70)
-VIEW_COLUMNS = {"lungs_hidden": "prob_covid_lungs_hidden", "outside_hidden": "prob_covid_outside_hidden"}
+VIEW_COLUMNS = {"lungs_hidden": "prob_covid_lungs_hidden", "outside_hidden": "prob_covid_outside_hidden",
+                "lungs_hidden_retrained": "prob_covid_lungs_hidden_retrained"}
 
 
 def auc(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
@@ -121,19 +123,23 @@ def fmt_ci(value: float, ci: list[float]) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of the README, one row per configuration."""
     head = ("| configuration | pooled AUC (95% CI) | fold AUC mean ± sd | spec @ sens 0.80 "
-            "| spec @ sens 0.90 "
-            "| sens / spec at fold threshold | AUC lungs hidden (drop) | AUC outside hidden | wall | img/s |")
-    lines = [head, "|" + "---|" * 10]
+            "| spec @ sens 0.90 | sens / spec at fold threshold | AUC lungs hidden (drop) "
+            "| AUC outside hidden | AUC lungs hidden, retrained | wall | img/s |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         s = r["summary"]
-        hidden = (f"{s['roc_auc_lungs_hidden']:.3f} ({s['auc_drop_lungs_hidden']:+.3f})"
+
+        def col(key: str, s: dict[str, Any] = s) -> str:
+            return f"{s[key]:.3f}" if key in s else "–"
+
+        hidden = (f"{s['roc_auc_lungs_hidden']:.3f} ({-s['auc_drop_lungs_hidden']:+.3f})"
                   if "roc_auc_lungs_hidden" in s else "–")
-        outside = f"{s['roc_auc_outside_hidden']:.3f}" if "roc_auc_outside_hidden" in s else "–"
         at = (f"{s['sensitivity']:.2f} / {s['specificity']:.2f}{' ✓' if s.get('gate') else ''}"
               if "sensitivity" in s else "–")
         lines.append(
             f"| {r['name']} | {fmt_ci(s['roc_auc'], s['roc_auc_ci95'])} "
             f"| {s['fold_auc_mean']:.3f} ± {s['fold_auc_std']:.3f} | {s['spec_at_sens80']:.2f} "
-            f"| {s['spec_at_sens90']:.2f} | {at} | {hidden} | {outside} "
+            f"| {s['spec_at_sens90']:.2f} | {at} | {hidden} | {col('roc_auc_outside_hidden')} "
+            f"| {col('roc_auc_lungs_hidden_retrained')} "
             f"| {r.get('wall_s', float('nan')) / 60:.1f} min | {r.get('images_per_s', float('nan')):.1f} |")
     return "\n".join(lines)

@@ -38,6 +38,20 @@ def clahe(x: np.ndarray, names: list[str]) -> np.ndarray:
     return np.stack([_rgb(exposure.equalize_adapthist(_grey(img) / 255.0, clip_limit=0.01)) for img in x])
 
 
+def _zoom(fraction: float) -> Callable[[np.ndarray, list[str]], np.ndarray]:
+    """Central crop of ``fraction`` of each side, resized back (a test-time augmentation view)."""
+
+    def zoom(x: np.ndarray, names: list[str]) -> np.ndarray:
+        import tensorflow as tf
+
+        lo, hi = (1 - fraction) / 2, (1 + fraction) / 2
+        boxes = np.tile(np.array([[lo, lo, hi, hi]], "float32"), (len(x), 1))
+        return tf.image.crop_and_resize(x, boxes, np.arange(len(x)), x.shape[1:3]).numpy()
+
+    return zoom
+
+
 PREPS: dict[str, Callable[[np.ndarray, list[str]], np.ndarray]] = {
     "none": none, "standardize": standardize, "histeq": histeq, "clahe": clahe,
+    "zoom90": _zoom(0.90), "zoom95": _zoom(0.95),
 }

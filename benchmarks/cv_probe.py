@@ -154,15 +154,26 @@ def run(folds: pd.DataFrame, all_feats: dict[str, dict[str, np.ndarray]], filena
                       for (r, f), _ in folds.groupby(["repeat", "fold"])], ignore_index=True)
 
 
+def run_mixed(folds: pd.DataFrame, fit_feats: dict[str, dict[str, np.ndarray]],
+              score_feats: dict[str, dict[str, np.ndarray]], filenames: list[str], target: float,
+              feature_set: str = "gap", extra: tuple | None = None, seed: int = 1234) -> pd.DataFrame:
+    """Like :func:`run`, but the held-out images are scored with ``score_feats`` (e.g. a TTA view)."""
+    return pd.concat([run_fold(folds, int(r), int(f), fit_feats, filenames, target, seed, feature_set, extra,
+                               score_feats)
+                      for (r, f), _ in folds.groupby(["repeat", "fold"])], ignore_index=True)
+
+
 def run_fold(folds: pd.DataFrame, repeat: int, fold: int, all_feats: dict[str, dict[str, np.ndarray]],
              filenames: list[str], target: float, seed: int, feature_set: str = "gap",
-             extra: tuple | None = None) -> pd.DataFrame:
+             extra: tuple | None = None, score_feats: dict[str, dict[str, np.ndarray]] | None = None
+             ) -> pd.DataFrame:
     """One fold: fit on its training part (C and threshold by inner CV), score its held-out rows.
 
     ``extra`` = (rows, features) adds images to the training part only (AP Supine), except those
     of held-out patients; the threshold is still chosen on the labelled training images alone.
     """
     feats = {v: select(all_feats[v], feature_set) for v in VIEWS}
+    scored = feats if score_feats is None else {v: select(score_feats[v], feature_set) for v in VIEWS}
     index = {f: i for i, f in enumerate(filenames)}
     part = folds[folds["repeat"] == repeat]
     test, train = part[part["fold"] == fold], part[part["fold"] != fold]
@@ -182,9 +193,12 @@ def run_fold(folds: pd.DataFrame, repeat: int, fold: int, all_feats: dict[str, d
     model = _fit(x_train, y_all, c)
     threshold = choose_threshold(y, oof[: len(y)], target)
     out = test[["filename", "patientid", "label", "fold", "repeat"]].copy()
-    out["prob_covid"] = model.predict_proba(feats["full"][te])[:, 1]
+    out["prob_covid"] = model.predict_proba(scored["full"][te])[:, 1]
     for view in VIEWS[1:]:
-        out[f"prob_covid_{view}"] = model.predict_proba(feats[view][te])[:, 1]
+        out[f"prob_covid_{view}"] = model.predict_proba(scored[view][te])[:, 1]
+    # What is there to learn outside the lungs: the same probe trained and scored with them hidden.
+    hidden = _fit(feats["lungs_hidden"][tr], y, c)
+    out["prob_covid_lungs_hidden_retrained"] = hidden.predict_proba(scored["lungs_hidden"][te])[:, 1]
     out["threshold"], out["c"] = threshold, c
     logger.info("probe repeat %d fold %d: C=%g threshold=%.3f", repeat, fold, c, threshold)
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from cv_probe import features, run_mixed
 
 logger = logging.getLogger("quality_cv")
 
@@ -85,11 +86,11 @@ def run_cv(args: argparse.Namespace, data: Path) -> int:
 def _probe(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, work: Path,
            args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, Any]]:
     import cv_prep
-    from cv_probe import features, run, run_fold
+    from cv_probe import run, run_fold
 
     filenames = sorted(labeled["filename"])
     images = work / "data" / "raw" / "images"
-    options = [o for o in spec["options"] if o != "apsup"]
+    options = [o for o in spec["options"] if o not in ("apsup", "tta")]
     feature_set = options[0] if options else "gap"
     extra = None
     if "apsup" in spec["options"]:  # AP Supine images as extra training data, never scored
@@ -101,6 +102,8 @@ def _probe(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, wor
         feats, seconds = features(work, filenames, images, spec["backbone"], spec["size"], spec["prep"],
                                   cv_prep.PREPS[spec["prep"]])
         preds = run(folds, feats, filenames, args.target_sensitivity, 1234, feature_set, extra)
+        if "tta" in spec["options"]:  # average P(covid) over zoomed views, same fitted probes
+            preds = _tta(preds, folds, feats, filenames, work, images, spec, feature_set, args, extra)
         return preds, {"cached_seconds": seconds, "images_per_s": 3 * len(filenames) / max(seconds, 1e-9),
                        "feature_seconds": seconds}
     import cv_lungs
@@ -123,6 +126,31 @@ def _probe(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, wor
         "cached_seconds": total, "images_per_s": 3 * len(filenames) / max(per_fold, 1e-9),
         "feature_seconds": total, "note": "features recomputed per fold (one segmenter per fold); "
                                           "segmenter training time not included"}
+
+
+def _tta(preds: pd.DataFrame, folds: pd.DataFrame, feats: Any, filenames: list[str], work: Path,
+         images: Path, spec: dict[str, Any], feature_set: str, args: argparse.Namespace,
+         extra: Any) -> pd.DataFrame:
+    """Test-time augmentation: the mean P(covid) over the image and two central zooms (90%, 95%).
+
+    Each fold's probe is fitted on the un-augmented training features (exactly as in ``run``);
+    only the held-out images are scored in three views and averaged (per occlusion view too).
+    """
+    import cv_prep
+    from cv_probe import VIEWS
+
+    columns = ["prob_covid"] + [f"prob_covid_{v}" for v in VIEWS[1:]]
+    total = preds.sort_values(["repeat", "filename"]).reset_index(drop=True)
+    for view in ("zoom90", "zoom95"):
+        zoomed, _ = features(work, filenames, images, spec["backbone"], spec["size"], view,
+                             cv_prep.PREPS[view])
+        # Fit on the plain features, score the zoomed ones: swap the held-out rows' features.
+        mixed = {v: {k: zoomed[v][k] for k in zoomed[v]} for v in zoomed}
+        scored = run_mixed(folds, feats, mixed, filenames, args.target_sensitivity, feature_set, extra)
+        scored = scored.sort_values(["repeat", "filename"]).reset_index(drop=True)
+        total[columns] += scored[columns]
+    total[columns] /= 3.0
+    return total
 
 
 def _save(out: Path, name: str, spec: dict[str, Any], preds: pd.DataFrame, folds: pd.DataFrame,
