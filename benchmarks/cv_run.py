@@ -182,4 +182,14 @@ def report(results: Path) -> str:
 
 
 #: Row order of the README table (others follow alphabetically).
-_README_ORDER: list[str] = []
+_README_ORDER: list[str] = [
+    "ft-lite0-224",                                   # the recipe before this benchmark
+    "ft-lite0-224-none-lung-ms-probe",                # the default now
+    "probe-lite0-224-none-gap", "probe-lite0-224-histeq", "probe-lite0-224-clahe",
+    "probe-lite0-224-standardize", "probe-lite1-240", "probe-lite2-260", "probe-lite2-260-none-ms",
+    "probe-lite0-300-none-ms", "probe-lite0-224-none-grid2", "probe-lite0-224-none-apsup",
+    "probe-lite0-224-none-ms", "probe-lite0-224-none-ms-apsup", "probe-lite0-224-none-ms-tta",
+    "probe-lite0-224-lungmask-ms", "probe-lite0-224-lungcrop-ms",
+    "ft-lite0-224-none-ms-probe", "ft-lite0-224-none-ms-probe-top6-lr4-cos",
+    "ft-lite0-224-none-lung-ms-probe-top6-lr4-cos",
+]

@@ -209,7 +209,8 @@ def _backbone(name: str, size: int, weights: str, multiscale: bool = False) -> t
 
         return build_backbone(size, weights, name, multiscale)
     if multiscale:
-        raise ValueError(f"multiscale features exist only for the efficientnet_lite backbones, not {name}")
+        logger.info("multiscale applies to the efficientnet_lite backbones only; %s uses its top features",
+                    name)
     apps = {
         "resnet50": (keras.applications.ResNet50, {}),
         "mobilenet_v3_small": (keras.applications.MobileNetV3Small,

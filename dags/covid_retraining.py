@@ -117,7 +117,7 @@ def _param(name: str, kind: str, description: str, **schema: Any) -> Param:
                           "others: Keras download or cache), bundled (EfficientNet-Lite), none, or a "
                           "weights file path", minLength=1),
         "multiscale": _param("multiscale", "boolean", "EfficientNet-Lite: pool mid-level (stride 16 "
-                             "and 8) features with the top ones"),
+                             "and 8) features with the top ones (other backbones ignore it)"),
         "lung_gate": _param("lung_gate", "boolean", "Grey out everything outside the lungs (a frozen "
                             "lung segmenter inside the model) before the backbone"),
         "head": _param("head", "string", "probe: L2 logistic regression on the frozen features "

@@ -21,7 +21,9 @@ SIZE = 32
 
 
 def _cfg(backbone: str = "resnet50", **kw: Any) -> Config:
-    return Config(data_root="/nonexistent", backbone=backbone, img_size=SIZE, **{"weights": "none", **kw})
+    """The plain architecture (no lung gate, top features only): these tests are about its layers."""
+    plain = {"weights": "none", "lung_gate": False, "multiscale": False}
+    return Config(data_root="/nonexistent", backbone=backbone, img_size=SIZE, **{**plain, **kw})
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:

@@ -70,7 +70,8 @@ def test_settings_line_layers_param_defaults_env_and_conf(monkeypatch):
     monkeypatch.setenv("COVID_SOURCE_URI", "/data/in")
     monkeypatch.setenv("COVID_EPOCHS", "9")  # a Param: the form's default wins over the environment
     line = settings_line({"img_size": 64})
-    assert line.startswith("source_uri=/data/in, backbone=efficientnet_lite0, weights=imagenet, img_size=64,")
+    assert line.startswith("source_uri=/data/in, backbone=efficientnet_lite0, weights=imagenet, "
+                           "multiscale=True, lung_gate=True, head=probe, img_size=64,")
     assert "epochs=5," in line and "force=False" in line
 
 

@@ -207,7 +207,8 @@ def test_backbone_loads_cached_weights_and_roundtrips_in_the_pipeline_model(
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("COVID_WEIGHTS_CACHE", str(cache))
-    cfg = Config(data_root=str(tmp_path), backbone="efficientnet_lite0", weights="bundled", img_size=64)
+    cfg = Config(data_root=str(tmp_path), backbone="efficientnet_lite0", weights="bundled", img_size=64,
+                 lung_gate=False, multiscale=False)
     model = build_model(cfg)
     assert len(list(cache.glob("*.npz"))) == 1
     base = model.get_layer(BACKBONE_LAYER)
