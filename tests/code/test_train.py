@@ -59,7 +59,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _make_data_root(root)
     # The Adam head on the plain architecture: these tests are about the stages' mechanics and files.
     cfg = Config(data_root=str(root), backbone="mobilenet_v3_small", weights="none", img_size=32,
-                 head="adam", lung_gate=False, batch_size=8, epochs=2, finetune_epochs=2, 
+                 head="adam", lung_gate=False, batch_size=8, epochs=2, finetune_epochs=2,
                  early_stopping_patience=1, seed=3)
     records = _Records()
     log = logging.getLogger("covid_tasks")
