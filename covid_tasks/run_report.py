@@ -59,6 +59,8 @@ def _split(r: dict[str, Any]) -> str:
 
 
 def _training(r: dict[str, Any]) -> str:
+    if r.get("head") == "probe":
+        return f"linear-probe head (C={r.get('probe_c'):g}), val AUC {_f(r.get('best_val_auc'))}"
     return f"{r.get('epochs_run')} epochs, best val AUC {_f(r.get('best_val_auc'))}"
 
 

@@ -42,19 +42,22 @@ def train(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]:
 
     run_dir = cfg.run_dir(run_key)
     run_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("train: backbone=%s weights=%s img_size=%d epochs=%d lr=%g -> %s", cfg.backbone,
-                cfg.weights, cfg.img_size, cfg.epochs, cfg.learning_rate, run_dir)
+    head = "linear probe" if cfg.head == "probe" else f"adam epochs={cfg.epochs} lr={cfg.learning_rate:g}"
+    logger.info("train: backbone=%s weights=%s img_size=%d lung_gate=%s multiscale=%s head=%s -> %s",
+                cfg.backbone, cfg.weights, cfg.img_size, cfg.lung_gate, cfg.multiscale, head, run_dir)
     set_seeds(cfg.seed)
     devices = configure_devices()
     splits = load_splits(data_root)
     with devices["strategy"].scope():
         model = build_model(cfg)
+    extra: dict[str, Any] = {"head": cfg.head}
     if cfg.head == "probe":
-        history = fit_probe_head(model, splits, data_root, cfg)
+        history, extra["probe_c"] = fit_probe_head(model, splits, data_root, cfg)
     else:
         history = fit(model, splits, data_root, global_batch(cfg, devices), cfg.epochs, "train")
     path = save_model(model, run_dir / "train.keras")
     return finish("train", run_dir, path, history, {
+        **extra,
         "trainable_weights": len(model.trainable_weights),
         "gpus": devices["gpus"],
         "mixed_precision": devices["mixed_precision"],

@@ -151,7 +151,7 @@ PROBE_DEFAULT_C = 0.01
 
 
 def fit_probe_head(model: Any, splits: dict[str, Any], data_root: str | Path, cfg: Config
-                   ) -> dict[str, list[float]]:
+                   ) -> tuple[dict[str, list[float]], float]:
     """Set the ``prob_covid`` layer to an L2 logistic regression on the frozen pooled features.
 
     The features of the train split (no augmentation) are standardised and fitted with
@@ -162,7 +162,7 @@ def fit_probe_head(model: Any, splits: dict[str, Any], data_root: str | Path, cf
     model stays plain Keras.
 
     Returns:
-        A one-epoch history (``loss``, ``auc`` on train; ``val_loss``, ``val_auc`` on val).
+        A one-epoch history (``loss``, ``auc`` on train; ``val_loss``, ``val_auc`` on val) and C.
     """
     import numpy as np
     from sklearn.linear_model import LogisticRegression
@@ -209,7 +209,7 @@ def fit_probe_head(model: Any, splits: dict[str, Any], data_root: str | Path, cf
         history[f"{prefix}loss"] = [float(log_loss(y[split], p, labels=[0, 1]))]
         both = len(set(y[split])) == 2
         history[f"{prefix}auc"] = [float(roc_auc_score(y[split], p)) if both else float("nan")]
-    return history
+    return history, float(best)
 
 
 def finetune_schedule(cfg: Config, n_train: int) -> Any:

@@ -25,6 +25,8 @@ REJECTED = {"registered": False, "promoted": False, "passed": False, "version": 
     ("relabel", RELABEL, "69 images of 41 patients: covid 40, non_covid 29; 32 rows dropped"),
     ("split", SPLIT, "images: train 48 (28 covid), val 11 (6 covid), test 10 (6 covid)"),
     ("train", {"epochs_run": 2, "best_val_auc": 0.71234}, "2 epochs, best val AUC 0.712"),
+    ("train", {"head": "probe", "probe_c": 0.01, "epochs_run": 1, "best_val_auc": 0.7},
+     "linear-probe head (C=0.01), val AUC 0.700"),
     ("evaluate", EVALUATED, "test sensitivity 0.500, specificity 0.750 at threshold 0.412: "
                             "gate REJECTED: sensitivity 0.500 < 0.80"),
     ("register", REJECTED, "rejected by the gate (sensitivity 0.500 < 0.80); nothing registered, "

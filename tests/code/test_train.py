@@ -169,6 +169,7 @@ def test_probe_head_top_blocks_and_cosine_schedule(tmp_path: Path) -> None:
     trained = train(tmp_path, cfg, RUN_KEY)
     history = json.loads(Path(trained["history"]).read_text())
     assert set(history) == {"loss", "auc", "val_loss", "val_auc"} and history["val_auc"][0] > 0.9
+    assert trained["head"] == "probe" and trained["probe_c"] > 0
     before = keras.saving.load_model(trained["model_path"])
     head_kernel = before.get_layer(OUTPUT_LAYER).get_weights()[0]
     assert np.abs(head_kernel).sum() > 0
