@@ -154,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=None, help="head phase (default: Config's)")
     parser.add_argument("--finetune-learning-rate", type=float, default=None,
                         help="fine-tuning phase (default: Config's)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="fixed split: override a Config field (repeatable), e.g. --set lung_gate=false")
     parser.add_argument("--configs", default=None,
                         help="fixed split: comma-separated backbone:weights pairs; --cv: configuration "
                              "names from CV_CONFIGS (default: all probes)")
@@ -201,9 +203,12 @@ def fixed_split(args: argparse.Namespace, data: Path) -> int:
 
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="quality-bench-"))
     rates = {"learning_rate": args.learning_rate, "finetune_learning_rate": args.finetune_learning_rate}
-    cfg = Config(data_root=str(work), source_uri=str(data), img_size=args.img_size, epochs=args.epochs,
-                 finetune_epochs=args.finetune_epochs, batch_size=args.batch_size,
-                 **{k: v for k, v in rates.items() if v is not None})
+    if any("=" not in item for item in args.set):
+        raise SystemExit(f"--set expects FIELD=VALUE, got {args.set}")
+    sets = dict(item.split("=", 1) for item in args.set)
+    cfg = Config.from_env({"data_root": str(work), "source_uri": str(data), "img_size": args.img_size,
+                           "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
+                           "batch_size": args.batch_size, **rates, **sets})
     pairs = args.configs or ",".join(f"{b}:{w}" for b, w in CONFIGS)
     configs = [tuple(c.split(":", 1)) for c in pairs.split(",") if c]
 
@@ -223,11 +228,14 @@ def fixed_split(args: argparse.Namespace, data: Path) -> int:
         rows.append(run_config(work, cfg, backbone, weights))
         print(json.dumps(rows[-1], default=str), flush=True)
 
-    settings = (f"Settings: img_size {cfg.img_size}, batch {cfg.batch_size}, train {cfg.epochs} epochs at "
-                f"lr {cfg.learning_rate:g} (frozen backbone), finetune up to {cfg.finetune_epochs} epochs at "
+    head = ("linear-probe head (frozen backbone)" if cfg.head == "probe" else
+            f"Adam head {cfg.epochs} epochs at lr {cfg.learning_rate:g} (frozen backbone)")
+    settings = (f"Settings: img_size {cfg.img_size}, batch {cfg.batch_size}, lung_gate {cfg.lung_gate}, "
+                f"multiscale {cfg.multiscale}, {head}, finetune up to {cfg.finetune_epochs} epochs at "
                 f"lr {cfg.finetune_learning_rate:g} (all but BatchNorm, early stopping patience "
-                f"{cfg.early_stopping_patience} on val AUC), seed {cfg.seed}, threshold: highest reaching "
-                f"sensitivity {cfg.min_sensitivity:g} on val; {os.cpu_count()} CPU cores. "
+                f"{cfg.early_stopping_patience} on val AUC), calibration {cfg.calibration}, seed {cfg.seed}, "
+                f"threshold: the evaluate stage's (target sensitivity {cfg.min_sensitivity:g} on val); "
+                f"{os.cpu_count()} CPU cores. "
                 f"AUC interval: {BOOTSTRAP_ROUNDS} patient-level bootstrap resamples; "
                 "sensitivity/specificity: Wilson.")
     print()
