@@ -32,7 +32,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
     **{f"top{n}": {"finetune_top_blocks": n} for n in (2, 4, 6, 8)},
     **{f"lr{k}": {"finetune_learning_rate": float(f"1e-{k}")} for k in (3, 4, 5)},
     "ft0": {"finetune_epochs": 0},
+    **{f"aug{k}": {"augment_strength": float(k)} for k in (0, 2)},
 }
+
+#: The recipe a name without options means (the pipeline before the quality work), pinned here so
+#: that a saved configuration reruns the same way whatever Config's defaults become.
+BASE: dict[str, Any] = {"lung_gate": False, "multiscale": False, "head": "adam", "finetune_top_blocks": 0,
+                        "finetune_schedule": "constant", "learning_rate": 1e-2,
+                        "finetune_learning_rate": 1e-5, "augment_strength": 1.0}
 
 
 def inner_split(train: pd.DataFrame, seed: int) -> pd.Series:
@@ -53,7 +60,7 @@ def fold_config(spec: dict[str, Any], root: Path, args: argparse.Namespace, segm
     fields: dict[str, Any] = {"data_root": str(root), "backbone": spec["backbone"], "weights": "bundled",
                               "img_size": spec["size"], "batch_size": args.batch_size,
                               "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
-                              "early_stopping_patience": args.patience}
+                              "early_stopping_patience": args.patience, **BASE}
     for option in spec["options"]:
         if option not in OPTIONS:
             raise ValueError(f"unknown fine-tuning option {option!r}; known: {sorted(OPTIONS)}")

@@ -119,6 +119,9 @@ class Config:
     # "constant" learning rate, or "cosine" (one warm-up epoch, then cosine decay to 0).
     finetune_top_blocks: int = 0
     finetune_schedule: str = "constant"
+    # data: scales the training augmentation's ranges (rotation, shift, zoom, brightness; 1.0 is
+    # data.py's light default, 0 turns augmentation off).
+    augment_strength: float = 1.0
     seed: int = 1234
     views: tuple[str, ...] = ("PA", "AP")
     fallback_views: tuple[str, ...] = ("AP Supine",)
@@ -173,6 +176,8 @@ class Config:
             errors.append(f"head must be one of {HEADS}, got {self.head!r}")
         if self.finetune_schedule not in SCHEDULES:
             errors.append(f"finetune_schedule must be one of {SCHEDULES}, got {self.finetune_schedule!r}")
+        if not 0.0 <= self.augment_strength <= 3.0:
+            errors.append(f"augment_strength must be in [0, 3], got {self.augment_strength}")
         if self.finetune_top_blocks < 0:
             errors.append(f"finetune_top_blocks must be >= 0, got {self.finetune_top_blocks}")
         if self.max_image_pixels < 1:

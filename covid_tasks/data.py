@@ -335,7 +335,7 @@ def decoder_message(exc: BaseException) -> str:
     return re.sub(r"^\{\{[^}]*\}\}\s*", "", text) or type(exc).__name__
 
 
-def augment(images: Any, seed: Any) -> Any:
+def augment(images: Any, seed: Any, strength: float = 1.0) -> Any:
     """Randomly rotate, shift, zoom and brighten a batch, one draw per image.
 
     Rotation, shift and zoom are composed into one affine map per image and resampled once
@@ -346,21 +346,26 @@ def augment(images: Any, seed: Any) -> Any:
     Args:
         images: ``(batch, h, w, 3)`` uint8 or float32 in 0..255.
         seed: int32/int64 tensor of shape ``(2,)``; the same seed gives the same result.
+        strength: scales every range (``ROTATION_DEG``...); 0 returns the batch as float32.
 
     Returns:
         The augmented batch, float32 in 0..255.
     """
     import tensorflow as tf
 
+    if strength == 0:
+        return tf.cast(images, tf.float32)
     shape = tf.shape(images)
     n = shape[0]
     h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
     s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
-    max_angle = ROTATION_DEG * math.pi / 180.0
+    max_angle = strength * ROTATION_DEG * math.pi / 180.0
+    shift_f, zoom_f = strength * SHIFT_FRACTION, strength * ZOOM_FRACTION
+    gain_f = strength * BRIGHTNESS_FRACTION
     angle = tf.random.stateless_uniform([n], s[0], -max_angle, max_angle)
-    shift = tf.random.stateless_uniform([n, 2], s[1], -SHIFT_FRACTION, SHIFT_FRACTION) * tf.stack([w, h])
-    zoom = tf.random.stateless_uniform([n], s[2], 1.0 - ZOOM_FRACTION, 1.0 + ZOOM_FRACTION)
-    gain = tf.random.stateless_uniform([n], s[3], 1.0 - BRIGHTNESS_FRACTION, 1.0 + BRIGHTNESS_FRACTION)
+    shift = tf.random.stateless_uniform([n, 2], s[1], -shift_f, shift_f) * tf.stack([w, h])
+    zoom = tf.random.stateless_uniform([n], s[2], 1.0 - zoom_f, 1.0 + zoom_f)
+    gain = tf.random.stateless_uniform([n], s[3], 1.0 - gain_f, 1.0 + gain_f)
     # Output pixel o maps to input pixel A (o - c - t) + c, A = R(-angle) / zoom, c = centre.
     cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
     cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
@@ -451,7 +456,8 @@ def make_dataset(frame: Any, images_dir: str | Path, cfg: Config, training: bool
     Args:
         frame: rows with ``filename`` and ``label`` columns (one split of ``splits.csv``).
         images_dir: folder the file names are relative to (``raw/images``).
-        cfg: configuration (``img_size``, ``batch_size``, ``seed``, ``max_image_pixels``).
+        cfg: configuration (``img_size``, ``batch_size``, ``seed``, ``max_image_pixels``,
+            ``augment_strength``).
         training: shuffle and augment when true; keep row order otherwise.
         cache_dir: where a file cache goes when the decoded set exceeds ``memory_limit``;
             without it such a set is decoded again every epoch.
@@ -500,7 +506,8 @@ def make_dataset(frame: Any, images_dir: str | Path, cfg: Config, training: bool
     ds = ds.batch(cfg.batch_size)
     if training:
         seeds = tf.data.Dataset.random(seed=cfg.seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds).map(lambda batch, s: (augment(batch[0], s), batch[1]),
+        strength = cfg.augment_strength
+        ds = tf.data.Dataset.zip(ds, seeds).map(lambda batch, s: (augment(batch[0], s, strength), batch[1]),
                                                  num_parallel_calls=autotune)
     else:
         ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)

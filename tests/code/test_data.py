@@ -316,6 +316,14 @@ def test_augment_is_seeded_light_and_never_flips_vertically() -> None:
     assert np.all(top > 150.0) and np.all(bottom < 30.0)
 
 
+def test_augment_strength_scales_the_ranges_and_zero_turns_it_off() -> None:
+    x = np.random.default_rng(2).integers(0, 256, (32, 24, 24, 3)).astype(np.float32)
+    batch, seed = tf.constant(x), tf.constant([5, 6])
+    np.testing.assert_array_equal(data.augment(batch, seed, 0.0).numpy(), x)
+    moved = {k: float(np.abs(data.augment(batch, seed, k).numpy() - x).mean()) for k in (0.5, 1.0, 2.0)}
+    assert 0.0 < moved[0.5] < moved[1.0] < moved[2.0]
+
+
 def test_augment_resamples_like_tensorflows_projective_transform() -> None:
     """The XLA resampler gives ImageProjectiveTransformV3's bilinear, edge-extended output."""
     x = tf.constant(np.random.default_rng(5).integers(0, 256, (3, 20, 24, 3)).astype(np.uint8))

@@ -77,3 +77,20 @@ def test_an_ensemble_of_one_configuration_with_itself_is_that_configuration() ->
     a, b = cv_metrics.summarise(alone, rounds=100), cv_metrics.summarise(twice, rounds=100)
     assert b["roc_auc"] == pytest.approx(a["roc_auc"])
     assert b["roc_auc_lungs_hidden"] == pytest.approx(a["roc_auc_lungs_hidden"])
+
+
+def test_a_saved_fine_tuning_configuration_reruns_its_own_recipe_whatever_the_defaults() -> None:
+    import argparse
+
+    import cv_finetune
+
+    args = argparse.Namespace(batch_size=32, epochs=3, finetune_epochs=5, patience=3, learning_rate=None,
+                              finetune_learning_rate=None)
+    old = cv_finetune.fold_config(cv_run.parse("ft-lite0-224"), Path("/tmp/x"), args)
+    assert (old.lung_gate, old.multiscale, old.head, old.augment_strength) == (False, False, "adam", 1.0)
+    new = cv_finetune.fold_config(cv_run.parse("ft-lite0-224-none-lung-ms-probe-aug2"), Path("/tmp/x"), args,
+                                  segmenter="/tmp/seg.weights.h5")
+    assert (new.lung_gate, new.multiscale, new.head, new.augment_strength) == (True, True, "probe", 2.0)
+    assert new.lung_segmenter == "/tmp/seg.weights.h5"
+    with pytest.raises(ValueError, match="unknown fine-tuning option"):
+        cv_finetune.fold_config(cv_run.parse("ft-lite0-224-none-huge"), Path("/tmp/x"), args)
