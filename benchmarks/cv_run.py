@@ -191,5 +191,6 @@ _README_ORDER: list[str] = [
     "probe-lite0-224-none-ms", "probe-lite0-224-none-ms-apsup", "probe-lite0-224-none-ms-tta",
     "probe-lite0-224-lungmask-ms", "probe-lite0-224-lungcrop-ms",
     "ft-lite0-224-none-ms-probe", "ft-lite0-224-none-ms-probe-top6-lr4-cos",
-    "ft-lite0-224-none-lung-ms-probe-top6-lr4-cos",
+    "ft-lite0-224-none-lung-ms-probe-top6-lr4-cos", "ft-lite0-224-none-lung-ms-probe-aug0",
+    "ft-lite0-224-none-lung-ms-probe-aug2",
 ]
