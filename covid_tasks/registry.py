@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,23 +314,46 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, threshold: 
     import keras
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     bound_mlflow_http()
     tracking_uri = resolve_tracking_uri(tracking_uri)
     require_store(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     if model_uri.startswith("runs:/"):
-        version, pinned, source = None, model_uri, model_uri  # an unregistered run's model
+        name, version, pinned, source = None, None, model_uri, model_uri  # an unregistered run's model
     else:
         name, version = _resolve(client, model_uri, tracking_uri)
-        pinned = f"models:/{name}/{version}"
+        pinned = source = f"models:/{name}/{version}"
+    # The files are read into memory and the download removed: a service that follows the alias
+    # loads a version every time it moves and must not fill its disk with old copies.
+    with tempfile.TemporaryDirectory(prefix="covid-model-") as tmp:
+        local = _download(client, mlflow, source, name, version, pinned, tracking_uri, tmp)
+        for required in ("class_indices.json", "operating_point.json"):
+            if not (local / required).is_file():
+                raise FileNotFoundError(f"{pinned} (registry {tracking_uri}) has no {required}; it was "
+                                        "not registered by this pipeline")
+        mapping = check_class_indices(read_json(local / "class_indices.json"))
+        op = read_json(local / "operating_point.json")
+        model = keras.saving.load_model(next(local.rglob("*.keras")))
+    img_size = int(model.input_shape[1] or op["img_size"])
+    logger.info("loaded %s (version %s, threshold %.4f) from %s", model_uri, version, op["threshold"],
+                tracking_uri)
+    return LoadedModel(model, mapping, float(op["threshold"]) if threshold is None else float(threshold),
+                       img_size, model_uri, version, op.get("run_key"),
+                       output=op.get("output", "P(covid), not calibrated"), calibration=op.get("calibration"))
+
+
+def _download(client: Any, mlflow: Any, source: str, name: str | None, version: str | None, pinned: str,
+              tracking_uri: str, dst: str) -> Path:
+    """Download a version's (or a run's) model folder into ``dst``; registry errors made clear."""
+    from mlflow.exceptions import MlflowException
+
     try:
         if version is not None:
             # The version's own artifact URI: mlflow 3.17 resolves a models:/ URI against the
             # process-wide registry URI, ignoring the tracking_uri passed to download_artifacts.
             source = client.get_model_version_download_uri(name, version)
-        local = Path(mlflow.artifacts.download_artifacts(source, tracking_uri=tracking_uri))
+        return Path(mlflow.artifacts.download_artifacts(source, tracking_uri=tracking_uri, dst_path=dst))
     except MlflowException as exc:
         if exc.error_code in _NOT_FOUND:
             raise MlflowException(f"{pinned} not found in the MLflow registry at {tracking_uri}: "
@@ -337,18 +361,6 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, threshold: 
         down = unavailable(exc, tracking_uri, f"download {pinned}")
         raise (down or RegistryUnavailableError(f"cannot download {pinned} from {tracking_uri}: {exc}")
                ) from exc
-    for required in ("class_indices.json", "operating_point.json"):
-        if not (local / required).is_file():
-            raise FileNotFoundError(f"{pinned} (registry {tracking_uri}) has no {required}; it was not "
-                                    "registered by this pipeline")
-    mapping = check_class_indices(read_json(local / "class_indices.json"))
-    op = read_json(local / "operating_point.json")
-    model = keras.saving.load_model(next(local.rglob("*.keras")))
-    img_size = int(model.input_shape[1] or op["img_size"])
-    logger.info("loaded %s (version %s, threshold %.4f) from %s", model_uri, version, op["threshold"], local)
-    return LoadedModel(model, mapping, float(op["threshold"]) if threshold is None else float(threshold),
-                       img_size, model_uri, version, op.get("run_key"),
-                       output=op.get("output", "P(covid), not calibrated"), calibration=op.get("calibration"))
 
 
 def load_champion(tracking_uri: str | None = None, name: str = MODEL_NAME) -> LoadedModel:

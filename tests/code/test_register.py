@@ -251,7 +251,10 @@ def test_every_written_metrics_file_matches_sklearn_on_its_predictions(flow: dic
             tiny_run.assert_metrics_match(metrics["champion"], run_dir / "champion_predictions.csv")
 
 
-def test_lookup_resolves_the_champion_with_its_mapping(flow: dict[str, Any], tmp_path: Path) -> None:
+def test_lookup_resolves_the_champion_with_its_mapping(flow: dict[str, Any], tmp_path: Path,
+                                                      monkeypatch) -> None:
+    import tempfile
+
     import mlflow
     import numpy as np
 
@@ -261,8 +264,14 @@ def test_lookup_resolves_the_champion_with_its_mapping(flow: dict[str, Any], tmp
     elsewhere = tmp_path / "elsewhere.db"
     mlflow.set_tracking_uri(f"sqlite:///{elsewhere}")
     mlflow.set_registry_uri(f"sqlite:///{elsewhere}")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     loaded = load_champion(flow["url"], name=MODEL)
     assert not elsewhere.exists()
+    # The model is in memory and its download gone: a service reloading on every alias move
+    # does not pile up copies.
+    assert list(scratch.iterdir()) == []
     assert loaded.version == "3" and loaded.source == f"models:/{MODEL}@champion"
     assert loaded.class_indices == {"non_covid": 0, "covid": 1}
     assert loaded.threshold == flow["runs"]["run4_as_good"]["evaluate"]["threshold"]
