@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yaml"
@@ -40,97 +38,18 @@ sys.path.insert(0, str(ROOT / "docker"))
 import airflow_setup  # noqa: E402
 import make_env  # noqa: E402
 
+from stack.compose import MissingVariable, args, env_file, interpolate, load, variables, workers  # noqa: E402
+
 CREDENTIALS = sorted(make_env.GENERATED)
 GPU_WORKER = "airflow-worker-gpu"
 
 
 # --------------------------------------------------------------------------- helpers
-class _Reset:
-    """Compose's ``!reset`` tag: the key is removed from the merged model."""
+# The Compose file is read through stack.compose, as `make stack` reads it.
 
 
-class ComposeLoader(yaml.SafeLoader):
-    pass
-
-
-ComposeLoader.add_constructor("!reset", lambda loader, node: _Reset())
-
-
-def _drop_resets(obj):
-    if isinstance(obj, dict):
-        return {k: _drop_resets(v) for k, v in obj.items() if not isinstance(v, _Reset)}
-    if isinstance(obj, list):
-        return [_drop_resets(v) for v in obj]
-    return obj
-
-
-def load(path: Path) -> dict:
-    """A Compose file as Compose reads it before interpolation (anchors and merge keys resolved)."""
-    return _drop_resets(yaml.load(path.read_text(), Loader=ComposeLoader))
-
-
-_VAR = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
-_BRACED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>.*))?$", re.S)
-
-
-class MissingVariable(KeyError):
-    pass
-
-
-def interpolate(obj, env: dict[str, str]):
-    """Compose-spec interpolation of every string in ``obj``: $$, $VAR, ${VAR}, ${VAR:-d},
-    ${VAR-d}, ${VAR:?err}, ${VAR?err}, ${VAR:+alt}, ${VAR+alt}."""
-    if isinstance(obj, dict):
-        return {k: interpolate(v, env) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [interpolate(v, env) for v in obj]
-    if not isinstance(obj, str):
-        return obj
-
-    def sub(m: re.Match) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        if m.group("plain"):
-            return env.get(m.group("plain"), "")
-        spec = _BRACED.match(m.group("braced"))
-        assert spec, f"unsupported interpolation {m.group(0)!r}"
-        name, op, arg = spec["name"], spec["op"], spec["arg"]
-        value, is_set = env.get(name), name in env
-        present = bool(value) if op and op.startswith(":") else is_set
-        if op in (":-", "-"):
-            return value if present else arg
-        if op in (":?", "?"):
-            if not present:
-                raise MissingVariable(f"{name}: {arg}")
-            return value
-        if op in (":+", "+"):
-            return arg if present else ""
-        return value or ""
-
-    return _VAR.sub(sub, obj)
-
-
-def variables(text: str) -> dict[str, str | None]:
-    """Variable name -> operator (None for plain ${VAR}) of every interpolation in a Compose file."""
-    out: dict[str, str | None] = {}
-    for m in _VAR.finditer(text):
-        if m.group(0) == "$$":
-            continue
-        if m.group("plain"):
-            out.setdefault(m.group("plain"), None)
-            continue
-        spec = _BRACED.match(m.group("braced"))
-        out.setdefault(spec["name"], spec["op"])
-    return out
-
-
-def env_file(text: str) -> dict[str, str]:
-    out = {}
-    for line in text.splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            out[key.strip()] = value.strip()
-    return out
+def command_args(service: dict) -> list[str]:
+    return args(service.get("command"))
 
 
 @pytest.fixture(scope="module")
@@ -155,34 +74,6 @@ def stack_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def resolved(compose, stack_env) -> dict:
     return interpolate(compose, stack_env)
-
-
-def command_args(service: dict) -> list[str]:
-    cmd = service.get("command", [])
-    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
-
-
-def celery_queues(service: dict) -> set[str] | None:
-    """Queues of an ``airflow celery worker`` command (None when the service is no worker)."""
-    args = command_args(service)
-    if args[:2] != ["celery", "worker"]:
-        return None
-    queues: list[str] = []
-    for i, arg in enumerate(args):
-        if arg in ("--queues", "-q"):
-            queues += args[i + 1].split(",")
-        elif arg.startswith("--queues="):
-            queues += arg.split("=", 1)[1].split(",")
-    return set(queues) or {"default"}
-
-
-def workers(compose_model: dict) -> dict[str, set[str]]:
-    out = {}
-    for name, svc in compose_model["services"].items():
-        queues = celery_queues(svc)
-        if queues is not None:
-            out[name] = queues
-    return out
 
 
 @pytest.fixture(scope="module")
