@@ -312,7 +312,6 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, threshold: 
         ValueError: a malformed URI, or ``class_indices.json`` differs from the required order.
     """
     import keras
-    import mlflow
     from mlflow import MlflowClient
 
     bound_mlflow_http()
@@ -327,7 +326,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, threshold: 
     # The files are read into memory and the download removed: a service that follows the alias
     # loads a version every time it moves and must not fill its disk with old copies.
     with tempfile.TemporaryDirectory(prefix="covid-model-") as tmp:
-        local = _download(client, mlflow, source, name, version, pinned, tracking_uri, tmp)
+        local = _download(client, source, name, version, pinned, tracking_uri, tmp)
         for required in ("class_indices.json", "operating_point.json"):
             if not (local / required).is_file():
                 raise FileNotFoundError(f"{pinned} (registry {tracking_uri}) has no {required}; it was "
@@ -343,9 +342,10 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, threshold: 
                        output=op.get("output", "P(covid), not calibrated"), calibration=op.get("calibration"))
 
 
-def _download(client: Any, mlflow: Any, source: str, name: str | None, version: str | None, pinned: str,
+def _download(client: Any, source: str, name: str | None, version: str | None, pinned: str,
               tracking_uri: str, dst: str) -> Path:
     """Download a version's (or a run's) model folder into ``dst``; registry errors made clear."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
@@ -355,12 +355,19 @@ def _download(client: Any, mlflow: Any, source: str, name: str | None, version: 
             source = client.get_model_version_download_uri(name, version)
         return Path(mlflow.artifacts.download_artifacts(source, tracking_uri=tracking_uri, dst_path=dst))
     except MlflowException as exc:
-        if exc.error_code in _NOT_FOUND:
-            raise MlflowException(f"{pinned} not found in the MLflow registry at {tracking_uri}: "
-                                  f"{exc.message}", error_code=exc.error_code) from exc
-        down = unavailable(exc, tracking_uri, f"download {pinned}")
-        raise (down or RegistryUnavailableError(f"cannot download {pinned} from {tracking_uri}: {exc}")
-               ) from exc
+        raise _lookup_error(exc, pinned, tracking_uri, "download",
+                            f"cannot download {pinned} from {tracking_uri}: {exc}") from exc
+
+
+def _lookup_error(exc: Any, target: str, uri: str, doing: str, otherwise: str) -> Exception:
+    """The error for an MLflow failure to ``doing`` ``target``: not found (naming the registry),
+    unreachable (:func:`unavailable`), or a ``RegistryUnavailableError`` saying ``otherwise``."""
+    from mlflow.exceptions import MlflowException
+
+    if exc.error_code in _NOT_FOUND:
+        return MlflowException(f"{target} not found in the MLflow registry at {uri}: {exc.message}",
+                               error_code=exc.error_code)
+    return unavailable(exc, uri, f"{doing} {target}") or RegistryUnavailableError(otherwise)
 
 
 def load_champion(tracking_uri: str | None = None, name: str = MODEL_NAME) -> LoadedModel:
@@ -393,12 +400,8 @@ def _resolve(client: Any, model_uri: str, tracking_uri: str) -> tuple[str, str]:
         try:
             return name, str(client.get_model_version_by_alias(name, alias).version)
         except MlflowException as exc:
-            if exc.error_code in _NOT_FOUND:
-                raise MlflowException(f"{model_uri} not found in the MLflow registry at {tracking_uri}: "
-                                      f"{exc.message}", error_code=exc.error_code) from exc
-            down = unavailable(exc, tracking_uri, f"resolve {model_uri}")
-            raise (down or RegistryUnavailableError(f"cannot resolve {model_uri} at {tracking_uri}: {exc}")
-                   ) from exc
+            raise _lookup_error(exc, model_uri, tracking_uri, "resolve",
+                                f"cannot resolve {model_uri} at {tracking_uri}: {exc}") from exc
     parts = rest.split("/")
     if len(parts) != 2 or not parts[1].isdigit():
         raise ValueError(f"expected models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}")
