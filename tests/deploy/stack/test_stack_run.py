@@ -221,7 +221,7 @@ def test_stack_down_leaves_no_process_of_the_stack(stack_home, settings, faulty_
             if started is not None and procs.start_time(pid) == started}
     assert not left, f"processes of the stack still running after down: {sorted(left)}"
     assert procs.State(stack_home).read() == {}
-    from tests.deploy.stack.conftest import _free
+    from tests.helpers.s3_server import port_is_free
 
-    busy = [settings.port(n) for n in PORTS if not _free(settings.port(n))]
+    busy = [settings.port(n) for n in PORTS if not port_is_free(settings.port(n))]
     assert not busy, f"ports still taken after down: {busy}"
