@@ -37,7 +37,15 @@ from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, POSITIVE_INDEX, Conf
 from covid_tasks.operating_point import THRESHOLD_RULE
 from covid_tasks.promotion import gate
 from covid_tasks.stats import weighted_auc, weighted_average_precision, wilson_interval
-from covid_tasks.storage import atomic_path, jsonable, require_file, write_bytes_atomic, write_csv, write_json
+from covid_tasks.storage import (
+    atomic_path,
+    file_sha256,
+    jsonable,
+    require_file,
+    write_bytes_atomic,
+    write_csv,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -469,17 +477,6 @@ def _same_model_content(a: Path, b: Path) -> bool:
             return all(za.read(n) == zb.read(n) for n in names)
     except (OSError, zipfile.BadZipFile):
         return False
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, hex."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _log_decisions(metrics: dict[str, Any]) -> None:

@@ -116,7 +116,8 @@ def _content(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
         FileNotFoundError: a file is missing.
         ValueError: the model file is not the one ``metrics.json`` describes.
     """
-    from covid_tasks.evaluate import MODEL_FILE, file_sha256
+    from covid_tasks.evaluate import MODEL_FILE
+    from covid_tasks.storage import file_sha256
 
     model_path = require_file(run_dir / MODEL_FILE, "evaluate")
     op_path = require_file(run_dir / "operating_point.json", "evaluate")

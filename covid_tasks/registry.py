@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, MODEL_NAME, Config, sqlite_path
-from covid_tasks.storage import read_json
+from covid_tasks.storage import file_sha256, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -258,21 +258,11 @@ def _recorded_beside(path: Path) -> tuple[float | None, str, dict[str, Any] | No
     op_file, metrics_file = path.parent / "operating_point.json", path.parent / "metrics.json"
     if op_file.is_file():
         op = read_json(op_file)
-        if op.get("model_sha256") in (None, _sha256(path)):  # written for this very file
+        if op.get("model_sha256") in (None, file_sha256(path)):  # written for this very file
             return float(op["threshold"]), op.get("output", "P(covid)"), op.get("calibration")
     if metrics_file.is_file():
         return _recorded_operating_point(path, read_json(metrics_file))
     return None, "P(covid), calibration unknown", None
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _recorded_operating_point(path: Path, metrics: dict[str, Any]

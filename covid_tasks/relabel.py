@@ -23,7 +23,6 @@ group in one split, so one image never sits in two splits.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -34,7 +33,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from covid_tasks.config import CLASS_NAMES, METADATA_COLUMNS, Config
-from covid_tasks.storage import UnsafePathError, require_file, safe_relpath, write_csv, write_json
+from covid_tasks.storage import (
+    UnsafePathError,
+    file_sha256,
+    require_file,
+    safe_relpath,
+    write_csv,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +239,7 @@ def relabel(data_root: str | Path, cfg: Config) -> dict[str, Any]:
             continue
         candidates.append(row)
 
-    digests = {f: _sha256(images / f) for f in sorted({r["filename"] for r in candidates})}
+    digests = {f: file_sha256(images / f) for f in sorted({r["filename"] for r in candidates})}
     for row in candidates:
         row["sha256"] = digests[row["filename"]]
 
@@ -469,11 +475,3 @@ def _is_safe(name: str) -> bool:
         return True
     except UnsafePathError:
         return False
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

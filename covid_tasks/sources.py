@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
-from covid_tasks.storage import UnsafePathError, safe_relpath
+from covid_tasks.storage import UnsafePathError, file_sha256, safe_relpath
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class LocalSource(Source):
                 if not stat.S_ISREG(st.st_mode):
                     listing.ignored += 1
                     continue
-                listing.add(rel, st.st_size, lambda p=path: _sha256_file(p))
+                listing.add(rel, st.st_size, lambda p=path: file_sha256(p))
         return listing
 
     def fetch(self, key: str, dest: Path, on_bytes: Callable[[int], None]) -> Fetched:
@@ -472,9 +472,3 @@ def _copy_stream(chunks: Iterator[bytes], dest: Path, on_bytes: Callable[[int], 
     return Fetched(size, h.hexdigest())
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()

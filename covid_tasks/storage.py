@@ -113,3 +113,14 @@ def require_file(path: str | os.PathLike[str], produced_by: str) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: run the '{produced_by}' step first")
     return p
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, hex, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

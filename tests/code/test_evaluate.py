@@ -140,7 +140,8 @@ def _cfg(data_root, tmp_path, **kw) -> Config:
 
 
 def test_evaluate_writes_metrics_that_sklearn_reproduces(data_root, tmp_path) -> None:
-    from covid_tasks.evaluate import evaluate, file_sha256, predict_split
+    from covid_tasks.evaluate import evaluate, predict_split
+    from covid_tasks.storage import file_sha256
     from covid_tasks.training import load_splits
 
     cfg = _cfg(data_root, tmp_path)

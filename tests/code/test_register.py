@@ -174,7 +174,7 @@ def test_registered_version_carries_model_mapping_signature_and_tags(flow: dict[
     assert meta.saved_input_example_info is not None and (local / "input_example.json").is_file()
     assert "keras" in meta.flavors and (local / "data" / "model.keras").is_file()
     # The version holds exactly the evaluated (calibrated) file, identified by content.
-    from covid_tasks.evaluate import file_sha256
+    from covid_tasks.storage import file_sha256
 
     assert file_sha256(local / "data" / "model.keras") == ev["model_sha256"] == tags["model_sha256"]
     assert op["model_sha256"] == ev["model_sha256"] and tags["content_id"]
