@@ -24,12 +24,10 @@ import json
 import logging
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -47,7 +45,7 @@ from covid_tasks.config import Config  # noqa: E402
 from covid_tasks.pull import DiskFullError, PullError, pull, validate_image  # noqa: E402
 from covid_tasks.sources import Listing, check_key  # noqa: E402
 from covid_tasks.storage import UnsafePathError  # noqa: E402
-from tests.helpers.images import rle8_bmp  # noqa: E402
+from tests.helpers.images import png_header, rle8_bmp  # noqa: E402
 from tests.helpers.s3_server import SeaweedS3, free_ports, weed_binary  # noqa: E402
 
 SAMPLE = REPO / "sample_data"
@@ -76,16 +74,6 @@ def _bmp(mode: str, size: tuple[int, int] = (96, 80)) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="BMP")
     return buf.getvalue()
-
-
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` but carries only a few rows: a bomb's header."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * (width + 1) * 4)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def _write_meta(path: Path, names: list[str], header: list[str] | None = None,
@@ -214,8 +202,8 @@ def test_check_key_rejects_unsafe(key: str) -> None:
     (lambda: _image_bytes((20, 200)), "too_small"),
     (lambda: _image_bytes((300, 300), "JPEG")[:1500], "truncated"),
     (lambda: _image_bytes((96, 96), "TIFF"), "undecodable"),
-    (lambda: _png_header(8000, 8000), "pixel_limit"),
-    (lambda: _png_header(20000, 20000), "pixel_limit"),
+    (lambda: png_header(8000, 8000), "pixel_limit"),
+    (lambda: png_header(20000, 20000), "pixel_limit"),
     (lambda: _bmp("L"), None),
     (lambda: _bmp("RGB"), None),
     (lambda: _image_bytes(fmt="GIF"), None),
@@ -463,7 +451,7 @@ def test_invalid_images_are_quarantined_and_not_refetched(tmp_path: Path) -> Non
         "truncated.jpg": _image_bytes((300, 300), "JPEG")[:2000],
         "garbage.png": b"<html>not an image</html>",
         "tiny.png": _image_bytes((16, 16)),
-        "bomb.png": _png_header(20000, 20000),
+        "bomb.png": png_header(20000, 20000),
         "empty.png": b"",
     }
     for name, data in bad.items():

@@ -10,7 +10,6 @@ its signature refuses a tensor of the wrong shape.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import requests
 
+from tests.helpers.procs import stop_group
 from tests.helpers.serve_stack import IMG_SIZE, MODEL, SAMPLES, free_port
 
 pytestmark = pytest.mark.mlflow_server
@@ -51,11 +51,7 @@ def scoring_server(serve_stack: Any, tmp_path_factory: pytest.TempPathFactory) -
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, 15.0)
 
 
 def test_mlflow_models_serve_answers_the_keras_model_s_probabilities(scoring_server: str,

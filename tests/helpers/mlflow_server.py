@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from tests.helpers.procs import stop_group
 
 #: Airflow's log server, MLflow's default and other well-known ports we never take.
 AVOID_PORTS = frozenset({5000, 8080, 8793, 8888})
@@ -113,16 +114,7 @@ class MlflowServer:
         """SIGTERM the process group, then SIGKILL what is left after 10 s."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(self.proc, 10.0)
         self._ready = False
 
     def _tail(self, n: int = 3000) -> str:

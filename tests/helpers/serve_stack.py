@@ -16,7 +16,6 @@ so a test can tell which version produced an answer.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import numpy as np
 
 from tests.helpers import tiny_run
 from tests.helpers.mlflow_server import AVOID_PORTS, MlflowServer, shared_server
+from tests.helpers.procs import stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "covid-xray-classifier-serve-test"
@@ -103,15 +103,7 @@ class ServeProcess:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(timeout=wait)
-                return
-            except ProcessLookupError:
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(self.proc, 15.0)
 
     def tail(self, n: int = 4000) -> str:
         try:
