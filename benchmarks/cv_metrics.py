@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_tasks.stats import weighted_auc
+
 BOOTSTRAP = 2000
 GATE = (0.80, 0.70)
 VIEW_COLUMNS = {"lungs_hidden": "prob_covid_lungs_hidden", "outside_hidden": "prob_covid_outside_hidden",
@@ -32,21 +34,8 @@ VIEW_COLUMNS = {"lungs_hidden": "prob_covid_lungs_hidden", "outside_hidden": "pr
 
 
 def auc(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-    """ROC AUC, P(score_pos > score_neg) with ties 1/2; one value per row of weights ``w`` (B x N)."""
-    y, p = np.asarray(y, int), np.asarray(p, float)
-    w = np.ones((1, len(y))) if w is None else np.atleast_2d(w)
-    pos, neg = y == 1, y == 0
-    order = np.argsort(p[neg], kind="mergesort")
-    pn, wn = p[neg][order], w[:, neg][:, order]
-    cum = np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(wn, axis=1)], axis=1)
-    lo, hi = np.searchsorted(pn, p[pos], "left"), np.searchsorted(pn, p[pos], "right")
-    below = cum[:, lo]  # weight of negatives strictly below each positive
-    ties = cum[:, hi] - cum[:, lo]
-    wp = w[:, pos]
-    num = (wp * (below + 0.5 * ties)).sum(axis=1)
-    den = wp.sum(axis=1) * wn.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / den, np.nan)
+    """ROC AUC (ties 1/2) for each row of weights ``w`` (B x N; one unweighted row by default)."""
+    return weighted_auc(np.asarray(y, int), p, np.ones((1, len(y))) if w is None else w)
 
 
 def spec_at_sens(y: np.ndarray, p: np.ndarray, target: float) -> float:
