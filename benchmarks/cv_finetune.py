@@ -86,9 +86,9 @@ def run_fold(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, r
              work: Path, args: argparse.Namespace) -> pd.DataFrame:
     """Train, fine-tune and score one fold; returns its held-out rows with P(covid) per view."""
     import keras
-    from cv_probe import choose_threshold
 
     from covid_tasks.finetune import finetune
+    from covid_tasks.operating_point import highest_threshold_reaching
     from covid_tasks.train import train
 
     part = folds[folds["repeat"] == repeat]
@@ -113,7 +113,7 @@ def run_fold(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, r
     model = keras.saving.load_model(cfg.run_dir("cv") / "finetune.keras")
     images = root / "raw" / "images"
     val, test = rows[rows["split"] == "val"], rows[rows["split"] == "test"]
-    threshold = choose_threshold((val["label"] == "covid").to_numpy().astype(int),
+    threshold = highest_threshold_reaching((val["label"] == "covid").to_numpy().astype(int),
                                  _score(model, val, images, cfg.img_size, "full"), args.target_sensitivity)
     out = test[["filename", "patientid", "label"]].assign(fold=fold, repeat=repeat)
     for view in ("full", "lungs_hidden", "outside_hidden"):

@@ -21,17 +21,12 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from covid_tasks.operating_point import highest_threshold_reaching
+
 logger = logging.getLogger(__name__)
 
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 VIEWS = ("full", "lungs_hidden", "outside_hidden")
-
-
-def choose_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity on (y, p) reaches ``target`` (as ``evaluate`` does)."""
-    pos = np.sort(np.asarray(p)[np.asarray(y) == 1])[::-1]
-    k = max(1, int(np.ceil(target * len(pos) - 1e-9)))
-    return float(pos[k - 1])
 
 
 def _adaptive_grid(maps: np.ndarray, n: int) -> np.ndarray:
@@ -191,7 +186,7 @@ def run_fold(folds: pd.DataFrame, repeat: int, fold: int, all_feats: dict[str, d
         groups = np.concatenate([groups, extra_groups])
     c, oof = _inner(x_train, y_all, groups, seed + 100 * repeat + fold)
     model = _fit(x_train, y_all, c)
-    threshold = choose_threshold(y, oof[: len(y)], target)
+    threshold = highest_threshold_reaching(y, oof[: len(y)], target)
     out = test[["filename", "patientid", "label", "fold", "repeat"]].copy()
     out["prob_covid"] = model.predict_proba(scored["full"][te])[:, 1]
     for view in VIEWS[1:]:
