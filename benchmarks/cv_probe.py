@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 
 from covid_tasks.operating_point import highest_threshold_reaching
+from covid_tasks.training import PROBE_C_GRID as C_GRID  # the pipeline's probe head searches the same grid
 
 logger = logging.getLogger(__name__)
 
-C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 VIEWS = ("full", "lungs_hidden", "outside_hidden")
 
 
