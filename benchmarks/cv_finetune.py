@@ -74,12 +74,14 @@ def fold_config(spec: dict[str, Any], root: Path, args: argparse.Namespace, segm
     return Config(**fields)
 
 
-def _score(model: Any, frame: pd.DataFrame, images: Path, size: int, view: str) -> np.ndarray:
+def _score(model: Any, frame: pd.DataFrame, images: Path, size: int, views: tuple[str, ...]
+           ) -> dict[str, np.ndarray]:
+    """P(covid) of ``frame``'s images in each occlusion view (images decoded once)."""
     from covid_tasks.data import load_image
     from covid_tasks.occlusion import occlude
 
     batch = np.stack([load_image(images / f, size) for f in frame["filename"]])
-    return model.predict(occlude(batch, view), batch_size=16, verbose=0).reshape(-1)
+    return {view: model.predict(occlude(batch, view), batch_size=16, verbose=0).reshape(-1) for view in views}
 
 
 def run_fold(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, repeat: int, fold: int,
@@ -114,11 +116,12 @@ def run_fold(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, r
     images = root / "raw" / "images"
     val, test = rows[rows["split"] == "val"], rows[rows["split"] == "test"]
     threshold = highest_threshold_reaching((val["label"] == "covid").to_numpy().astype(int),
-                                 _score(model, val, images, cfg.img_size, "full"), args.target_sensitivity)
+                                           _score(model, val, images, cfg.img_size, ("full",))["full"],
+                                           args.target_sensitivity)
     out = test[["filename", "patientid", "label"]].assign(fold=fold, repeat=repeat)
-    for view in ("full", "lungs_hidden", "outside_hidden"):
-        column = "prob_covid" if view == "full" else f"prob_covid_{view}"
-        out[column] = _score(model, test, images, cfg.img_size, view)
+    scores = _score(model, test, images, cfg.img_size, ("full", "lungs_hidden", "outside_hidden"))
+    for view, prob in scores.items():
+        out["prob_covid" if view == "full" else f"prob_covid_{view}"] = prob
     out["threshold"] = threshold
     shutil.rmtree(root, ignore_errors=True)  # the models are large; the predictions are what count
     keras.backend.clear_session()
