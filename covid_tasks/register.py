@@ -449,7 +449,7 @@ def _version(client: Any, cfg: Config, metrics: dict[str, Any], run_key: str, co
     if stale:
         logger.warning("register: version(s) %s hold an earlier model of run %s (different content); "
                        "registering the evaluated one as a new version",
-                       ", ".join(sorted((v.version for v in stale), key=int)), run_key)
+                       ", ".join(sorted((str(v.version) for v in stale), key=int)), run_key)
     version = mlflow.register_model(f"models:/{model_id}", cfg.model_name,
                                     tags=_version_tags(cfg, metrics, run_key, context, content, model_id))
     return client.get_model_version(cfg.model_name, str(version.version))

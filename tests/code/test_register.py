@@ -1,4 +1,8 @@
-"""Register against a real ``mlflow server`` on loopback: gate, champion/challenger, alias order, lookup.
+"""Register against a real ``mlflow server`` on loopback *and* a SQLite store: gate, champion/challenger,
+alias order, lookup.
+
+Every test runs on both stores (the ``flow`` fixture is parametrized): the REST store returns a
+version number as a string, the SQL store as an int, and registry code must work with both.
 
 One module-scoped flow runs evaluate + register four times on the same tiny data set, as four
 weekly DAG runs would:
@@ -50,9 +54,12 @@ def _aliases(client: Any) -> dict[str, str]:
         return {}
 
 
-@pytest.fixture(scope="module")
-def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    server = shared_server(tmp_path_factory)  # boots while the data and models are built
+@pytest.fixture(scope="module", params=["server", "sqlite"])
+def flow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if request.param == "server":
+        url = shared_server(tmp_path_factory).url  # boots while the data and models are built
+    else:
+        url = f"sqlite:///{tmp_path_factory.mktemp('register_sqlite') / 'mlflow.db'}"
     root = tiny_run.make_data_root(tmp_path_factory.mktemp("register_data"))
     models = {key: tiny_run.channel_model(d, size, gain) for key, d, gain, size in RUNS}
 
@@ -61,9 +68,9 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from covid_tasks.evaluate import evaluate
     from covid_tasks.register import register
 
-    base = Config(data_root=str(root), mlflow_tracking_uri=server.url, model_name=MODEL,
+    base = Config(data_root=str(root), mlflow_tracking_uri=url, model_name=MODEL,
                   experiment_name="register-test", batch_size=8, backbone="mobilenet_v3_small")
-    client = MlflowClient(server.url)
+    client = MlflowClient(url, registry_uri=url)
     calls: list[tuple[str, str, str]] = []
     original = MlflowClient.set_registered_model_alias
 
@@ -71,7 +78,7 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         calls.append((alias, str(version), str(self.get_model_version(name, str(version)).status)))
         return original(self, name, alias, version)
 
-    out: dict[str, Any] = {"root": root, "base": base, "client": client, "url": server.url, "runs": {}}
+    out: dict[str, Any] = {"root": root, "base": base, "client": client, "url": url, "runs": {}}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(MlflowClient, "set_registered_model_alias", recording)
         for key, _, _, size in RUNS:
