@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_tasks.layout import DataRoot
+
 logger = logging.getLogger("quality_cv")
 
 #: Options in a configuration name (``ft-lite0-224-none-<option>...``) and the Config fields they set.
@@ -77,7 +79,7 @@ def fold_config(spec: dict[str, Any], root: Path, args: argparse.Namespace, segm
 def _score(model: Any, frame: pd.DataFrame, images: Path, size: int, views: tuple[str, ...]
            ) -> dict[str, np.ndarray]:
     """P(covid) of ``frame``'s images in each occlusion view (images decoded once)."""
-    from covid_tasks.data import load_image
+    from covid_tasks.images import load_image
     from covid_tasks.occlusion import occlude
 
     batch = np.stack([load_image(images / f, size) for f in frame["filename"]])
@@ -89,9 +91,9 @@ def run_fold(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, r
     """Train, fine-tune and score one fold; returns its held-out rows with P(covid) per view."""
     import keras
 
-    from covid_tasks.finetune import finetune
     from covid_tasks.operating_point import highest_threshold_reaching
-    from covid_tasks.train import train
+    from covid_tasks.stages.finetune import finetune
+    from covid_tasks.stages.train import train
 
     part = folds[folds["repeat"] == repeat]
     root = work / "ft" / spec["name"] / f"r{repeat}f{fold}"
@@ -110,9 +112,9 @@ def run_fold(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, r
         cv_lungs.fold_segmenter(work, folds, repeat, fold)  # trained once per fold, then cached
         segmenter = str(work / "segmenters" / f"r{repeat}f{fold}.weights.h5")
     cfg = fold_config(spec, root, args, segmenter)
-    train(root, cfg, "cv")
-    finetune(root, cfg, "cv")
-    model = keras.saving.load_model(cfg.run_dir("cv") / "finetune.keras")
+    train(cfg, "cv")
+    finetune(cfg, "cv")
+    model = keras.saving.load_model(DataRoot.of(cfg).run("cv").finetune_model)
     images = root / "raw" / "images"
     val, test = rows[rows["split"] == "val"], rows[rows["split"] == "test"]
     threshold = highest_threshold_reaching((val["label"] == "covid").to_numpy().astype(int),

@@ -45,7 +45,7 @@ def mask_table(images_dir: Path) -> pd.DataFrame:
 
 def fold_segmenter(work: Path, folds: pd.DataFrame, repeat: int, fold: int) -> Any:
     """The fold's segmenter, trained once and cached under ``work/segmenters/``."""
-    from covid_tasks.data import load_image
+    from covid_tasks.images import load_image
     from covid_tasks.lungs import SEG_SIZE, load_segmenter, train_segmenter
 
     path = work / "segmenters" / f"r{repeat}f{fold}.weights.h5"
@@ -104,7 +104,7 @@ def crop(images: np.ndarray, segmenter: Any) -> np.ndarray:
 
 def held_out_dice(work: Path, folds: pd.DataFrame) -> dict[str, Any]:
     """Dice of each fold's segmenter on the held-out fold's masked images (none of which it saw)."""
-    from covid_tasks.data import load_image
+    from covid_tasks.images import load_image
     from covid_tasks.lungs import SEG_SIZE, dice, load_segmenter
 
     images_dir = work / "data" / "raw" / "images"

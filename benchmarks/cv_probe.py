@@ -96,7 +96,7 @@ def features(work: Path, filenames: list[str], images_dir: Path, backbone: str, 
     Returns:
         ``{view: {array name: array}}`` (see :func:`extract`) and the extraction seconds.
     """
-    from covid_tasks.data import load_image
+    from covid_tasks.images import load_image
     from covid_tasks.occlusion import occlude
 
     key = hashlib.sha256("|".join(filenames).encode()).hexdigest()[:12]

@@ -30,26 +30,26 @@ def parse(name: str) -> dict[str, Any]:
 def prepare_data(data: Path, work: Path, seed: int) -> pd.DataFrame:
     """Pull (incremental) and relabel into ``work/data`` with the pipeline's own stages."""
     from covid_tasks.config import Config
-    from covid_tasks.pull import pull
-    from covid_tasks.relabel import relabel
+    from covid_tasks.stages.pull import pull
+    from covid_tasks.stages.relabel import relabel
 
     root = work / "data"
     cfg = Config(data_root=str(root), source_uri=str(data), seed=seed)
-    pull(str(data), root, cfg)
-    relabel(root, cfg)
+    pull(cfg, "run")
+    relabel(cfg, "run")
     return pd.read_csv(root / "labeled.csv", dtype=str, keep_default_na=False)
 
 
 def ap_supine_rows(work: Path) -> pd.DataFrame:
     """AP Supine X-rays, labelled by the pipeline's own relabel with AP Supine as a primary view."""
     from covid_tasks.config import Config
-    from covid_tasks.relabel import relabel
+    from covid_tasks.stages.relabel import relabel
 
     root = work / "data_apsupine"
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "raw").exists():
         (root / "raw").symlink_to(work / "data" / "raw")
-    relabel(root, Config(data_root=str(root), views=("PA", "AP", "AP Supine"), fallback_views=()))
+    relabel(Config(data_root=str(root), views=("PA", "AP", "AP Supine"), fallback_views=()), "run")
     rows = pd.read_csv(root / "labeled.csv", dtype=str, keep_default_na=False)
     return rows[rows["view"] == "AP Supine"].reset_index(drop=True)
 

@@ -3,7 +3,7 @@
 Both read the same image files on the same machine and produce the same thing: shuffled, augmented
 batches of ``img_size`` RGB images with binary labels. Printed, in images per second:
 
-* ``tf.data``: :func:`covid_tasks.data.make_dataset` (parallel decode, uint8 cache, shuffle,
+* ``tf.data``: :func:`covid_tasks.dataset.make_dataset` (parallel decode, uint8 cache, shuffle,
   batch-wise XLA-compiled augmentation, prefetch), for the first epoch (decoding) and the later,
   cached epochs; once with the in-memory cache and once with the file cache forced
   (``memory_limit=0``).
@@ -76,7 +76,7 @@ def _time_epochs(batches: Any, epochs: int) -> list[float]:
 
 def bench_tf_data(frame: Any, images: Path, cfg: Any, epochs: int, memory_limit: int | None,
                   cache_dir: Path) -> list[float]:
-    from covid_tasks.data import MEMORY_CACHE_LIMIT, make_dataset
+    from covid_tasks.dataset import MEMORY_CACHE_LIMIT, make_dataset
 
     ds = make_dataset(frame, images, cfg, training=True, cache_dir=cache_dir,
                       memory_limit=MEMORY_CACHE_LIMIT if memory_limit is None else memory_limit)
@@ -86,8 +86,8 @@ def bench_tf_data(frame: Any, images: Path, cfg: Any, epochs: int, memory_limit:
 def bench_image_data_generator(tree: Path, cfg: Any, epochs: int) -> list[float]:
     import tensorflow as tf
 
+    from covid_tasks.augment import BRIGHTNESS_FRACTION, ROTATION_DEG, SHIFT_FRACTION, ZOOM_FRACTION
     from covid_tasks.config import CLASS_NAMES
-    from covid_tasks.data import BRIGHTNESS_FRACTION, ROTATION_DEG, SHIFT_FRACTION, ZOOM_FRACTION
 
     gen = tf.keras.preprocessing.image.ImageDataGenerator(
         rotation_range=ROTATION_DEG, width_shift_range=SHIFT_FRACTION, height_shift_range=SHIFT_FRACTION,

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from covid_tasks import lungs
-    from covid_tasks.data import load_image
+    from covid_tasks.images import load_image
 
     meta = pd.read_csv(data / "metadata.csv", dtype=str, keep_default_na=False)
     meta = meta[meta["view"].isin(["PA", "AP"]) & meta["modality"].eq("X-ray")]

@@ -34,9 +34,9 @@ if str(REPO) not in sys.path:
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "covid-chestxray"
 
 
-def _timed(fn: Any, *args: Any) -> tuple[float, dict[str, Any]]:
+def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, dict[str, Any]]:
     t0 = time.perf_counter()
-    result = fn(*args)
+    result = fn(*args, **kwargs)
     return time.perf_counter() - t0, result
 
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from covid_tasks.config import Config
-    from covid_tasks.pull import pull
+    from covid_tasks.stages.pull import pull
     from tests.helpers.s3_server import SeaweedS3, weed_binary
 
     if weed_binary() is None:
@@ -70,16 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pull-bench-") as tmp, SeaweedS3(Path(tmp) / "s3") as server:
         uri = server.new_prefix("bench")
         t_up, _ = _timed(server.upload, data, uri)
-        cfg = Config(data_root=str(Path(tmp) / "data"))
+        cfg = Config(data_root=str(Path(tmp) / "data"), source_uri=uri)
         if args.workers:
             cfg = cfg.replace(pull_workers=args.workers)
         rows = []
-        t, full = _timed(pull, uri, cfg.data_root, cfg, server.s3_options())
+        t, full = _timed(pull, cfg, "bench", s3_options=server.s3_options())
         rows.append(("S3 full pull", t, full))
-        t, noop = _timed(pull, uri, cfg.data_root, cfg, server.s3_options())
+        t, noop = _timed(pull, cfg, "bench", s3_options=server.s3_options())
         rows.append(("S3 no-change pull", t, noop))
-        local_cfg = cfg.replace(data_root=str(Path(tmp) / "local"))
-        t, local = _timed(pull, str(data), local_cfg.data_root, local_cfg)
+        local_cfg = cfg.replace(data_root=str(Path(tmp) / "local"), source_uri=str(data))
+        t, local = _timed(pull, local_cfg, "bench")
         rows.append(("local-folder full pull", t, local))
 
     print(f"data: {data} ({n_files} objects, {size / 2**20:.1f} MiB); upload to SeaweedFS {t_up:.1f}s; "

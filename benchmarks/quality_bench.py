@@ -98,16 +98,16 @@ def _fmt(value: float, ci: Any) -> str:
 
 def run_config(work: Path, cfg: Any, backbone: str, weights: str) -> dict[str, Any]:
     """Train, fine-tune and evaluate one backbone/weights pair on the prepared data root."""
-    from covid_tasks.evaluate import evaluate
-    from covid_tasks.finetune import finetune
-    from covid_tasks.train import train
+    from covid_tasks.stages.evaluate import evaluate
+    from covid_tasks.stages.finetune import finetune
+    from covid_tasks.stages.train import train
 
     run_cfg = cfg.replace(backbone=backbone, weights=weights)
     run_key = f"quality-{backbone}-{weights}"
     start = time.perf_counter()
-    trained = train(work, run_cfg, run_key)
-    tuned = finetune(work, run_cfg, run_key)
-    result = evaluate(work, run_cfg, run_key)
+    trained = train(run_cfg, run_key)
+    tuned = finetune(run_cfg, run_key)
+    result = evaluate(run_cfg, run_key)
     wall = time.perf_counter() - start
     return {
         "backbone": backbone,
@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
 def fixed_split(args: argparse.Namespace, data: Path) -> int:
     """The single fixed split: the pipeline's stages once per backbone/weights pair."""
     from covid_tasks.config import Config
-    from covid_tasks.pull import pull
-    from covid_tasks.relabel import relabel
-    from covid_tasks.split import split
+    from covid_tasks.stages.pull import pull
+    from covid_tasks.stages.relabel import relabel
+    from covid_tasks.stages.split import split
 
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="quality-bench-"))
     rates = {"learning_rate": args.learning_rate, "finetune_learning_rate": args.finetune_learning_rate}
@@ -213,9 +213,9 @@ def fixed_split(args: argparse.Namespace, data: Path) -> int:
     configs = [tuple(c.split(":", 1)) for c in pairs.split(",") if c]
 
     start = time.perf_counter()
-    pull(str(data), work, cfg)
-    labelled = relabel(work, cfg)
-    splits = split(work, cfg)
+    pull(cfg, "run")
+    labelled = relabel(cfg, "run")
+    splits = split(cfg, "run")
     prep_s = time.perf_counter() - start
     print(f"data: {data} -> {work} ({prep_s:.0f} s for pull, relabel, split)")
     split_counts = {k: v for k, v in splits.items() if not str(k).endswith("csv")}

@@ -44,9 +44,9 @@ BATCHES = (1, 8, 32)
 def _register_bench_model(root: Path, img_size: int, name: str) -> str:
     """Register Lite0 at ``img_size`` into a SQLite store under ``root``; return the tracking URI."""
     from covid_tasks.config import Config
-    from covid_tasks.evaluate import evaluate
     from covid_tasks.model import build_model
-    from covid_tasks.register import register
+    from covid_tasks.stages.evaluate import evaluate
+    from covid_tasks.stages.register import register
     from tests.helpers import tiny_run
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -55,8 +55,8 @@ def _register_bench_model(root: Path, img_size: int, name: str) -> str:
                  backbone="efficientnet_lite0", weights="bundled", img_size=img_size, batch_size=16,
                  min_sensitivity=0.0, min_specificity=0.0)
     tiny_run.write_model_run(cfg, "bench", build_model(cfg))
-    evaluate(data, cfg, "bench")
-    register(data, cfg, "bench")
+    evaluate(cfg, "bench")
+    register(cfg, "bench")
     return uri
 
 
@@ -102,7 +102,7 @@ def _senders(ours: str, peer: str, images: list[Path], img_size: int) -> dict[st
     import numpy as np
     import requests
 
-    from covid_tasks.data import load_image
+    from covid_tasks.images import load_image
 
     files = [(p.name, p.read_bytes()) for p in images]
     tensors = [load_image(p, img_size) for p in images]

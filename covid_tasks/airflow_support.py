@@ -112,7 +112,7 @@ def run_stage(step: str, **extra: Any) -> dict[str, Any]:
     """
     from airflow.sdk import get_current_context
 
-    from covid_tasks.cli import run_step
+    from covid_tasks.stages import run
     from covid_tasks.storage import jsonable
 
     ctx = get_current_context()
@@ -122,7 +122,7 @@ def run_stage(step: str, **extra: Any) -> dict[str, Any]:
             extra = {"s3_options": s3_options(cfg.s3_conn_id), **extra}
         if step == "register":
             extra = {"context": {"airflow_run_id": ctx["run_id"], **extra.get("context", {})}}
-        return jsonable(run_step(step, cfg, run_key(ctx), **extra))
+        return jsonable(run(step, cfg, run_key(ctx), **extra))
 
 
 def run_evaluate() -> dict[str, Any]:

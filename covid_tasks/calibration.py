@@ -161,14 +161,11 @@ def fold_into_model(model: Any, params: dict[str, float]) -> None:
 def reliability_plot(target: Path, y_true: Any, before: Any, after: Any, ece: tuple[float, float],
                      bins: int = 10) -> str:
     """``reliability.png``: observed covid fraction against mean P(covid) per bin, before and after."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    from covid_tasks.evaluate import save_figure
+    from covid_tasks.plots import pyplot, save_figure
 
+    plt = pyplot()
     y = (np.asarray(y_true) == POSITIVE_INDEX).astype(float)
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.8, 5.6), sharex=True,
                                    gridspec_kw={"height_ratios": [3, 1]})

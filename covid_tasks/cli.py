@@ -59,27 +59,16 @@ def _config(args: argparse.Namespace) -> Any:
     return Config.from_env(overrides)
 
 
-def run_step(step: str, cfg: Any, run_key: str, **extra: Any) -> dict[str, Any]:
-    """Run one step with plain inputs; the Airflow tasks call this too (via airflow_support)."""
-    import importlib
-
-    fn = getattr(importlib.import_module(f"covid_tasks.{step}"), step)
-    if step == "pull":
-        return fn(cfg.source_uri, cfg.data_root, cfg, **extra)
-    if step in ("relabel", "split"):
-        return fn(cfg.data_root, cfg, **extra)
-    return fn(cfg.data_root, cfg, run_key, **extra)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command in STEPS:
+            from covid_tasks.stages import run
             from covid_tasks.storage import jsonable
 
-            result = run_step(args.command, _config(args), args.run_key)
+            result = run(args.command, _config(args), args.run_key)
             print(json.dumps(jsonable(result), default=str))
         elif args.command == "predict":
             _predict(args)

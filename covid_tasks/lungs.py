@@ -127,7 +127,7 @@ def train_segmenter(images: Any, masks: Any, epochs: int = 40, batch_size: int =
     """Fit a new segmenter on ``images`` (n, SEG_SIZE, SEG_SIZE, 3) 0..255 and 0/1 ``masks`` (n, ., ., 1).
 
     Augmentation draws one affine warp and brightness gain per image (the pipeline's
-    :func:`covid_tasks.data.augment`, applied to image and mask together) plus a random gamma.
+    :func:`covid_tasks.augment.augment`, applied to image and mask together) plus a random gamma.
     The loss is binary cross-entropy plus soft Dice; the learning rate follows a cosine decay.
 
     Returns:
@@ -137,7 +137,7 @@ def train_segmenter(images: Any, masks: Any, epochs: int = 40, batch_size: int =
     import numpy as np
     import tensorflow as tf
 
-    from covid_tasks.data import augment
+    from covid_tasks.augment import augment
 
     keras.utils.set_random_seed(seed)
     model = build_segmenter()

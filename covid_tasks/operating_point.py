@@ -17,6 +17,9 @@ averages out single patients, and never leaves the range of the validation score
 logits makes the choice independent of the sigmoid's saturation, and the choice commutes with
 the affine calibration ``a * z + b`` (``a > 0``): choosing on raw or on calibrated logits gives
 the same decisions.
+
+:func:`record` is ``operating_point.json``, shipped with every registered version: the threshold
+and how to read the model's output.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from covid_tasks.config import POSITIVE_INDEX
+from covid_tasks.config import CLASS_NAMES, POSITIVE_INDEX
 
 THRESHOLD_RESAMPLES = 1000
 THRESHOLD_RULE = (f"mean on the logit scale, over {THRESHOLD_RESAMPLES} patient-level bootstrap resamples "
@@ -134,4 +137,25 @@ def choose_threshold(y_true: Sequence[int], logits: Sequence[float], patients: S
         "resamples": int(resamples),
         "seed": int(seed),
         "unit": "patient",
+    }
+
+
+def record(metrics: dict[str, Any], run_key: str) -> dict[str, Any]:
+    """``operating_point.json``: how to read the evaluated model's output (shipped with every version)."""
+    cal = metrics["calibration"]
+    return {
+        "threshold": metrics["threshold"],
+        "positive_class": CLASS_NAMES[POSITIVE_INDEX],
+        "rule": metrics["threshold_rule"],
+        "img_size": metrics["img_size"],
+        "run_key": run_key,
+        "input": "float32 RGB 0..255, shape (N, img_size, img_size, 3)",
+        "output": (f"calibrated P(covid): {cal['method']} scaling fitted on the validation split"
+                   if cal["method"] != "none" else "P(covid), not calibrated"),
+        "calibration": ({k: cal[k] for k in ("method", "params", "fitted_on", "ece_before", "ece_after")}
+                        if cal["method"] != "none" else None),
+        "threshold_uncalibrated": metrics["threshold_uncalibrated"],
+        "model_sha256": metrics["model_sha256"],
+        "test_sensitivity": metrics["sensitivity"],
+        "test_specificity": metrics["specificity"],
     }

@@ -61,7 +61,7 @@ def predict(images: Sequence[str | Path], model: str, tracking_uri: str | None =
     """
     import numpy as np
 
-    from covid_tasks.data import load_image
+    from covid_tasks.images import load_image
 
     if not images:
         raise ValueError("no image to classify")

@@ -17,6 +17,7 @@ import math
 from typing import Any, Sequence
 
 from covid_tasks.config import GATE_ON
+from covid_tasks.stats import fmt
 
 PROMOTION_RESAMPLES = 2000
 #: Differences compared between challenger and champion.
@@ -128,11 +129,6 @@ def decide(gate_reasons: list[str], deltas: dict[str, dict[str, Any]] | None, ch
                         for n, d in ((n, deltas[n]) for n in DELTA_METRICS))
     return {**out, "rule": RULE_PAIRED, "promoted": True, "reasons": [],
             "reason": f"non-inferior to champion v{champion_version} within margin {margin:.3f}: {summary}"}
-
-
-def fmt(value: Any) -> str:
-    """``0.123``, or ``nan`` for a missing or NaN value."""
-    return "nan" if value is None or _nan(value) else f"{value:.3f}"
 
 
 def _nan(value: Any) -> bool:

@@ -9,7 +9,7 @@ A registered version's artifacts are one folder (the MLflow ``keras`` flavour pl
 
 The alias is resolved to a version number *first*, and that exact version is downloaded, so the
 version a caller reports is the one it loaded even if the alias moves in between. Other services
-can copy the pattern with plain ``mlflow`` and ``keras`` (see the README's "Using the model").
+can copy the pattern with plain ``mlflow`` and ``keras`` (see docs/serving.md).
 
 A lookup never creates a store: a SQLite or folder URI that does not exist is reported as such,
 and every lookup error names the tracking URI it used. MLflow's own HTTP retries (minutes by
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, MODEL_NAME, Config, sqlite_path
+from covid_tasks.layout import CLASS_INDICES, METRICS, OPERATING_POINT
 from covid_tasks.storage import file_sha256, read_json
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def load_keras_file(path: str | Path, threshold: float | None = None) -> LoadedM
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"model file {p} not found")
-    mapping_file = p.parent / "class_indices.json"
+    mapping_file = p.parent / CLASS_INDICES
     mapping = check_class_indices(read_json(mapping_file)) if mapping_file.is_file() else \
         {n: i for i, n in enumerate(CLASS_NAMES)}
     recorded, output, calibration = _recorded_beside(p)
@@ -255,7 +256,7 @@ def load_keras_file(path: str | Path, threshold: float | None = None) -> LoadedM
 
 def _recorded_beside(path: Path) -> tuple[float | None, str, dict[str, Any] | None]:
     """The threshold, output meaning and calibration recorded beside a model file, if any."""
-    op_file, metrics_file = path.parent / "operating_point.json", path.parent / "metrics.json"
+    op_file, metrics_file = path.parent / OPERATING_POINT, path.parent / METRICS
     if op_file.is_file():
         op = read_json(op_file)
         if op.get("model_sha256") in (None, file_sha256(path)):  # written for this very file
@@ -317,12 +318,12 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, threshold: 
     # loads a version every time it moves and must not fill its disk with old copies.
     with tempfile.TemporaryDirectory(prefix="covid-model-") as tmp:
         local = _download(client, source, name, version, pinned, tracking_uri, tmp)
-        for required in ("class_indices.json", "operating_point.json"):
+        for required in (CLASS_INDICES, OPERATING_POINT):
             if not (local / required).is_file():
                 raise FileNotFoundError(f"{pinned} (registry {tracking_uri}) has no {required}; it was "
                                         "not registered by this pipeline")
-        mapping = check_class_indices(read_json(local / "class_indices.json"))
-        op = read_json(local / "operating_point.json")
+        mapping = check_class_indices(read_json(local / CLASS_INDICES))
+        op = read_json(local / OPERATING_POINT)
         model = keras.saving.load_model(next(local.rglob("*.keras")))
     img_size = int(model.input_shape[1] or op["img_size"])
     logger.info("loaded %s (version %s, threshold %.4f) from %s", model_uri, version, op["threshold"],

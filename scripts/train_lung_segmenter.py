@@ -33,7 +33,7 @@ def load(masks_dir: Path, images_dir: Path, size: int) -> tuple:
     import pandas as pd
     from PIL import Image
 
-    from covid_tasks.data import load_image
+    from covid_tasks.images import load_image
 
     table = pd.read_csv(masks_dir / "masks.csv", dtype=str, keep_default_na=False)
     table = table[(table["modality"] == "X-ray") & table["view"].isin(["PA", "AP", "AP Supine"])]

@@ -1,6 +1,6 @@
 """The inference service: a FastAPI app that serves the registry's ``champion`` over HTTP.
 
-Endpoints (see the README's "Inference service" for examples):
+Endpoints (see docs/serving.md for examples):
 
 * ``POST /v1/predict[?explain=true]``: one or more image files (multipart); per image the class,
   P(covid), the threshold, and the model name, version and run id that answered; with

@@ -7,7 +7,7 @@ Each upload is checked in this order, and the first failure answers the whole re
 2. header (Pillow reads only the header; nothing is decoded): not an image (415), a format the
    training decoder does not read (415), or more than ``max_pixels`` pixels, a decompression
    bomb (422);
-3. decoding with :func:`covid_tasks.data.load_image`, exactly as training, ``evaluate`` and
+3. decoding with :func:`covid_tasks.images.load_image`, exactly as training, ``evaluate`` and
    ``predict`` decode: any ``ValueError`` (truncated or corrupt data, files Pillow reads but
    TensorFlow does not, the decoder's own limits) answers 422.
 """
@@ -81,7 +81,7 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
 
 def decode_uploads(uploads: Sequence[Upload], img_size: int, max_file_bytes: int, max_pixels: int,
                    threads: int = 2) -> np.ndarray:
-    """Check every upload, then decode all of them with :func:`covid_tasks.data.load_image`.
+    """Check every upload, then decode all of them with :func:`covid_tasks.images.load_image`.
 
     Args:
         uploads: the files of one request.
@@ -110,7 +110,7 @@ def decode_uploads(uploads: Sequence[Upload], img_size: int, max_file_bytes: int
 
 
 def _decode(upload: Upload, path: Path, img_size: int, max_pixels: int) -> np.ndarray:
-    from covid_tasks.data import load_image
+    from covid_tasks.images import load_image
 
     try:
         return load_image(path, img_size, max_pixels=max_pixels)

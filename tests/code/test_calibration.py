@@ -8,6 +8,7 @@ import pytest
 
 from covid_tasks import calibration
 from covid_tasks.config import Config
+from covid_tasks.layout import DataRoot
 from covid_tasks.stats import sigmoid
 from tests.helpers import tiny_run
 
@@ -93,22 +94,22 @@ def _shifted_model(shift: float, gain: float = 10.0):
 def test_evaluate_lowers_the_ece_of_a_miscalibrated_model(data_root, tmp_path) -> None:
     import pandas as pd
 
-    from covid_tasks.evaluate import evaluate
+    from covid_tasks.stages.evaluate import evaluate
 
     cfg = Config(data_root=str(data_root), mlflow_tracking_uri=f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}",
                  img_size=32, batch_size=8)
     tiny_run.write_model_run(cfg, "shifted", _shifted_model(3.0))
-    result = evaluate(data_root, cfg, "shifted")
+    result = evaluate(cfg, "shifted")
     cal = result["calibration"]
     assert {"method", "params", "ece_before", "ece_after", "brier_before", "brier_after"} <= set(cal)
     assert cal["method"] == "platt" and cal["params"]["b"] < -1.0
     assert cal["ece_after"] < 0.5 * cal["ece_before"] and cal["brier_after"] < cal["brier_before"]
-    rows = pd.read_csv(cfg.run_dir("shifted") / "predictions.csv")
+    rows = pd.read_csv(DataRoot.of(cfg).run("shifted").path / "predictions.csv")
     raw = sigmoid(rows["logit_uncalibrated"].to_numpy())
     assert (rows["predicted"] == "covid").tolist() == (raw >= result["threshold_uncalibrated"]).tolist()
-    assert (cfg.run_dir("shifted") / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert (DataRoot.of(cfg).run("shifted").path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
 
-    none = evaluate(data_root, cfg.replace(calibration="none"), "shifted")
+    none = evaluate(cfg.replace(calibration="none"), "shifted")
     assert none["calibration"]["ece_after"] == pytest.approx(none["calibration"]["ece_before"])
     assert none["threshold"] == pytest.approx(none["threshold_uncalibrated"])
     assert none["tp"] == result["tp"] and none["fp"] == result["fp"]  # same decisions either way
@@ -117,7 +118,7 @@ def test_evaluate_lowers_the_ece_of_a_miscalibrated_model(data_root, tmp_path) -
 def test_evaluate_refuses_a_model_it_cannot_calibrate(data_root, tmp_path) -> None:
     import keras
 
-    from covid_tasks.evaluate import evaluate
+    from covid_tasks.stages.evaluate import evaluate
 
     inputs = keras.Input(shape=(32, 32, 3))
     x = keras.layers.GlobalAveragePooling2D()(inputs)
@@ -126,5 +127,5 @@ def test_evaluate_refuses_a_model_it_cannot_calibrate(data_root, tmp_path) -> No
                  img_size=32, batch_size=8)
     tiny_run.write_model_run(cfg, "softmax", keras.Model(inputs, outputs))
     with pytest.raises(ValueError, match="Dense\\(1, sigmoid\\)"):
-        evaluate(data_root, cfg, "softmax")
-    assert not (cfg.run_dir("softmax") / "metrics.json").exists()
+        evaluate(cfg, "softmax")
+    assert not (DataRoot.of(cfg).run("softmax").path / "metrics.json").exists()

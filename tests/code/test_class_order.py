@@ -37,7 +37,7 @@ def test_positive_class_is_covid():
                                    ["non_covid", "non_covid", "covid", "covid"]])
 def test_training_labels_follow_the_class_list_not_row_order(tmp_path, order):
     from covid_tasks.config import Config
-    from covid_tasks.data import label_index, make_dataset
+    from covid_tasks.dataset import label_index, make_dataset
 
     names = _write_images(tmp_path, len(order))
     frame = pd.DataFrame({"filename": names, "label": order})
@@ -51,7 +51,7 @@ def test_training_labels_follow_the_class_list_not_row_order(tmp_path, order):
 
 
 def test_sensitivity_is_covid_recall():
-    from covid_tasks.evaluate import binary_metrics
+    from covid_tasks.metrics import binary_metrics
 
     # 4 covid (3 caught), 6 non_covid (5 correctly cleared)
     y = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]

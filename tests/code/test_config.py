@@ -18,6 +18,7 @@ from covid_tasks.config import (
     class_indices,
     safe_run_key,
 )
+from covid_tasks.layout import DataRoot
 
 
 def test_class_order_is_fixed():
@@ -95,6 +96,7 @@ def test_every_covid_variable_the_repository_sets_is_known():
     suffixes = ("", ".py", ".sh", ".yaml", ".yml", ".md", ".env", ".txt")
     files += [p for d in ("docker", "tests", "dags", "covid_tasks", "benchmarks", "scripts", ".ci")
               for p in (repo / d).rglob("*") if p.is_file() and p.suffix in suffixes]
+    files += sorted((repo / "docs").glob("*.md"))
     fields = {"COVID_" + f.name.upper() for f in dataclasses.fields(Config)}
     fields |= {"COVID_" + old.upper() for old in RENAMED_FIELDS}
     names = set()
@@ -102,7 +104,7 @@ def test_every_covid_variable_the_repository_sets_is_known():
         if path.is_file() and path != Path(__file__).resolve():  # this file spells typos on purpose
             names |= set(re.findall(r"\bCOVID_[A-Z][A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="replace")))
     constants = {"COVID_MEAN", "COVID_SYNONYMS", "COVID_LIKE"}  # Python names, not variables
-    typos = {"COVID_IMG_SISE"}  # the README's example of a refused variable
+    typos = {"COVID_IMG_SISE"}  # docs/pipeline.md's example of a refused variable
     unknown = sorted(n for n in names - fields - set(ENV_NOT_FIELDS) - constants - typos
                      if not n.startswith(ENV_NOT_FIELD_PREFIXES))
     assert not unknown, f"COVID_* variables that Config.from_env would refuse: {unknown}"
@@ -122,7 +124,7 @@ def test_to_dict_is_json_and_round_trips():
 
 def test_run_dir_is_inside_data_root(tmp_path):
     cfg = Config(data_root=str(tmp_path))
-    run = cfg.run_dir("manual__2026-01-01T00:00:00+00:00")
+    run = DataRoot.of(cfg).run("manual__2026-01-01T00:00:00+00:00").path
     assert run.parent == tmp_path / "runs"
     assert safe_run_key("../../etc") == "etc"
     with pytest.raises(ValueError):

@@ -15,16 +15,11 @@ import pytest
 from sklearn.metrics import average_precision_score, classification_report, recall_score, roc_auc_score
 
 from covid_tasks.config import Config
-from covid_tasks.evaluate import (
-    binary_metrics,
-    bootstrap_auc_intervals,
-    confusion,
-    weighted_auc,
-    weighted_average_precision,
-    wilson_interval,
-)
-from covid_tasks.evaluate import classification_report as our_report
+from covid_tasks.layout import DataRoot
+from covid_tasks.metrics import binary_metrics, bootstrap_auc_intervals, confusion
+from covid_tasks.metrics import classification_report as our_report
 from covid_tasks.operating_point import highest_threshold_reaching
+from covid_tasks.stats import weighted_auc, weighted_average_precision, wilson_interval
 from tests.helpers import tiny_run
 
 
@@ -140,14 +135,15 @@ def _cfg(data_root, tmp_path, **kw) -> Config:
 
 
 def test_evaluate_writes_metrics_that_sklearn_reproduces(data_root, tmp_path) -> None:
-    from covid_tasks.evaluate import evaluate, predict_split
+    from covid_tasks.dataset import predict_split
+    from covid_tasks.layout import load_splits
+    from covid_tasks.stages.evaluate import evaluate
     from covid_tasks.storage import file_sha256
-    from covid_tasks.training import load_splits
 
     cfg = _cfg(data_root, tmp_path)
     tiny_run.write_model_run(cfg, "good", tiny_run.channel_model(tiny_run.GOOD))
-    result = evaluate(data_root, cfg, "good")
-    run_dir = cfg.run_dir("good")
+    result = evaluate(cfg, "good")
+    run_dir = DataRoot.of(cfg).run("good").path
     metrics = tiny_run.load_metrics(run_dir)
     tiny_run.assert_metrics_match(metrics, run_dir / "predictions.csv")
     assert {k: result[k] for k in metrics} == metrics  # the returned dict is the file's content
@@ -159,7 +155,7 @@ def test_evaluate_writes_metrics_that_sklearn_reproduces(data_root, tmp_path) ->
     from covid_tasks.operating_point import choose_threshold
     from covid_tasks.stats import sigmoid
 
-    splits = load_splits(data_root)
+    splits = load_splits(DataRoot(data_root))
     source = keras.saving.load_model(run_dir / "finetune.keras")
     val_prob = predict_split(source, splits["val"], data_root / "raw" / "images", cfg)
     val_rows = pd.read_csv(run_dir / "val_predictions.csv")
@@ -203,24 +199,24 @@ def test_evaluate_writes_metrics_that_sklearn_reproduces(data_root, tmp_path) ->
     outputs = ("metrics.json", "predictions.csv", "val_predictions.csv", "model.keras",
                "operating_point.json")
     first = {n: (run_dir / n).read_bytes() for n in outputs}
-    evaluate(data_root, cfg, "good")
+    evaluate(cfg, "good")
     assert first == {n: (run_dir / n).read_bytes() for n in outputs}  # a re-run changes no byte
 
 
 def test_evaluate_gate_failure_is_a_result_not_an_error(data_root, tmp_path) -> None:
-    from covid_tasks.evaluate import evaluate
+    from covid_tasks.stages.evaluate import evaluate
 
     cfg = _cfg(data_root, tmp_path)
     tiny_run.write_model_run(cfg, "failing", tiny_run.channel_model(tiny_run.FAILING))
-    result = evaluate(data_root, cfg, "failing")
+    result = evaluate(cfg, "failing")
     assert not result["passed"] and not result["promote"] and result["decision"] == "reject"
     assert any(r.startswith("specificity") for r in result["reasons"])
-    tiny_run.assert_metrics_match(result, cfg.run_dir("failing") / "predictions.csv")
+    tiny_run.assert_metrics_match(result, DataRoot.of(cfg).run("failing").path / "predictions.csv")
 
 
 def test_evaluate_fails_when_the_registry_is_unreachable(data_root, tmp_path, monkeypatch) -> None:
-    from covid_tasks.evaluate import evaluate
     from covid_tasks.registry import MLFLOW_HTTP_LIMITS, RegistryUnavailableError
+    from covid_tasks.stages.evaluate import evaluate
     from tests.helpers.mlflow_server import closed_port_uri
 
     for key in MLFLOW_HTTP_LIMITS:  # the stage bounds MLflow's retries itself
@@ -229,6 +225,6 @@ def test_evaluate_fails_when_the_registry_is_unreachable(data_root, tmp_path, mo
     cfg = _cfg(data_root, tmp_path).replace(mlflow_tracking_uri=down)
     tiny_run.write_model_run(cfg, "offline", tiny_run.channel_model(tiny_run.GOOD))
     with pytest.raises(RegistryUnavailableError, match=f"MLflow registry at {down} is unreachable") as failed:
-        evaluate(data_root, cfg, "offline")
+        evaluate(cfg, "offline")
     assert "\n" not in str(failed.value)
-    assert not (cfg.run_dir("offline") / "metrics.json").exists()
+    assert not (DataRoot.of(cfg).run("offline").path / "metrics.json").exists()

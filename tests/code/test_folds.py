@@ -63,12 +63,12 @@ def test_too_many_folds_for_the_minority_class_is_refused():
 @pytest.mark.skipif(not (SHARED / "metadata.csv").is_file(), reason="full data set not present")
 def test_real_data_folds_are_disjoint(tmp_path: Path) -> None:
     from covid_tasks.config import Config
-    from covid_tasks.pull import pull
-    from covid_tasks.relabel import relabel
+    from covid_tasks.stages.pull import pull
+    from covid_tasks.stages.relabel import relabel
 
-    cfg = Config(data_root=str(tmp_path))
-    pull(str(SHARED), tmp_path, cfg)
-    relabel(tmp_path, cfg)
+    cfg = Config(data_root=str(tmp_path), source_uri=str(SHARED))
+    pull(cfg, "run")
+    relabel(cfg, "run")
     labeled = pd.read_csv(tmp_path / "labeled.csv", dtype=str, keep_default_na=False)
     folds = assign_folds(labeled)
     _assert_disjoint(folds)

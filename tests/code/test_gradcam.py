@@ -54,7 +54,7 @@ def _random_head(model: Any, seed: int) -> None:
 
 
 def _xrays(n: int) -> np.ndarray:
-    from covid_tasks.data import load_image
+    from covid_tasks.images import load_image
 
     files = sorted((Path(__file__).resolve().parents[2] / "sample_data" / "images").glob("*.jpg"))[:n]
     return np.stack([load_image(f, SIZE) for f in files])

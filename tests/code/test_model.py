@@ -14,7 +14,7 @@ from PIL import Image
 
 from covid_tasks import model as mdl
 from covid_tasks.config import Config
-from covid_tasks.data import load_image
+from covid_tasks.images import load_image
 from covid_tasks.training import configure_devices, global_batch, save_model
 
 SIZE = 32

@@ -90,14 +90,14 @@ def champion(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     server = shared_server(tmp_path_factory)
     model = tiny_run.channel_model(tiny_run.GOOD, 40)
 
-    from covid_tasks.evaluate import evaluate
-    from covid_tasks.register import register
+    from covid_tasks.stages.evaluate import evaluate
+    from covid_tasks.stages.register import register
 
     cfg = Config(data_root=str(data_root), mlflow_tracking_uri=server.url, model_name=MODEL,
                  experiment_name="predict-test", img_size=40, batch_size=8)
     tiny_run.write_model_run(cfg, "predict_run", model)
-    ev = evaluate(data_root, cfg, "predict_run")
-    reg = register(data_root, cfg, "predict_run")
+    ev = evaluate(cfg, "predict_run")
+    reg = register(cfg, "predict_run")
     assert reg["promoted"] and reg["version"] == 1
     return {"url": server.url, "threshold": ev["threshold"]}
 

@@ -38,8 +38,8 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     from mlflow import MlflowClient
 
-    from covid_tasks.evaluate import evaluate
-    from covid_tasks.register import register
+    from covid_tasks.stages.evaluate import evaluate
+    from covid_tasks.stages.register import register
 
     cfg = Config(data_root=str(root), mlflow_tracking_uri=server.url, model_name=MODEL,
                  experiment_name="promotion-test", img_size=32, batch_size=16, min_sensitivity=0.75,
@@ -47,8 +47,8 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out: dict[str, Any] = {"client": MlflowClient(server.url), "runs": {}}
     for key, direction in (("red", (1.0, 0.0, 0.0)), ("green", (0.0, 1.0, 0.0)), ("blue", (0.0, 0.0, 1.0))):
         tiny_run.write_model_run(cfg, key, tiny_run.channel_model(direction, 32))
-        ev = evaluate(root, cfg, key)
-        reg = register(root, cfg, key)
+        ev = evaluate(cfg, key)
+        reg = register(cfg, key)
         aliases = {k: str(v) for k, v in out["client"].get_registered_model(MODEL).aliases.items()}
         out["runs"][key] = {"evaluate": ev, "register": reg, "aliases": aliases}
     return out

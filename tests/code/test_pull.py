@@ -42,9 +42,11 @@ import numpy as np  # noqa: E402
 
 from covid_tasks import sources  # noqa: E402
 from covid_tasks.config import Config  # noqa: E402
-from covid_tasks.pull import DiskFullError, PullError, pull, validate_image  # noqa: E402
-from covid_tasks.sources import Listing, check_key  # noqa: E402
+from covid_tasks.images import validate_image  # noqa: E402
+from covid_tasks.sources import Listing, PullError, check_key  # noqa: E402
+from covid_tasks.stages.pull import pull  # noqa: E402
 from covid_tasks.storage import UnsafePathError  # noqa: E402
+from covid_tasks.sync import DiskFullError  # noqa: E402
 from tests.helpers.images import png_header, rle8_bmp  # noqa: E402
 from tests.helpers.s3_server import SeaweedS3, free_ports, weed_binary  # noqa: E402
 
@@ -56,6 +58,11 @@ COLUMNS = ["patientid", "offset", "finding", "view", "modality", "folder", "file
 # ------------------------------------------------------------------------------------ helpers
 def _cfg(root: Path, **kw: Any) -> Config:
     return Config(data_root=str(root), **kw)
+
+
+def _pull(source: Any, root: Path, cfg: Config, s3_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The pull stage from ``source`` into ``root``, both set in the run's config as the DAG sets them."""
+    return pull(cfg.replace(source_uri=str(source), data_root=str(root)), "run", s3_options=s3_options)
 
 
 def _image_bytes(size: tuple[int, int] = (96, 80), fmt: str = "PNG", seed: int = 0) -> bytes:
@@ -142,7 +149,7 @@ def _assert_raw_consistent(data_root: Path, source: Path) -> None:
 @pytest.fixture
 def pull_debug() -> Iterator[Callable[[Callable[[int], None]], None]]:
     """Install a hook called with the running count after each ``pull: fetched`` debug line."""
-    logger = logging.getLogger("covid_tasks.pull")
+    logger = logging.getLogger("covid_tasks.sync")
     installed: list[logging.Handler] = []
     old_level = logger.level
 
@@ -227,7 +234,7 @@ def test_local_sample_pull_then_noop(tmp_path: Path, caplog: pytest.LogCaptureFi
     root = tmp_path / "data"
     n_images = len(list((SAMPLE / "images").iterdir()))
     caplog.set_level(logging.INFO, logger="covid_tasks")
-    first = pull(str(SAMPLE), root, _cfg(root))
+    first = _pull(str(SAMPLE), root, _cfg(root))
     assert first["new"] == n_images and first["changed"] == first["unchanged"] == 0
     assert first["has_changes"] and first["metadata_changed"]
     assert first["rejected"] == first["missing"] == 0
@@ -247,7 +254,7 @@ def test_local_sample_pull_then_noop(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert len(report["new_keys"]) == n_images and report["dataset_version"] == first["dataset_version"]
 
     before = _tree(root / "raw")
-    second = pull(f"file://{SAMPLE}", root, _cfg(root))
+    second = _pull(f"file://{SAMPLE}", root, _cfg(root))
     assert second["new"] == second["changed"] == 0 and second["unchanged"] == n_images
     assert second["bytes_downloaded"] == 0 and not second["has_changes"]
     assert second["dataset_version"] == first["dataset_version"]
@@ -259,14 +266,14 @@ def test_local_sample_pull_then_noop(tmp_path: Path, caplog: pytest.LogCaptureFi
 def test_local_changed_new_and_deleted_upstream(tmp_path: Path) -> None:
     src = _make_source(tmp_path / "src", n=6)
     root = tmp_path / "data"
-    first = pull(str(src), root, _cfg(root))
+    first = _pull(str(src), root, _cfg(root))
     assert first["new"] == 6
 
     (src / "images" / "img0.png").write_bytes(_image_bytes(seed=99))       # changed
     (src / "images" / "img5.png").unlink()                                  # deleted upstream
     (src / "images" / "extra.png").write_bytes(_image_bytes(seed=7))      # new
     _write_meta(src / "metadata.csv", [f"img{i}.png" for i in range(5)] + ["extra.png"])
-    second = pull(str(src), root, _cfg(root))
+    second = _pull(str(src), root, _cfg(root))
     assert (second["new"], second["changed"], second["unchanged"], second["deleted"]) == (1, 1, 4, 1)
     assert second["has_changes"] and second["metadata_changed"]
     assert second["dataset_version"] != first["dataset_version"]
@@ -275,11 +282,11 @@ def test_local_changed_new_and_deleted_upstream(tmp_path: Path) -> None:
     report = json.loads((root / "pull_report.json").read_text())
     assert report["deleted_upstream"] == ["images/img5.png"] and report["removed_keys"] == []
 
-    third = pull(str(src), root, _cfg(root, pull_delete=True))
+    third = _pull(str(src), root, _cfg(root, pull_delete=True))
     assert third["deleted"] == 1 and third["has_changes"] and third["bytes_downloaded"] == 0
     assert not (root / "raw" / "images" / "img5.png").exists()
     assert "images/img5.png" not in json.loads((root / "raw" / "manifest.json").read_text())["objects"]
-    fourth = pull(str(src), root, _cfg(root, pull_delete=True))
+    fourth = _pull(str(src), root, _cfg(root, pull_delete=True))
     assert not fourth["has_changes"] and fourth["deleted"] == 0
 
 
@@ -289,7 +296,7 @@ def test_missing_columns_fail_before_any_image_is_written(tmp_path: Path) -> Non
     _write_meta(src / "metadata.csv", ["img0.png"], header=header)
     root = tmp_path / "data"
     with pytest.raises(ValueError, match=r"lacks required column\(s\): finding, view"):
-        pull(str(src), root, _cfg(root))
+        _pull(str(src), root, _cfg(root))
     assert not (root / "raw").exists(), "a refused metadata.csv touched raw/"
 
 
@@ -300,17 +307,17 @@ def test_header_only_metadata_is_refused_without_touching_raw(tmp_path: Path) ->
     (empty / "images").mkdir(parents=True)
     _write_meta(empty / "metadata.csv", [])
     with pytest.raises(ValueError, match="has a header but no rows"):
-        pull(str(empty), root, _cfg(root))
+        _pull(str(empty), root, _cfg(root))
     assert not (root / "raw").exists()
 
-    pull(str(src), root, _cfg(root))
+    _pull(str(src), root, _cfg(root))
     before = _tree(root / "raw")
     _write_meta(src / "metadata.csv", [])  # upstream's metadata.csv lost its rows
     with open(src / "metadata.csv", "a", encoding="utf-8") as fh:
         fh.write(",,,,,,,\n\n")  # blank rows are no rows
     (src / "images" / "img9.png").write_bytes(_image_bytes(seed=9))
     with pytest.raises(ValueError, match="has a header but no rows"):
-        pull(str(src), root, _cfg(root))
+        _pull(str(src), root, _cfg(root))
     assert _tree(root / "raw") == before, "a refused metadata.csv changed raw/"
 
 
@@ -321,7 +328,7 @@ def test_bmp_only_pillow_reads_is_quarantined_by_pull(tmp_path: Path) -> None:
     (src / "images" / "grey.bmp").write_bytes(_bmp("L"))
     _write_meta(src / "metadata.csv", ["img0.png", "img1.png", "rle.bmp", "grey.bmp"])
     root = tmp_path / "data"
-    result = pull(str(src), root, _cfg(root))
+    result = _pull(str(src), root, _cfg(root))
     assert result["new"] == 3 and result["quarantined"] == 1
     report = json.loads((root / "pull_report.json").read_text())
     reason = report["quarantined_files"][0]["reason"]
@@ -347,7 +354,7 @@ def test_pull_that_does_not_fit_is_refused_before_downloading(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     src = _make_source(tmp_path / "src", n=4)
     root = tmp_path / "data"
-    pull(str(src), root, _cfg(root))
+    _pull(str(src), root, _cfg(root))
     before = _tree(root / "raw")
     for i in range(4, 10):
         (src / "images" / f"img{i}.png").write_bytes(_image_bytes((400, 400), seed=i))
@@ -356,7 +363,7 @@ def test_pull_that_does_not_fit_is_refused_before_downloading(tmp_path: Path,
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=200_000))
     with pytest.raises(DiskFullError, match=rf"not enough space on the device holding {root / '.pull'}: this "
                                             rf"pull needs about \d+ bytes .* and 200000 bytes .* are free"):
-        pull(str(src), root, _cfg(root))
+        _pull(str(src), root, _cfg(root))
     assert _tree(root / "raw") == before
     assert not list(root.rglob("*.part"))
     assert DiskFullError.retryable is False  # the DAG fails it at once: free space, then clear the task
@@ -403,7 +410,7 @@ def test_disk_filling_up_during_the_pull_names_the_path_and_space(
         if disk == "tmpfs" and not stack.enter_context(_small_tmpfs(tmp_path / "disk", "2m")):
             pytest.skip("cannot mount a tmpfs here (not root); the simulated case covers the code")
         root = tmp_path / "disk" / "data"
-        first = pull(str(_subset(src, tmp_path / "first", 3)), root, _cfg(root))
+        first = _pull(str(_subset(src, tmp_path / "first", 3)), root, _cfg(root))
         assert first["new"] == 3
         before = _tree(root / "raw")
         if disk == "simulated":
@@ -414,14 +421,14 @@ def test_disk_filling_up_during_the_pull_names_the_path_and_space(
         message = (r"no space left on the device holding .*\.pull/tmp/.*\(downloading images/img\d\.png, "
                    r"\d+ bytes; \d+ bytes free there; this pull needs about \d+ bytes in all\)")
         with pytest.raises(DiskFullError, match=message):
-            pull(str(src), root, _cfg(root, pull_workers=2))
+            _pull(str(src), root, _cfg(root, pull_workers=2))
         after = _tree(root / "raw")
         assert {k: after[k] for k in ("metadata.csv", "manifest.json")} == \
             {k: before[k] for k in ("metadata.csv", "manifest.json")}
         assert not list(root.rglob("*.part")), "a partial download was left behind"
         monkeypatch.undo()
         if disk == "simulated":  # space is back: the next pull completes the work
-            done = pull(str(src), root, _cfg(root))
+            done = _pull(str(src), root, _cfg(root))
             assert done["new"] + done["unchanged"] == 8
             _assert_raw_consistent(root, src)
 
@@ -434,7 +441,7 @@ def test_disk_filling_up_during_the_pull_names_the_path_and_space(
 ])
 def test_bad_source_uris_fail_clearly(tmp_path: Path, uri: str, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        pull(uri, tmp_path / "data", _cfg(tmp_path / "data"), {})
+        _pull(uri, tmp_path / "data", _cfg(tmp_path / "data"), {})
 
 
 def test_metadata_that_is_not_utf8_text_fails_clearly(tmp_path: Path) -> None:
@@ -442,7 +449,7 @@ def test_metadata_that_is_not_utf8_text_fails_clearly(tmp_path: Path) -> None:
     row = b"1,,\xff\xfe,PA,X-ray,images,img0.png,\n"  # Latin-1 bytes, not UTF-8
     (src / "metadata.csv").write_bytes(",".join(COLUMNS).encode() + b"\n" + row)
     with pytest.raises(ValueError, match="is not UTF-8 text"):
-        pull(str(src), tmp_path / "data", _cfg(tmp_path / "data"))
+        _pull(str(src), tmp_path / "data", _cfg(tmp_path / "data"))
 
 
 def test_invalid_images_are_quarantined_and_not_refetched(tmp_path: Path) -> None:
@@ -458,7 +465,7 @@ def test_invalid_images_are_quarantined_and_not_refetched(tmp_path: Path) -> Non
         (src / "images" / name).write_bytes(data)
     _write_meta(src / "metadata.csv", [f"img{i}.png" for i in range(3)] + sorted(bad))
     root = tmp_path / "data"
-    first = pull(str(src), root, _cfg(root))
+    first = _pull(str(src), root, _cfg(root))
     assert first["new"] == 3 and first["quarantined"] == len(bad) and first["rejected"] == len(bad)
     assert first["missing"] == len(bad)  # their rows name files that are not usable
     for name in bad:
@@ -470,11 +477,11 @@ def test_invalid_images_are_quarantined_and_not_refetched(tmp_path: Path) -> Non
                        "images/tiny.png": "too_small", "images/bomb.png": "pixel_limit",
                        "images/empty.png": "empty"}
 
-    second = pull(str(src), root, _cfg(root))
+    second = _pull(str(src), root, _cfg(root))
     assert second["bytes_downloaded"] == 0 and second["quarantined"] == len(bad) and not second["has_changes"]
 
     (src / "images" / "tiny.png").write_bytes(_image_bytes((128, 128)))  # fixed upstream
-    third = pull(str(src), root, _cfg(root))
+    third = _pull(str(src), root, _cfg(root))
     assert third["changed"] == 1 and third["quarantined"] == len(bad) - 1 and third["has_changes"]
     assert (root / "raw" / "images" / "tiny.png").is_file()
     assert not (root / "quarantine" / "images" / "tiny.png").exists()
@@ -493,7 +500,7 @@ def test_traversal_names_are_rejected_and_nothing_escapes(tmp_path: Path) -> Non
     root.parent.mkdir(parents=True)
     outside_before = {p for p in tmp_path.rglob("*") if root not in p.parents and p != root}
 
-    result = pull(str(src), root, _cfg(root))
+    result = _pull(str(src), root, _cfg(root))
     report = json.loads((root / "pull_report.json").read_text())
     assert sorted(r["key"] for r in report["rejected_keys"]) == ["images/..\\..\\evil.png", "images/link.png"]
     assert sorted(r["filename"] for r in report["rejected_rows"]) == [
@@ -513,28 +520,28 @@ def test_concurrent_pull_on_same_root_is_refused(tmp_path: Path) -> None:
     with open(root / ".pull" / "lock", "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(PullError, match="another pull is running"):
-            pull(str(src), root, _cfg(root))
-    assert pull(str(src), root, _cfg(root))["new"] == 1
+            _pull(str(src), root, _cfg(root))
+    assert _pull(str(src), root, _cfg(root))["new"] == 1
 
 
 def test_baseline_manifest_is_upgraded_without_transfers(tmp_path: Path) -> None:
     src = _make_source(tmp_path / "src", n=3)
     root = tmp_path / "data"
-    first = pull(str(src), root, _cfg(root))
+    first = _pull(str(src), root, _cfg(root))
     path = root / "raw" / "manifest.json"
     manifest = json.loads(path.read_text())
     legacy = {k: {"size": v["size"], "sha256": v["sha256"], "pulled_at": v["pulled_at"]}
               for k, v in manifest["objects"].items()}  # the format the first pull.py wrote
     path.write_text(json.dumps({"source_uri": str(src), "dataset_version": first["dataset_version"],
                                 "objects": legacy}))
-    again = pull(str(src), root, _cfg(root))
+    again = _pull(str(src), root, _cfg(root))
     assert again["bytes_downloaded"] == 0 and not again["has_changes"] and again["unchanged"] == 3
 
 
 KILLER = r"""
 import logging, os, signal, sys
 from covid_tasks.config import Config
-from covid_tasks.pull import pull
+from covid_tasks.stages.pull import pull
 
 after = int(sys.argv[3])
 
@@ -546,10 +553,10 @@ class Kill(logging.Handler):
             if Kill.n >= after:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-log = logging.getLogger("covid_tasks.pull")
+log = logging.getLogger("covid_tasks.sync")
 log.setLevel(logging.DEBUG)
 log.addHandler(Kill())
-pull(sys.argv[1], sys.argv[2], Config(data_root=sys.argv[2], pull_workers=2))
+pull(Config(source_uri=sys.argv[1], data_root=sys.argv[2], pull_workers=2), "run")
 """
 
 
@@ -557,7 +564,7 @@ def test_killed_pull_leaves_previous_state_and_next_pull_completes(tmp_path: Pat
     """SIGKILL a real pull process at several points; the old state stays, the next pull resumes."""
     src = _subset(SAMPLE, tmp_path / "src", 40)
     root = tmp_path / "data"
-    base = pull(str(src), root, _cfg(root))
+    base = _pull(str(src), root, _cfg(root))
     good_meta = (root / "raw" / "metadata.csv").read_bytes()
     good_manifest = (root / "raw" / "manifest.json").read_bytes()
 
@@ -585,13 +592,13 @@ def test_killed_pull_leaves_previous_state_and_next_pull_completes(tmp_path: Pat
             assert _sha(p) in (_sha(src / "images" / p.name), _sha(SAMPLE / "images" / p.name))
 
     total = sum(p.stat().st_size for p in (src / "images").iterdir())
-    done = pull(str(src), root, _cfg(root))
+    done = _pull(str(src), root, _cfg(root))
     assert (done["new"], done["changed"]) == (n_new, 1) and done["has_changes"]
     assert done["bytes_downloaded"] < total * 0.9, "the resumed pull downloaded everything again"
     _assert_raw_consistent(root, src)
     assert (root / "raw" / "metadata.csv").read_bytes() == (src / "metadata.csv").read_bytes()
     assert not list((root / ".pull").glob("tmp/*")) and not (root / ".pull" / "journal.jsonl").exists()
-    fresh = pull(str(src), tmp_path / "fresh", _cfg(tmp_path / "fresh"))
+    fresh = _pull(str(src), tmp_path / "fresh", _cfg(tmp_path / "fresh"))
     assert done["dataset_version"] == fresh["dataset_version"]
 
 
@@ -601,7 +608,7 @@ def test_s3_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
     endpoint = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     with pytest.raises(PullError, match=f"cannot reach S3 endpoint {endpoint}"):
-        pull("s3://covid/weekly", tmp_path / "data", _cfg(tmp_path / "data", pull_retries=3),
+        _pull("s3://covid/weekly", tmp_path / "data", _cfg(tmp_path / "data", pull_retries=3),
              {"endpoint_url": endpoint, "aws_access_key_id": "k", "aws_secret_access_key": "s",
               "region_name": "us-east-1"})
     assert time.monotonic() - t0 < 15
@@ -620,11 +627,11 @@ def test_s3_full_pull_then_noop_via_aws_environment(server: SeaweedS3, tmp_path:
     server.upload(SAMPLE, uri)
     root = tmp_path / "data"
     n_images = len(os.listdir(SAMPLE / "images"))
-    first = pull(uri, root, _cfg(root), server.s3_options())
+    first = _pull(uri, root, _cfg(root), server.s3_options())
     assert first["new"] == n_images and first["has_changes"] and first["rejected"] == first["missing"] == 0
     _assert_raw_consistent(root, SAMPLE)
     assert (root / "raw" / "metadata.csv").read_bytes() == (SAMPLE / "metadata.csv").read_bytes()
-    local = pull(str(SAMPLE), tmp_path / "local", _cfg(tmp_path / "local"))
+    local = _pull(str(SAMPLE), tmp_path / "local", _cfg(tmp_path / "local"))
     assert first["dataset_version"] == local["dataset_version"], "the version depends on content only"
 
     opts = server.s3_options()
@@ -633,7 +640,7 @@ def test_s3_full_pull_then_noop_via_aws_environment(server: SeaweedS3, tmp_path:
                      ("AWS_ENDPOINT_URL", "endpoint_url"), ("AWS_DEFAULT_REGION", "region_name")):
         monkeypatch.setenv(var, opts[key])
     before = _tree(root / "raw")
-    second = pull(uri, root, _cfg(root), None)  # the standard AWS environment
+    second = _pull(uri, root, _cfg(root), None)  # the standard AWS environment
     assert (second["new"], second["changed"], second["unchanged"]) == (0, 0, n_images)
     assert second["bytes_downloaded"] == 0 and not second["has_changes"]
     assert second["dataset_version"] == first["dataset_version"]
@@ -648,7 +655,7 @@ def test_s3_changed_object_and_new_batch(server: SeaweedS3, tmp_path: Path) -> N
     src = _subset(SAMPLE, tmp_path / "src", 80)
     server.upload(src, uri)
     root = tmp_path / "data"
-    first = pull(uri, root, _cfg(root), server.s3_options())
+    first = _pull(uri, root, _cfg(root), server.s3_options())
 
     batch = _subset(SAMPLE, tmp_path / "batch", 101)
     new_names = sorted(set(os.listdir(batch / "images")) - set(os.listdir(src / "images")))
@@ -660,7 +667,7 @@ def test_s3_changed_object_and_new_batch(server: SeaweedS3, tmp_path: Path) -> N
                           Body=(batch / "images" / name).read_bytes())
     client.put_object(Bucket=bucket, Key=f"{prefix}/metadata.csv", Body=(batch / "metadata.csv").read_bytes())
 
-    second = pull(uri, root, _cfg(root), server.s3_options())
+    second = _pull(uri, root, _cfg(root), server.s3_options())
     assert (second["new"], second["changed"]) == (len(new_names), 1)
     assert second["unchanged"] == first["new"] - 1 and second["metadata_changed"] and second["has_changes"]
     expected = sum((batch / "images" / n).stat().st_size for n in new_names + [changed])
@@ -685,7 +692,7 @@ def test_s3_corrupt_image_and_traversal_key_and_name(server: SeaweedS3, tmp_path
     root = tmp_path / "x" / "y" / "data"
     root.parent.mkdir(parents=True)
     outside_before = {p for p in tmp_path.rglob("*") if root not in p.parents and p != root}
-    result = pull(uri, root, _cfg(root), server.s3_options())
+    result = _pull(uri, root, _cfg(root), server.s3_options())
     assert result["new"] == 3 and result["quarantined"] == 1 and result["rejected"] == 3
     assert result["missing"] == 1  # broken.jpg's row
     report = json.loads((root / "pull_report.json").read_text())
@@ -697,7 +704,7 @@ def test_s3_corrupt_image_and_traversal_key_and_name(server: SeaweedS3, tmp_path
     outside_after = {p for p in tmp_path.rglob("*") if root not in p.parents and p != root}
     assert outside_after == outside_before, "the pull wrote outside the data root"
 
-    again = pull(uri, root, _cfg(root), server.s3_options())
+    again = _pull(uri, root, _cfg(root), server.s3_options())
     assert again["bytes_downloaded"] == 0 and again["rejected"] == 3 and not again["has_changes"]
 
 
@@ -716,7 +723,7 @@ def test_s3_file_and_folder_of_the_same_name(server: SeaweedS3, tmp_path: Path) 
     client.put_object(Bucket=bucket, Key=f"{prefix}/images/x.png/inner.png", Body=_image_bytes(seed=6))
     root = tmp_path / "data"
     for attempt in range(2):
-        result = pull(uri, root, _cfg(root), server.s3_options())
+        result = _pull(uri, root, _cfg(root), server.s3_options())
         report = json.loads((root / "pull_report.json").read_text())
         assert [r["key"] for r in report["rejected_keys"]] == ["images/x.png/inner.png"]
         assert "lies under 'images/x.png', which is also an object" in report["rejected_keys"][0]["reason"]
@@ -732,11 +739,11 @@ def test_s3_refused_credentials_and_empty_location(server: SeaweedS3, tmp_path: 
     uri = server.new_prefix("empty")
     t0 = time.monotonic()
     with pytest.raises(PullError, match="refused the credentials"):
-        pull(uri, tmp_path / "data", _cfg(tmp_path / "data"),
+        _pull(uri, tmp_path / "data", _cfg(tmp_path / "data"),
              server.s3_options(aws_secret_access_key="wrong-secret"))
     assert time.monotonic() - t0 < 10
     with pytest.raises(FileNotFoundError, match="has no metadata.csv"):
-        pull(uri, tmp_path / "data", _cfg(tmp_path / "data"), server.s3_options())
+        _pull(uri, tmp_path / "data", _cfg(tmp_path / "data"), server.s3_options())
 
 
 @s3
@@ -747,7 +754,7 @@ def test_s3_server_stopped_mid_pull_then_restarted(server: SeaweedS3, tmp_path: 
     src = _subset(SAMPLE, tmp_path / "src", 30)
     server.upload(src, uri)
     root = tmp_path / "data"
-    base = pull(uri, root, _cfg(root), server.s3_options())
+    base = _pull(uri, root, _cfg(root), server.s3_options())
     good_meta = (root / "raw" / "metadata.csv").read_bytes()
     good_manifest = (root / "raw" / "manifest.json").read_bytes()
     server.upload(SAMPLE, uri)  # a new weekly batch: every sample row and image
@@ -761,7 +768,7 @@ def test_s3_server_stopped_mid_pull_then_restarted(server: SeaweedS3, tmp_path: 
     t0 = time.monotonic()
     try:
         with pytest.raises(PullError, match=f"cannot reach S3 endpoint {server.endpoint}"):
-            pull(uri, root, _cfg(root, pull_retries=2, pull_workers=4), server.s3_options())
+            _pull(uri, root, _cfg(root, pull_retries=2, pull_workers=4), server.s3_options())
     finally:
         if server.proc is None:
             server.start()  # same ports, same data folder (also for the tests that follow)
@@ -773,14 +780,14 @@ def test_s3_server_stopped_mid_pull_then_restarted(server: SeaweedS3, tmp_path: 
     placed = len(os.listdir(root / "raw" / "images"))
     assert base["new"] + 20 <= placed < base["new"] + n_new
 
-    done = pull(uri, root, _cfg(root), server.s3_options())
+    done = _pull(uri, root, _cfg(root), server.s3_options())
     assert (done["new"], done["changed"], done["unchanged"]) == (n_new, 0, base["new"])
     total_new = sum((SAMPLE / "images" / n).stat().st_size for n in os.listdir(SAMPLE / "images")
                     if not (src / "images" / n).exists())
     assert done["bytes_downloaded"] < total_new, "the resumed pull fetched the placed files again"
     _assert_raw_consistent(root, SAMPLE)
     assert (root / "raw" / "metadata.csv").read_bytes() == (SAMPLE / "metadata.csv").read_bytes()
-    local = pull(str(SAMPLE), tmp_path / "local", _cfg(tmp_path / "local"))
+    local = _pull(str(SAMPLE), tmp_path / "local", _cfg(tmp_path / "local"))
     assert done["dataset_version"] == local["dataset_version"]
 
 
@@ -804,7 +811,7 @@ def test_s3_short_outage_is_retried_with_backoff(server: SeaweedS3, tmp_path: Pa
     caplog.set_level(logging.WARNING, logger="covid_tasks")
     root = tmp_path / "data"
     try:
-        result = pull(uri, root, _cfg(root, pull_retries=8, pull_workers=4), server.s3_options())
+        result = _pull(uri, root, _cfg(root, pull_retries=8, pull_workers=4), server.s3_options())
     finally:
         for t in restarter:
             t.join()
@@ -822,9 +829,9 @@ def test_s3_full_shared_dataset_twice(server: SeaweedS3, tmp_path: Path) -> None
     uri = server.new_prefix("covid-chestxray")
     server.upload(FULL, uri)
     root = tmp_path / "data"
-    first = pull(uri, root, _cfg(root), server.s3_options())
+    first = _pull(uri, root, _cfg(root), server.s3_options())
     assert first["new"] == 724 and first["missing"] == 35 and first["rejected"] == 0
-    second = pull(uri, root, _cfg(root), server.s3_options())
+    second = _pull(uri, root, _cfg(root), server.s3_options())
     assert second["new"] == 0 and second["bytes_downloaded"] == 0 and not second["has_changes"]
     assert second["dataset_version"] == first["dataset_version"]
     _assert_raw_consistent(root, FULL)

@@ -61,13 +61,13 @@ def test_summarise_separating_and_reversed_predictions() -> None:
     assert good["n_images"] == 40 and good["n_patients"] == 20 and good["n_repeats"] == 2
 
 
-def test_the_readme_table_is_what_the_saved_predictions_give() -> None:
-    """Every row of ``quality_bench.py --report`` is in the README, so neither can drift alone."""
+def test_the_docs_table_is_what_the_saved_predictions_give() -> None:
+    """Every row of ``quality_bench.py --report`` is in docs/model-quality.md, so neither can drift alone."""
     rows = [line for line in cv_run.report(RESULTS).splitlines() if line.startswith("| ")]
     assert len(rows) >= 2 + 15, "the saved results of the configurations tried are missing"
-    readme = (REPO / "README.md").read_text()
-    missing = [r.split("|")[1].strip() for r in rows if r not in readme]
-    assert not missing, f"README table rows differ from benchmarks/results for: {missing}"
+    doc = (REPO / "docs" / "model-quality.md").read_text()
+    missing = [r.split("|")[1].strip() for r in rows if r not in doc]
+    assert not missing, f"docs/model-quality.md table rows differ from benchmarks/results for: {missing}"
 
 
 def test_an_ensemble_of_one_configuration_with_itself_is_that_configuration() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from covid_tasks.config import Config
+from covid_tasks.layout import DataRoot
 from tests.helpers import tiny_run
 from tests.helpers.mlflow_server import closed_port_uri, shared_server
 
@@ -65,8 +66,8 @@ def flow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
     from mlflow import MlflowClient
 
-    from covid_tasks.evaluate import evaluate
-    from covid_tasks.register import register
+    from covid_tasks.stages.evaluate import evaluate
+    from covid_tasks.stages.register import register
 
     base = Config(data_root=str(root), mlflow_tracking_uri=url, model_name=MODEL,
                   experiment_name="register-test", batch_size=8, backbone="mobilenet_v3_small")
@@ -84,10 +85,10 @@ def flow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         for key, _, _, size in RUNS:
             cfg = base.replace(img_size=size)
             tiny_run.write_model_run(cfg, key, models[key])
-            ev = evaluate(root, cfg, key)
+            ev = evaluate(cfg, key)
             start = len(calls)
             context = {"dataset_version": f"ds-{key}", "airflow_run_id": f"manual__{key}"}
-            reg = register(root, cfg, key, context)
+            reg = register(cfg, key, context=context)
             out["runs"][key] = {"cfg": cfg, "evaluate": ev, "register": reg, "alias_calls": calls[start:],
                                 "aliases": _aliases(client)}
     return out
@@ -223,8 +224,8 @@ def test_model_is_an_mlflow3_logged_model_linked_to_run_metrics_and_version(flow
     import mlflow
     import pandas as pd
 
-    from covid_tasks.data import make_dataset
-    from covid_tasks.training import load_splits
+    from covid_tasks.dataset import make_dataset
+    from covid_tasks.layout import load_splits
 
     client, reg = flow["client"], flow["runs"]["run2_worse"]["register"]
     mlflow.set_tracking_uri(flow["url"])
@@ -243,15 +244,15 @@ def test_model_is_an_mlflow3_logged_model_linked_to_run_metrics_and_version(flow
     # The registered model's own output is the calibrated P(covid) recorded in predictions.csv.
     model = mlflow.keras.load_model(f"models:/{MODEL}/2")
     cfg = flow["runs"]["run2_worse"]["cfg"]
-    test = load_splits(flow["root"])["test"]
+    test = load_splits(DataRoot(flow["root"]))["test"]
     prob = model.predict(make_dataset(test, flow["root"] / "raw" / "images", cfg, training=False), verbose=0)
-    rows = pd.read_csv(cfg.run_dir("run2_worse") / "predictions.csv")
+    rows = pd.read_csv(DataRoot.of(cfg).run("run2_worse").path / "predictions.csv")
     assert prob.reshape(-1) == pytest.approx(rows["prob_covid"].to_numpy(), abs=1e-6)
 
 
 def test_every_written_metrics_file_matches_sklearn_on_its_predictions(flow: dict[str, Any]) -> None:
     for key, run in flow["runs"].items():
-        run_dir = run["cfg"].run_dir(key)
+        run_dir = DataRoot.of(run["cfg"]).run(key).path
         metrics = tiny_run.load_metrics(run_dir)
         tiny_run.assert_metrics_match(metrics, run_dir / "predictions.csv")
         if metrics["champion"]:
@@ -292,10 +293,10 @@ def test_lookup_resolves_the_champion_with_its_mapping(flow: dict[str, Any], tmp
 
 
 def test_register_retry_does_not_register_twice(flow: dict[str, Any]) -> None:
-    from covid_tasks.register import register
+    from covid_tasks.stages.register import register
 
     run = flow["runs"]["run4_as_good"]
-    again = register(flow["root"], run["cfg"], "run4_as_good", {"dataset_version": "ds-run4_as_good"})
+    again = register(run["cfg"], "run4_as_good", context={"dataset_version": "ds-run4_as_good"})
     assert again["version"] == 3 and again["promoted"]
     assert again["mlflow_run_id"] == run["register"]["mlflow_run_id"]
     versions = flow["client"].search_model_versions(f"name='{MODEL}'")
@@ -307,14 +308,14 @@ def test_registry_error_fails_the_task_and_moves_no_alias(flow: dict[str, Any], 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from covid_tasks.evaluate import evaluate
-    from covid_tasks.register import register
+    from covid_tasks.stages.evaluate import evaluate
+    from covid_tasks.stages.register import register
 
-    client, root = flow["client"], flow["root"]
+    client = flow["client"]
     before = _aliases(client)
     cfg = flow["base"].replace(img_size=32)
     tiny_run.write_model_run(cfg, "run5_good", tiny_run.channel_model(tiny_run.GOOD, 32, 20.0))
-    assert evaluate(root, cfg, "run5_good")["promote"]
+    assert evaluate(cfg, "run5_good")["promote"]
 
     # 1. The registry is down: the task fails with one line naming the URI, after MLflow's
     #    retries and timeouts were bounded by the task itself (MLflow's defaults take minutes).
@@ -324,7 +325,7 @@ def test_registry_error_fails_the_task_and_moves_no_alias(flow: dict[str, Any], 
         monkeypatch.delenv(key, raising=False)
     down = closed_port_uri()
     with pytest.raises(RegistryUnavailableError) as failed:
-        register(root, cfg.replace(mlflow_tracking_uri=down), "run5_good")
+        register(cfg.replace(mlflow_tracking_uri=down), "run5_good")
     message = str(failed.value)
     assert message.startswith(f"MLflow registry at {down} is unreachable (Connection refused)")
     assert "\n" not in message
@@ -338,11 +339,11 @@ def test_registry_error_fails_the_task_and_moves_no_alias(flow: dict[str, Any], 
     with monkeypatch.context() as mp:
         mp.setattr(mlflow, "register_model", refuse)
         with pytest.raises(MlflowException, match="refused"):
-            register(root, cfg, "run5_good")
+            register(cfg, "run5_good")
     assert _aliases(client) == before
     assert client.search_model_versions(f"name='{MODEL}' and tag.run_key='run5_good'") == []
     # Airflow's retry then completes the step.
-    done = register(root, cfg, "run5_good")
+    done = register(cfg, "run5_good")
     assert done["promoted"] and done["version"] == 4
     assert _aliases(client) == {"challenger": "4", "champion": "4"}
 
@@ -353,17 +354,17 @@ def test_rerun_with_the_same_run_key_registers_the_new_model(flow: dict[str, Any
 
     import mlflow
 
-    from covid_tasks.evaluate import evaluate
-    from covid_tasks.register import register
+    from covid_tasks.stages.evaluate import evaluate
+    from covid_tasks.stages.register import register
 
-    client, root = flow["client"], flow["root"]
+    client = flow["client"]
     first = flow["runs"]["run2_worse"]
     cfg = first["cfg"]
     old = client.get_model_version(MODEL, "2")
     latest = max(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
     tiny_run.write_model_run(cfg, "run2_worse", tiny_run.channel_model(tiny_run.GOOD, 40, 12.0))  # re-trained
-    ev = evaluate(root, cfg, "run2_worse")
-    reg = register(root, cfg, "run2_worse", {"dataset_version": "ds-run2_worse-again"})
+    ev = evaluate(cfg, "run2_worse")
+    reg = register(cfg, "run2_worse", context={"dataset_version": "ds-run2_worse-again"})
     assert reg["registered"] and reg["version"] == latest + 1  # not the old version 2
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{reg['version']}",
                                                      tracking_uri=flow["url"]))
@@ -375,7 +376,7 @@ def test_rerun_with_the_same_run_key_registers_the_new_model(flow: dict[str, Any
     new = client.get_model_version(MODEL, str(reg["version"]))
     assert new.tags["run_key"] == "run2_worse" and new.tags["content_id"] == reg["content_id"]
     assert client.get_model_version(MODEL, "2").tags["model_sha256"] == old.tags["model_sha256"]  # untouched
-    again = register(root, cfg, "run2_worse", {"dataset_version": "ds-run2_worse-again"})
+    again = register(cfg, "run2_worse", context={"dataset_version": "ds-run2_worse-again"})
     assert again["version"] == reg["version"] and again["mlflow_run_id"] == reg["mlflow_run_id"]
     assert again["model_id"] == reg["model_id"]
 
@@ -384,13 +385,13 @@ def test_a_rerun_completes_the_version_description(flow: dict[str, Any], monkeyp
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from covid_tasks.evaluate import evaluate
-    from covid_tasks.register import register
+    from covid_tasks.stages.evaluate import evaluate
+    from covid_tasks.stages.register import register
 
-    client, root = flow["client"], flow["root"]
+    client = flow["client"]
     cfg = flow["base"].replace(img_size=32)
     tiny_run.write_model_run(cfg, "run6_desc", tiny_run.channel_model(tiny_run.GOOD, 32, 16.0))
-    evaluate(root, cfg, "run6_desc")
+    evaluate(cfg, "run6_desc")
     before = _aliases(client)
 
     def lost(*args: Any, **kwargs: Any) -> Any:
@@ -399,10 +400,10 @@ def test_a_rerun_completes_the_version_description(flow: dict[str, Any], monkeyp
     with monkeypatch.context() as mp:
         mp.setattr(MlflowClient, "update_model_version", lost)
         with pytest.raises(MlflowException, match="description"):
-            register(root, cfg, "run6_desc")
+            register(cfg, "run6_desc")
     [version] = client.search_model_versions(f"name='{MODEL}' and tag.run_key='run6_desc'")
     assert not version.description and _aliases(client) == before  # registered, nothing moved
-    done = register(root, cfg, "run6_desc")
+    done = register(cfg, "run6_desc")
     assert done["version"] == int(version.version)
     description = client.get_model_version(MODEL, version.version).description
     assert description.startswith("run run6_desc: sensitivity")

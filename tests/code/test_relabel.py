@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from covid_tasks.config import Config
-from covid_tasks.relabel import REASONS, covid_like_unmatched, label_for, relabel
+from covid_tasks.findings import covid_like_unmatched, label_for
+from covid_tasks.stages.relabel import REASONS, relabel
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample_data"
@@ -131,8 +132,8 @@ def test_report_lists_every_finding_and_warns_about_covid_like_ones(
     findings = ["COVID 19", "COVID 19", "SARS-CoV2", "Pneumonia", "SARS", "MERS-CoV", "Coronavirus",
                 "Coronavirus", "todo"]
     root = write_meta(tmp_path, [row(str(i), f, "PA", f"{i}.png") for i, f in enumerate(findings)])
-    caplog.set_level("WARNING", logger="covid_tasks.relabel")
-    result = relabel(root, Config(data_root=str(root), min_images_per_class=0))
+    caplog.set_level("WARNING", logger="covid_tasks.stages.relabel")
+    result = relabel(Config(data_root=str(root), min_images_per_class=0), "run")
     assert result["class_counts"] == {"non_covid": 5, "covid": 3} and result["covid_like_unmatched"] == 1
     report = json.loads(Path(result["report"]).read_text())
     assert report["findings"] == [
@@ -165,7 +166,7 @@ def test_unterminated_quote_and_shifted_rows_count_as_malformed(
     root = write_meta(tmp_path, rows, raw_lines=raw)
     for name in ("q1.png", "q2.png", "q3.png", "gone.png", "shift.png", "multi.png"):
         (root / "raw" / "images" / name).write_bytes(name.encode())
-    result = relabel(root, Config(data_root=str(root), min_images_per_class=1))
+    result = relabel(Config(data_root=str(root), min_images_per_class=1), "run")
     report = json.loads(Path(result["report"]).read_text())
     assert report["dropped_examples"].get("malformed_row", []) == malformed  # line numbers
     assert result["dropped"] == {**dict.fromkeys(REASONS, 0), "malformed_row": len(malformed)}
@@ -196,7 +197,7 @@ def test_each_rule_counts_its_rows(tmp_path: Path) -> None:
     spill = "16,0,COVID-19,PA,X-ray,images,spill.png,notes with, an unquoted comma"
     root = write_meta(tmp_path, rows, raw_lines=[spill, "", "17,0,COVID-19"])
     (root / "raw" / "images" / "spill.png").write_bytes(b"spill")
-    result = relabel(root, Config(data_root=str(root), min_images_per_class=1))
+    result = relabel(Config(data_root=str(root), min_images_per_class=1), "run")
 
     expected = dict.fromkeys(REASONS, 0)
     expected.update(missing_patientid=1, unsafe_filename=2, modality=3, placeholder_finding=2, view=3,
@@ -217,7 +218,7 @@ def test_labeled_columns_and_values(tmp_path: Path) -> None:
         row("311a", "Pneumonia/Viral/COVID-19", " ap ", "a.png", modality="x-ray"),
         row("2", "Pneumonia/Bacterial/Streptococcus", "PA", "b.png"),
     ])
-    relabel(root, Config(data_root=str(root), min_images_per_class=0))
+    relabel(Config(data_root=str(root), min_images_per_class=0), "run")
     got = {r["filename"]: r for r in read_labeled(root)}
     assert list(next(iter(got.values()))) == ["filename", "patientid", "group_id", "finding", "view",
                                              "modality", "label", "sha256", "source_line"]
@@ -239,7 +240,7 @@ def test_ap_supine_fallback_per_class(tmp_path: Path, minimum: int, fallback_use
     rows += [row("22", "Pneumocystis", "AP Supine", "n-supine1.png"),
              row("23", "No Finding", "AP Supine", "n-supine2.png")]
     root = write_meta(tmp_path, rows)
-    result = relabel(root, Config(data_root=str(root), min_images_per_class=minimum))
+    result = relabel(Config(data_root=str(root), min_images_per_class=minimum), "run")
     assert result["fallback_used"] == fallback_used
     assert result["primary_counts"] == {"non_covid": 2, "covid": 3}
     supine = {c: sum(1 for r in read_labeled(root) if r["view"] == "AP Supine" and r["label"] == c)
@@ -259,7 +260,7 @@ def test_duplicate_filename_is_kept_once_and_links_patients(tmp_path: Path) -> N
         row("501", "Legionella", "PA", "own-501.jpg"),
         row("500", "Legionella", "PA", "own-500.jpg"),
     ])
-    result = relabel(root, Config(data_root=str(root), min_images_per_class=0))
+    result = relabel(Config(data_root=str(root), min_images_per_class=0), "run")
     labeled = {r["filename"]: r for r in read_labeled(root)}
     assert result["dropped"]["duplicate_filename"] == 1
     assert result["dropped"]["view"] == 1
@@ -281,7 +282,7 @@ def test_identical_bytes_under_two_names(tmp_path: Path) -> None:
         row("2", "COVID-19", "AP", "b2.jpg"),
         row("3", "No Finding", "PA", "n.jpg"),
     ], images={"a.jpg": same, "b.jpg": same})
-    result = relabel(root, Config(data_root=str(root), min_images_per_class=0))
+    result = relabel(Config(data_root=str(root), min_images_per_class=0), "run")
     labeled = {r["filename"]: r for r in read_labeled(root)}
     assert result["dropped"]["duplicate_image"] == 1
     assert "a.jpg" in labeled and "b.jpg" not in labeled
@@ -296,14 +297,14 @@ def test_conflicting_labels_drop_the_image(tmp_path: Path) -> None:
         row("1", "COVID-19", "PA", "y.jpg"),
         row("2", "No Finding", "PA", "z.jpg"),
     ])
-    result = relabel(root, Config(data_root=str(root), min_images_per_class=0))
+    result = relabel(Config(data_root=str(root), min_images_per_class=0), "run")
     assert result["dropped"]["conflicting_label"] == 2
     assert sorted(r["filename"] for r in read_labeled(root)) == ["y.jpg", "z.jpg"]
 
 
 def test_sample_data_counts(tmp_path: Path) -> None:
     root = sample_root(tmp_path)
-    result = relabel(root, Config(data_root=str(root)))
+    result = relabel(Config(data_root=str(root)), "run")
     # 101 rows, all X-ray with real findings in PA, AP or AP Supine; both classes are below 50
     # PA/AP images, so both take their AP Supine images.
     assert result["n_images"] == 101
@@ -318,7 +319,7 @@ def test_sample_data_counts(tmp_path: Path) -> None:
 
 def test_sample_data_without_fallback(tmp_path: Path) -> None:
     root = sample_root(tmp_path)
-    result = relabel(root, Config(data_root=str(root), min_images_per_class=10))
+    result = relabel(Config(data_root=str(root), min_images_per_class=10), "run")
     assert result["fallback_used"] == {"non_covid": False, "covid": False}
     assert result["class_counts"] == {"non_covid": 10, "covid": 47}
     assert result["dropped"]["fallback_not_needed"] == 44
@@ -328,23 +329,23 @@ def test_sample_data_without_fallback(tmp_path: Path) -> None:
 def test_rerun_gives_identical_files(tmp_path: Path) -> None:
     root = sample_root(tmp_path)
     cfg = Config(data_root=str(root))
-    relabel(root, cfg)
+    relabel(cfg, "run")
     first = [(root / n).read_bytes() for n in ("labeled.csv", "relabel_report.json")]
-    relabel(root, cfg)
+    relabel(cfg, "run")
     assert [(root / n).read_bytes() for n in ("labeled.csv", "relabel_report.json")] == first
 
 
 def test_missing_inputs_fail_early(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="metadata.csv"):
-        relabel(tmp_path, Config(data_root=str(tmp_path)))
+        relabel(Config(data_root=str(tmp_path)), "run")
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "metadata.csv").write_text("patientid,finding,filename\n1,COVID-19,a.png\n")
     with pytest.raises(ValueError, match="view, modality"):
-        relabel(tmp_path, Config(data_root=str(tmp_path)))
+        relabel(Config(data_root=str(tmp_path)), "run")
 
 
 def test_no_image_of_a_class_fails(tmp_path: Path) -> None:
     root = write_meta(tmp_path, [row("1", "COVID-19", "PA", "a.png"), row("2", "todo", "PA", "b.png")])
     with pytest.raises(ValueError, match=r"no image of class\(es\) \['non_covid'\]"):
-        relabel(root, Config(data_root=str(root)))
+        relabel(Config(data_root=str(root)), "run")
     assert not (root / "labeled.csv").exists()

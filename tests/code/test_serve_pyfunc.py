@@ -56,7 +56,7 @@ def scoring_server(serve_stack: Any, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_mlflow_models_serve_answers_the_keras_model_s_probabilities(scoring_server: str,
                                                                     serve_stack: Any) -> None:
-    from covid_tasks.data import load_image
+    from covid_tasks.images import load_image
 
     images = SAMPLES[:3]
     batch = np.stack([load_image(p, IMG_SIZE) for p in images])

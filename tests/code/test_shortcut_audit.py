@@ -18,13 +18,13 @@ from tests.helpers import tiny_run
 
 
 def _audit(tmp_path: Path, signal: str, **cfg_kw) -> dict:
-    from covid_tasks.evaluate import evaluate
+    from covid_tasks.stages.evaluate import evaluate
 
     root = tiny_run.make_audit_data_root(tmp_path / signal, signal)
     cfg = Config(data_root=str(root), mlflow_tracking_uri=f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}",
                  img_size=32, batch_size=32, min_sensitivity=0.5, min_specificity=0.5, **cfg_kw)
     tiny_run.write_model_run(cfg, "run", tiny_run.train_small_cnn(root, cfg))
-    return evaluate(root, cfg, "run")
+    return evaluate(cfg, "run")
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +64,13 @@ def test_a_model_reading_the_lung_region_is_not_flagged(tmp_path: Path) -> None:
 
 def test_the_audit_can_block_promotion(marker: dict, tmp_path: Path) -> None:
     """With ``shortcut_blocks_promotion`` the same flagged model passes the gate but is not promoted."""
-    from covid_tasks.evaluate import evaluate
+    from covid_tasks.stages.evaluate import evaluate
 
     run_dir = Path(marker["metrics_path"]).parent
     root = run_dir.parents[1]
     cfg = Config(data_root=str(root), mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", img_size=32,
                  batch_size=32, min_sensitivity=0.5, min_specificity=0.5, shortcut_blocks_promotion=True)
-    blocked = evaluate(root, cfg, "run")
+    blocked = evaluate(cfg, "run")
     assert blocked["passed"] and not blocked["promote"] and blocked["decision"] == "challenger"
     assert blocked["promotion"]["rule"] == "shortcut_audit"
     assert json.loads((run_dir / "metrics.json").read_text())["promotion"]["rule"] == "shortcut_audit"

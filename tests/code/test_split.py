@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from covid_tasks.config import CLASS_NAMES, Config
-from covid_tasks.relabel import relabel
-from covid_tasks.split import split
+from covid_tasks.stages.relabel import relabel
+from covid_tasks.stages.split import split
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample_data"
@@ -74,8 +74,8 @@ def test_sample_data_split(tmp_path: Path) -> None:
     shutil.copytree(SAMPLE / "images", tmp_path / "raw" / "images")
     shutil.copy(SAMPLE / "metadata.csv", tmp_path / "raw" / "metadata.csv")
     cfg = Config(data_root=str(tmp_path))
-    relabel(tmp_path, cfg)
-    result = split(tmp_path, cfg)
+    relabel(cfg, "run")
+    result = split(cfg, "run")
 
     assert_patient_disjoint(tmp_path)
     rows = read_rows(tmp_path / "splits.csv")
@@ -98,7 +98,7 @@ def test_sample_data_split(tmp_path: Path) -> None:
 
 def test_links_are_hard_links_not_copies(tmp_path: Path) -> None:
     root = write_labeled(tmp_path, cohort(12, 6))
-    split(root, Config(data_root=str(root)))
+    split(Config(data_root=str(root)), "run")
     for r in read_rows(root / "splits.csv"):
         linked = root / "split" / r["split"] / r["label"] / r["filename"]
         assert os.path.samefile(linked, root / "raw" / "images" / r["filename"])
@@ -112,7 +112,7 @@ def test_symlinks_where_hard_links_fail(tmp_path: Path, monkeypatch: pytest.Monk
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", no_link)
-    result = split(root, Config(data_root=str(root)))
+    result = split(Config(data_root=str(root)), "run")
     report = json.loads(Path(result["report"]).read_text())
     assert report["links"] == {"hard": 0, "symbolic": result["n_images"]}
     for r in read_rows(root / "splits.csv"):
@@ -126,7 +126,7 @@ def test_linked_and_mixed_class_patients_stay_together(tmp_path: Path) -> None:
     # patients pc1 and pn1 share a group (one image filed under both); pc2 has both classes
     images += [("mixed-nf.png", "pc2", "non_covid")]
     root = write_labeled(tmp_path, images, group_of={"pc1": "pc1", "pn1": "pc1"})
-    result = split(root, Config(data_root=str(root)))
+    result = split(Config(data_root=str(root)), "run")
     assert_patient_disjoint(root)
     where = {p: s.pop() for p, s in patient_splits(root).items()}
     assert where["pc1"] == where["pn1"]
@@ -145,7 +145,7 @@ def test_same_bytes_link_groups_even_without_group_id(tmp_path: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    split(root, Config(data_root=str(root)))
+    split(Config(data_root=str(root)), "run")
     where = {p: s.pop() for p, s in patient_splits(root).items()}
     assert where["pc4"] == where["pc5"]
     assert where["pn4"] == where["pn5"] == where["pn7"]
@@ -155,7 +155,7 @@ def test_stable_when_a_batch_is_appended(tmp_path: Path) -> None:
     first = cohort(60, 24, prefix="w1")
     root = write_labeled(tmp_path, first)
     cfg = Config(data_root=str(root))
-    before = split(root, cfg)
+    before = split(cfg, "run")
     week1 = json.loads((root / "split_assignments.json").read_text())["patients"]
     assert before["new_patients"] == len(week1) == 84
 
@@ -163,7 +163,7 @@ def test_stable_when_a_batch_is_appended(tmp_path: Path) -> None:
     more_images = [(f"{pid}-new.png", pid, label) for _, pid, label in first[::5]]
     second = first + more_images + cohort(40, 16, prefix="w2")
     write_labeled(root, second)
-    after = split(root, cfg)
+    after = split(cfg, "run")
     week2 = json.loads((root / "split_assignments.json").read_text())["patients"]
     assert {p: week2[p] for p in week1} == week1
     assert after["moved_patients"] == 0 and after["new_patients"] == 56
@@ -177,14 +177,14 @@ def test_patient_keeps_split_after_leaving_and_returning(tmp_path: Path) -> None
     images = cohort(20, 10)
     root = write_labeled(tmp_path, images)
     cfg = Config(data_root=str(root))
-    split(root, cfg)
+    split(cfg, "run")
     where = {p: s.pop() for p, s in patient_splits(root).items()}
     gone = "pc7"
     write_labeled(root, [i for i in images if i[1] != gone])
-    split(root, cfg)
+    split(cfg, "run")
     assert json.loads((root / "split_assignments.json").read_text())["patients"][gone] == where[gone]
     write_labeled(root, images + cohort(9, 3, prefix="new"))
-    split(root, cfg)
+    split(cfg, "run")
     assert {p: s.pop() for p, s in patient_splits(root).items() if p in where} == where
 
 
@@ -192,12 +192,12 @@ def test_new_link_between_splits_moves_the_group_to_test(tmp_path: Path) -> None
     images = cohort(20, 10)
     root = write_labeled(tmp_path, images)
     cfg = Config(data_root=str(root))
-    split(root, cfg)
+    split(cfg, "run")
     where = {p: s.pop() for p, s in patient_splits(root).items()}
     in_test = next(p for p, s in sorted(where.items()) if s == "test" and p.startswith("pc"))
     in_train = next(p for p, s in sorted(where.items()) if s == "train" and p.startswith("pc"))
     write_labeled(root, images, group_of={in_test: in_train})  # relabel found a shared file
-    result = split(root, cfg)
+    result = split(cfg, "run")
     after = {p: s.pop() for p, s in patient_splits(root).items()}
     assert after[in_test] == after[in_train] == "test"
     assert {p: s for p, s in after.items() if p != in_train} == \
@@ -210,19 +210,19 @@ def test_new_link_between_splits_moves_the_group_to_test(tmp_path: Path) -> None
 def test_rerun_is_identical_and_seeded(tmp_path: Path) -> None:
     images = cohort(30, 12)
     a = write_labeled(tmp_path / "a", images)
-    split(a, Config(data_root=str(a), seed=1))
+    split(Config(data_root=str(a), seed=1), "run")
     first = {n: (a / n).read_bytes() for n in ("splits.csv", "train.csv", "val.csv", "test.csv",
                                                 "split_assignments.json")}
     counts = json.loads((a / "split_report.json").read_text())["counts"]
-    again = split(a, Config(data_root=str(a), seed=1))
+    again = split(Config(data_root=str(a), seed=1), "run")
     assert {n: (a / n).read_bytes() for n in first} == first
     assert again["counts"] == counts and again["new_patients"] == 0
 
     b = write_labeled(tmp_path / "b", images)
-    split(b, Config(data_root=str(b), seed=1))
+    split(Config(data_root=str(b), seed=1), "run")
     assert (b / "splits.csv").read_bytes() == first["splits.csv"]
     c = write_labeled(tmp_path / "c", images)
-    split(c, Config(data_root=str(c), seed=2))
+    split(Config(data_root=str(c), seed=2), "run")
     assert patient_splits(c) != patient_splits(a)
 
 
@@ -234,22 +234,22 @@ def test_too_few_patients_fail_with_a_clear_message(tmp_path: Path, n_covid: int
                                                     message: str) -> None:
     root = write_labeled(tmp_path, cohort(n_covid, n_non))
     with pytest.raises(ValueError, match="patients per split and class") as info:
-        split(root, Config(data_root=str(root)))
+        split(Config(data_root=str(root)), "run")
     assert message in str(info.value)
     assert not (root / "splits.csv").exists() and not (root / "split_assignments.json").exists()
 
 
 def test_bad_inputs_fail_early(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="labeled.csv"):
-        split(tmp_path, Config(data_root=str(tmp_path)))
+        split(Config(data_root=str(tmp_path)), "run")
     root = write_labeled(tmp_path, cohort(6, 6) + [("pc1-0.png", "pn1", "non_covid")])
     with pytest.raises(ValueError, match="more than once"):
-        split(root, Config(data_root=str(root)))
+        split(Config(data_root=str(root)), "run")
     root = write_labeled(tmp_path, cohort(6, 6))
     (root / "raw" / "images" / "pc1-0.png").unlink()
     with pytest.raises(FileNotFoundError, match="pc1-0.png"):
-        split(root, Config(data_root=str(root)))
+        split(Config(data_root=str(root)), "run")
     root = write_labeled(tmp_path, cohort(6, 6))
     (root / "split_assignments.json").write_text("{not json")
     with pytest.raises(ValueError, match="split_assignments.json is unreadable"):
-        split(root, Config(data_root=str(root)))
+        split(Config(data_root=str(root)), "run")

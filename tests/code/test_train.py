@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from covid_tasks.config import Config
-from covid_tasks.finetune import MONITOR, finetune
+from covid_tasks.layout import DataRoot
 from covid_tasks.model import BACKBONE_LAYER, OUTPUT_LAYER, build_model
-from covid_tasks.train import train
+from covid_tasks.stages.finetune import MONITOR, finetune
+from covid_tasks.stages.train import train
 from covid_tasks.training import set_seeds
 
 RUN_KEY = "manual__2026-01-05T00:00:00+00:00"
@@ -67,13 +68,13 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     old_level = log.level
     log.setLevel(logging.INFO)
     try:
-        trained = train(root, cfg, RUN_KEY)
-        tuned = finetune(root, cfg, RUN_KEY)
+        trained = train(cfg, RUN_KEY)
+        tuned = finetune(cfg, RUN_KEY)
     finally:
         log.removeHandler(records)
         log.setLevel(old_level)
     return {"root": root, "cfg": cfg, "train": trained, "finetune": tuned, "log": records.lines,
-            "run_dir": cfg.run_dir(RUN_KEY)}
+            "run_dir": DataRoot.of(cfg).run(RUN_KEY).path}
 
 
 def _check_outputs(result: dict[str, Any], run_dir: Path, phase: str) -> dict[str, list[float]]:
@@ -138,13 +139,14 @@ def test_finetune_unfreezes_the_backbone_but_not_batchnorm(stages: dict[str, Any
 
 @pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 def test_finetuned_model_holds_the_best_epoch_and_predicts_raw_images(stages: dict[str, Any]) -> None:
-    from covid_tasks.data import load_image, make_dataset
-    from covid_tasks.training import load_splits
+    from covid_tasks.dataset import make_dataset
+    from covid_tasks.images import load_image
+    from covid_tasks.layout import load_splits
 
     cfg, root = stages["cfg"], stages["root"]
     history = json.loads(Path(stages["finetune"]["history"]).read_text())
     model = keras.saving.load_model(stages["finetune"]["model_path"])
-    val = load_splits(root)["val"]
+    val = load_splits(DataRoot(root))["val"]
     scores = model.evaluate(make_dataset(val, root / "raw" / "images", cfg, training=False), verbose=0,
                             return_dict=True)
     assert scores["auc"] == pytest.approx(max(history["val_auc"]), abs=1e-6)
@@ -157,7 +159,7 @@ def test_finetuned_model_holds_the_best_epoch_and_predicts_raw_images(stages: di
 def test_finetune_needs_the_trained_model(tmp_path: Path) -> None:
     cfg = Config(data_root=str(tmp_path), backbone="mobilenet_v3_small", weights="none", img_size=32)
     with pytest.raises(FileNotFoundError, match="train"):
-        finetune(tmp_path, cfg, "run-without-train")
+        finetune(cfg, "run-without-train")
 
 
 def test_probe_head_top_blocks_and_cosine_schedule(tmp_path: Path) -> None:
@@ -166,7 +168,7 @@ def test_probe_head_top_blocks_and_cosine_schedule(tmp_path: Path) -> None:
     cfg = Config(data_root=str(tmp_path), backbone="efficientnet_lite0", weights="bundled", img_size=32,
                  batch_size=8, head="probe", finetune_epochs=2, finetune_top_blocks=2,
                  finetune_schedule="cosine", early_stopping_patience=2, seed=3)
-    trained = train(tmp_path, cfg, RUN_KEY)
+    trained = train(cfg, RUN_KEY)
     history = json.loads(Path(trained["history"]).read_text())
     assert set(history) == {"loss", "auc", "val_loss", "val_auc"} and history["val_auc"][0] > 0.9
     assert trained["head"] == "probe" and trained["probe_c"] > 0
@@ -174,7 +176,7 @@ def test_probe_head_top_blocks_and_cosine_schedule(tmp_path: Path) -> None:
     head_kernel = before.get_layer(OUTPUT_LAYER).get_weights()[0]
     assert np.abs(head_kernel).sum() > 0
 
-    tuned = finetune(tmp_path, cfg, RUN_KEY)
+    tuned = finetune(cfg, RUN_KEY)
     after = keras.saving.load_model(tuned["model_path"])
     old, new = before.get_layer(BACKBONE_LAYER), after.get_layer(BACKBONE_LAYER)
     np.testing.assert_array_equal(old.get_layer("block00_dwconv").get_weights()[0],

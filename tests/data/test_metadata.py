@@ -18,8 +18,9 @@ from typing import Any, Callable
 import pytest
 
 from covid_tasks.config import CLASS_NAMES, Config
-from covid_tasks.relabel import REQUIRED_COLUMNS, relabel
-from covid_tasks.split import split
+from covid_tasks.config import METADATA_COLUMNS as REQUIRED_COLUMNS
+from covid_tasks.stages.relabel import relabel
+from covid_tasks.stages.split import split
 
 SPLITS = ("train", "val", "test")
 TOLERANCE = 0.03  # each split's share of each class's images stays within 3 points of its target
@@ -116,7 +117,7 @@ def test_schema_of_full_metadata(full_dir: Path) -> None:
 
 def test_full_relabel_matches_the_rule_table(full_dir: Path, make_root: Callable[..., Path]) -> None:
     root = make_root((full_dir / "metadata.csv").read_text(encoding="utf-8"))
-    result = relabel(root, Config(data_root=str(root)))
+    result = relabel(Config(data_root=str(root)), "run")
     report = json.loads(Path(result["report"]).read_text())
     expected = expected_relabel(root / "raw" / "metadata.csv", root / "raw" / "images")
 
@@ -124,7 +125,7 @@ def test_full_relabel_matches_the_rule_table(full_dir: Path, make_root: Callable
     assert result["class_counts"] == expected["class_counts"]
     assert result["fallback_used"] == expected["fallback_used"]
     assert report["source_rows"] == expected["source_rows"] == 751
-    # pinned: the numbers the README's rule table quotes
+    # pinned: the numbers docs/data.md's rule table quotes
     assert nonzero(result["dropped"]) == {"malformed_row": 5, "modality": 84, "placeholder_finding": 78,
                                           "view": 46, "missing_image": 11, "duplicate_filename": 4,
                                           "fallback_not_needed": 129}
@@ -138,7 +139,7 @@ def test_full_relabel_matches_the_rule_table(full_dir: Path, make_root: Callable
 
 def test_full_ap_supine_fallback(full_dir: Path, make_root: Callable[..., Path]) -> None:
     root = make_root((full_dir / "metadata.csv").read_text(encoding="utf-8"))
-    result = relabel(root, Config(data_root=str(root), min_images_per_class=100))
+    result = relabel(Config(data_root=str(root), min_images_per_class=100), "run")
     expected = expected_relabel(root / "raw" / "metadata.csv", root / "raw" / "images", min_images=100)
     assert result["fallback_used"] == expected["fallback_used"] == {"non_covid": True, "covid": False}
     assert result["class_counts"] == expected["class_counts"]
@@ -153,8 +154,8 @@ def test_full_split_is_patient_disjoint_and_stratified(full_dir: Path,
                                                        make_root: Callable[..., Path]) -> None:
     root = make_root((full_dir / "metadata.csv").read_text(encoding="utf-8"))
     cfg = Config(data_root=str(root))
-    relabel(root, cfg)
-    result = split(root, cfg)
+    relabel(cfg, "run")
+    result = split(cfg, "run")
     assert_sound_split(root, result, cfg)
     assert (result["n_images"], result["n_patients"], result["n_positive"]) == (394, 252, 306)
     report = json.loads(Path(result["report"]).read_text())
@@ -177,13 +178,13 @@ def test_appending_a_batch_moves_no_patient(meta: str, full_dir: Path, newest_me
     text = (full_dir / "metadata.csv" if meta == "full" else newest_meta).read_text(encoding="utf-8")
     root = make_root(_rows_cut(text, 0.7))
     cfg = Config(data_root=str(root))
-    relabel(root, cfg)
-    split(root, cfg)
+    relabel(cfg, "run")
+    split(cfg, "run")
     before = json.loads((root / "split_assignments.json").read_text())["patients"]
 
     (root / "raw" / "metadata.csv").write_text(text, encoding="utf-8", newline="")  # the new batch
-    relabel(root, cfg)
-    result = split(root, cfg)
+    relabel(cfg, "run")
+    result = split(cfg, "run")
     after = json.loads((root / "split_assignments.json").read_text())["patients"]
     assert {p: after[p] for p in before} == before
     assert result["moved_patients"] == 0 and result["new_patients"] > 20
@@ -194,7 +195,7 @@ def test_appending_a_batch_moves_no_patient(meta: str, full_dir: Path, newest_me
 def test_newest_metadata_vocabulary_and_malformed_rows(newest_meta: Path,
                                                        make_root: Callable[..., Path]) -> None:
     root = make_root(newest_meta.read_text(encoding="utf-8"))
-    result = relabel(root, Config(data_root=str(root)))
+    result = relabel(Config(data_root=str(root)), "run")
     report = json.loads(Path(result["report"]).read_text())
     expected = expected_relabel(root / "raw" / "metadata.csv", root / "raw" / "images")
     assert nonzero(result["dropped"]) == expected["dropped"]

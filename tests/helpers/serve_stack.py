@@ -133,7 +133,7 @@ class Stack:
 
     def expected(self, version: str, path: Path) -> float:
         """P(covid) of ``version`` for the image file ``path``, computed here."""
-        from covid_tasks.data import load_image
+        from covid_tasks.images import load_image
 
         batch = load_image(path, IMG_SIZE)[None]
         return float(np.asarray(self.models[version](batch, training=False)).reshape(-1)[0])
@@ -163,8 +163,8 @@ def register_versions(root: Path, url: str, models: dict[str, Any]) -> dict[str,
     from mlflow import MlflowClient
 
     from covid_tasks.config import Config
-    from covid_tasks.evaluate import evaluate
-    from covid_tasks.register import register
+    from covid_tasks.stages.evaluate import evaluate
+    from covid_tasks.stages.register import register
 
     data = tiny_run.make_data_root(root / "data")
     client = MlflowClient(url, registry_uri=url)
@@ -176,9 +176,9 @@ def register_versions(root: Path, url: str, models: dict[str, Any]) -> dict[str,
                      calibration="none")  # the served model is then exactly ``model`` (see expected)
         key = f"serve_v{version}"
         tiny_run.write_model_run(cfg, key, model)
-        evaluate(data, cfg, key)
+        evaluate(cfg, key)
         context = {"dataset_version": f"ds-{key}", "airflow_run_id": f"manual__{key}"}
-        result = register(data, cfg, key, context)
+        result = register(cfg, key, context=context)
         assert str(result["version"]) == version, result
         client.delete_registered_model_alias(MODEL, "champion")  # the next evaluate needs no champion
         out[version] = client.get_model_version(MODEL, version)

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from covid_tasks.layout import DataRoot
+
 #: (covid, non_covid) images per split.
 SPLIT_SIZES = {"train": (4, 4), "val": (12, 12), "test": (15, 20)}
 IMAGE_SIDE = 36
@@ -82,7 +84,7 @@ def write_model_run(cfg: Any, run_key: str, model: Any) -> Path:
     from covid_tasks.storage import write_json
     from covid_tasks.training import save_model
 
-    run_dir = cfg.run_dir(run_key)
+    run_dir = DataRoot.of(cfg).run(run_key).path
     run_dir.mkdir(parents=True, exist_ok=True)
     save_model(model, run_dir / "finetune.keras")
     write_json(run_dir / "finetune_history.json", {"loss": [0.7, 0.5], "val_auc": [0.8, 0.9]})
@@ -199,11 +201,11 @@ def train_small_cnn(data_root: Path, cfg: Any, epochs: int = 12) -> Any:
     """Really train a two-layer CNN ending in the pipeline's ``Dense(1, sigmoid)`` head on the train split."""
     import keras
 
-    from covid_tasks.data import make_dataset
-    from covid_tasks.training import load_splits
+    from covid_tasks.dataset import make_dataset
+    from covid_tasks.layout import load_splits
 
     keras.utils.set_random_seed(cfg.seed)
-    train = load_splits(data_root)["train"]
+    train = load_splits(DataRoot(Path(data_root)))["train"]
     batches = list(make_dataset(train, Path(data_root) / "raw" / "images", cfg, training=False))
     x = np.concatenate([np.asarray(b[0]) for b in batches])
     y = np.concatenate([np.asarray(b[1]) for b in batches])

@@ -11,7 +11,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from covid_tasks import lungs  # noqa: E402
-from covid_tasks.data import load_image  # noqa: E402
+from covid_tasks.images import load_image  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample_data"
 

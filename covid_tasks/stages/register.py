@@ -29,46 +29,47 @@ import hashlib
 import json
 import logging
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from covid_tasks.config import (
-    CHALLENGER_ALIAS,
-    CHAMPION_ALIAS,
-    CLASS_NAMES,
-    POSITIVE_INDEX,
-    Config,
-    sqlite_path,
+from covid_tasks.config import CHALLENGER_ALIAS, CHAMPION_ALIAS, Config, class_indices, sqlite_path
+from covid_tasks.layout import (
+    CHAMPION_PREDICTIONS,
+    CLASS_INDICES,
+    MODEL_FILE,
+    OPERATING_POINT,
+    PREDICTIONS,
+    VAL_PREDICTIONS,
+    DataRoot,
+    RunDir,
 )
 from covid_tasks.registry import alias_version_number, bound_mlflow_http, unavailable
-from covid_tasks.storage import jsonable, read_json, require_file, write_json
+from covid_tasks.storage import file_sha256, jsonable, read_json, require_file, write_json
+from covid_tasks.tracking import (
+    decision_tags,
+    metric_scalars,
+    run_params,
+    version_description,
+    version_tags,
+)
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT_GLOBS = ("*.png", "*.json", "*.txt", "predictions.csv", "val_predictions.csv",
-                  "champion_predictions.csv")
+ARTIFACT_GLOBS = ("*.png", "*.json", "*.txt", PREDICTIONS, VAL_PREDICTIONS, CHAMPION_PREDICTIONS)
 #: Shipped with the model only: a folder holding it is taken for a servable model version.
-RUN_ONLY_FILES = ("operating_point.json",)
+RUN_ONLY_FILES = (OPERATING_POINT,)
 PIP_REQUIREMENTS = ("tensorflow==2.21.0", "keras==3.15.1", "pillow==13.0.0")
 #: How long to wait for a new model version to become READY.
 READY_TIMEOUT_S = 300.0
 LOGGED_MODEL_NAME = "model"
 _LOGGED_TAG = "run_logged"
-#: metrics.json entries that are settings or counts, logged as params rather than test metrics.
-SETTINGS = ("min_sensitivity", "min_specificity", "promotion_margin", "img_size", "bootstrap_resamples",
-            "n", "n_test", "n_val", "gate_on", "threshold_rule")
-
-
-def register(data_root: str | Path, cfg: Config, run_key: str, context: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
+def register(cfg: Config, run_key: str, *, context: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log this run to MLflow; register a passing model, alias it ``challenger``, promote if decided.
 
     Args:
-        data_root: the data root (for the split counts).
-        cfg: configuration (``tracking_uri``, ``experiment_name``, ``model_name``).
+        cfg: configuration (``data_root``, ``tracking_uri``, ``experiment_name``, ``model_name``).
         run_key: this run's key; reads ``<data_root>/runs/<run_key>/``.
         context: small extra facts to log as params (``dataset_version``, ``airflow_run_id``).
 
@@ -88,15 +89,16 @@ def register(data_root: str | Path, cfg: Config, run_key: str, context: dict[str
     """
     from mlflow.exceptions import MlflowException
 
-    run_dir = cfg.run_dir(run_key)
-    metrics = read_json(require_file(run_dir / "metrics.json", "evaluate"))
+    root = DataRoot.of(cfg)
+    run_dir = root.run(run_key)
+    metrics = read_json(require_file(run_dir.metrics, "evaluate"))
     content = _content(run_dir, metrics)
     tracking_uri = cfg.tracking_uri
-    logger.info("register: %s -> %s (passed=%s, decision=%s, content %s)", run_dir, tracking_uri,
+    logger.info("register: %s -> %s (passed=%s, decision=%s, content %s)", run_dir.path, tracking_uri,
                 metrics["passed"], metrics.get("decision"), content["content_id"][:12])
     bound_mlflow_http()
     try:
-        return _register(Path(data_root), cfg, run_key, run_dir, metrics, content, context or {})
+        return _register(root, cfg, run_dir, metrics, content, context or {})
     except MlflowException as exc:
         down = unavailable(exc, tracking_uri, f"register run {run_key}")
         if down is not None:
@@ -109,18 +111,15 @@ def register(data_root: str | Path, cfg: Config, run_key: str, context: dict[str
         raise
 
 
-def _content(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
+def _content(run_dir: RunDir, metrics: dict[str, Any]) -> dict[str, str]:
     """Hashes of the evaluated model and its operating point; check they are what evaluate wrote.
 
     Raises:
         FileNotFoundError: a file is missing.
         ValueError: the model file is not the one ``metrics.json`` describes.
     """
-    from covid_tasks.evaluate import MODEL_FILE
-    from covid_tasks.storage import file_sha256
-
-    model_path = require_file(run_dir / MODEL_FILE, "evaluate")
-    op_path = require_file(run_dir / "operating_point.json", "evaluate")
+    model_path = require_file(run_dir.model, "evaluate")
+    op_path = require_file(run_dir.operating_point, "evaluate")
     model_sha, op_sha = file_sha256(model_path), file_sha256(op_path)
     recorded = metrics.get("model_sha256")
     if recorded != model_sha or read_json(op_path).get("model_sha256") != model_sha:
@@ -131,12 +130,12 @@ def _content(run_dir: Path, metrics: dict[str, Any]) -> dict[str, str]:
             "model_path": str(model_path), "operating_point_path": str(op_path)}
 
 
-def _register(data_root: Path, cfg: Config, run_key: str, run_dir: Path, metrics: dict[str, Any],
+def _register(root: DataRoot, cfg: Config, run_dir: RunDir, metrics: dict[str, Any],
               content: dict[str, str], context: dict[str, Any]) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
 
-    tracking_uri = cfg.tracking_uri
+    tracking_uri, run_key = cfg.tracking_uri, run_dir.key
     db_file = sqlite_path(tracking_uri)
     if db_file is not None:
         db_file.parent.mkdir(parents=True, exist_ok=True)
@@ -160,10 +159,10 @@ def _register(data_root: Path, cfg: Config, run_key: str, run_dir: Path, metrics
         run_id = active.info.run_id
         result["mlflow_run_id"] = run_id
         if run is None or run.data.tags.get(_LOGGED_TAG) != "true":
-            _log_run(run_dir, data_root, cfg, metrics, context, content)
+            _log_run(run_dir, root, cfg, metrics, context, content)
             mlflow.set_tag(_LOGGED_TAG, "true")
         if not metrics["passed"]:
-            mlflow.set_tags(_decision_tags(metrics, "reject"))
+            mlflow.set_tags(decision_tags(metrics, "reject"))
             current = alias_version_number(client, cfg.model_name, CHAMPION_ALIAS)
             result.update(decision="reject", champion_version=current)
             logger.warning("register: gate failed, nothing registered (champion stays %s): %s", current,
@@ -177,7 +176,7 @@ def _register(data_root: Path, cfg: Config, run_key: str, run_dir: Path, metrics
     _wait_ready(client, cfg.model_name, str(version.version))
     if not version.description:  # a re-run completing a registration that stopped before this
         client.update_model_version(cfg.model_name, version.version,
-                                    description=_description(metrics, run_key))
+                                    description=version_description(metrics, run_key))
     client.set_registered_model_alias(cfg.model_name, CHALLENGER_ALIAS, str(version.version))
     aliases = [CHALLENGER_ALIAS]
     promoted, why_not = _promote(client, cfg.model_name, str(version.version), metrics)
@@ -185,7 +184,7 @@ def _register(data_root: Path, cfg: Config, run_key: str, run_dir: Path, metrics
         aliases.append(CHAMPION_ALIAS)
     decision = "promote" if promoted else "challenger"
     client.set_model_version_tag(cfg.model_name, str(version.version), "decision", decision)
-    for key, value in _decision_tags(metrics, decision).items():
+    for key, value in decision_tags(metrics, decision).items():
         client.set_tag(run_id, key, value)
     result.update(registered=True, version=int(version.version), aliases=aliases, alias=aliases[-1],
                   promoted=promoted, decision=decision,
@@ -195,17 +194,6 @@ def _register(data_root: Path, cfg: Config, run_key: str, run_dir: Path, metrics
     logger.info("register: done %s", json.dumps(jsonable(result)))
     return jsonable(result)
 
-
-def _decision_tags(metrics: dict[str, Any], decision: str) -> dict[str, str]:
-    """Run tags naming each decision and the rule that made it."""
-    promotion = metrics.get("promotion") or {}
-    audit = metrics.get("shortcut_audit") or {}
-    return {"decision": decision, "gate_on": str(metrics.get("gate_on", "point")),
-            "gate": "passed" if metrics["passed"] else "failed",
-            "promotion_rule": str(promotion.get("rule", "")),
-            "promotion_reason": str(promotion.get("reason", ""))[:5000],
-            "shortcut_audit": "warning" if audit.get("warning") else "ok",
-            "shortcut_audit_warning": str(audit.get("warning") or "none")[:5000]}
 
 
 def _promote(client: Any, name: str, version: str, metrics: dict[str, Any]) -> tuple[bool, list[str]]:
@@ -279,102 +267,26 @@ def _wait_ready(client: Any, name: str, version: str, timeout: float = READY_TIM
         delay = min(delay * 2, 5.0)
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
-def _split_counts(data_root: Path) -> dict[str, int]:
-    """Images, covid images and patients per split, from ``splits.csv`` (empty when absent)."""
-    import pandas as pd
-
-    path = data_root / "splits.csv"
-    if not path.is_file():
-        return {}
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    out = {}
-    positive = CLASS_NAMES[POSITIVE_INDEX]
-    for name, part in frame.groupby("split"):
-        out[f"n_{name}"] = len(part)
-        out[f"n_{name}_{positive}"] = int((part["label"] == positive).sum())
-        if "patientid" in part:
-            out[f"n_{name}_patients"] = int(part["patientid"].nunique())
-    return out
 
 
-def _test_scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """Numeric results of ``metrics.json`` as MLflow metrics; intervals as ``_low``/``_high``.
-
-    Settings and counts (``SETTINGS``) are params, not metrics. The calibration, the shortcut
-    audit and the promotion's paired differences get the prefixes ``calibration_``,
-    ``shortcut_`` and ``promotion_delta_``.
-    """
-    out: dict[str, float] = {}
-
-    def add(prefix: str, source: dict[str, Any]) -> None:
-        for k, v in source.items():
-            if isinstance(v, bool) or v is None or k in SETTINGS:
-                continue
-            if isinstance(v, (int, float)):
-                out[f"{prefix}{k}"] = float(v)
-            elif k.endswith("_ci95") and isinstance(v, list) and len(v) == 2 and None not in v:
-                out[f"{prefix}{k}_low"], out[f"{prefix}{k}_high"] = float(v[0]), float(v[1])
-
-    add("test_", {k: v for k, v in metrics.items() if not k.startswith("val_")})
-    add("", {k: v for k, v in metrics.items() if k.startswith("val_")})
-    if metrics.get("champion"):
-        add("champion_test_", {k: v for k, v in metrics["champion"].items() if k != "version"})
-    cal = metrics.get("calibration") or {}
-    add("calibration_", {**{k: v for k, v in cal.items() if k.startswith(("ece_", "brier_", "val_"))},
-                         **{f"param_{k}": v for k, v in (cal.get("params") or {}).items()}})
-    audit = metrics.get("shortcut_audit") or {}
-    add("shortcut_", {k: v for k, v in audit.items() if k.startswith("roc_auc")})
-    for name, delta in ((metrics.get("promotion") or {}).get("metric_deltas") or {}).items():
-        add("promotion_delta_", {name: delta.get("point"), f"{name}_ci95": delta.get("ci95")})
-    out["gate_passed"] = float(bool(metrics["passed"]))
-    out["promote"] = float(bool(metrics.get("promote", False)))
-    return {k: v for k, v in out.items() if v == v}  # MLflow stores NaN, but the UI cannot plot it
-
-
-def _params(data_root: Path, cfg: Config, metrics: dict[str, Any], context: dict[str, Any],
-            content: dict[str, str]) -> dict[str, str]:
-    """Settings, data facts and provenance, as MLflow params (strings of at most 500 characters)."""
-    from covid_tasks.operating_point import THRESHOLD_RESAMPLES
-    from covid_tasks.promotion import PROMOTION_RESAMPLES
-
-    params: dict[str, Any] = {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
-                              for k, v in cfg.to_dict().items() if k not in ("mlflow_tracking_uri",)}
-    params.update({k: v for k, v in context.items() if v is not None})
-    params.update(_split_counts(data_root))
-    params.update({k: metrics[k] for k in SETTINGS if k in metrics and k not in ("n",)})
-    params.update(git_commit=_git_commit(), threshold_resamples=THRESHOLD_RESAMPLES,
-                  promotion_resamples=PROMOTION_RESAMPLES, content_id=content["content_id"],
-                  model_sha256=content["model_sha256"],
-                  calibration_method=(metrics.get("calibration") or {}).get("method", "none"),
-                  champion_version_compared=(metrics.get("champion") or {}).get("version", "none"))
-    return {k: str(v)[:500] for k, v in params.items()}
-
-
-def _log_run(run_dir: Path, data_root: Path, cfg: Config, metrics: dict[str, Any],
+def _log_run(run_dir: RunDir, root: DataRoot, cfg: Config, metrics: dict[str, Any],
              context: dict[str, Any], content: dict[str, str]) -> None:
     """Params, per-epoch metrics (step = 1-based epoch), test metrics and evaluation artifacts."""
     import mlflow
 
-    mlflow.log_params(_params(data_root, cfg, metrics, context, content))
+    mlflow.log_params(run_params(root, cfg, metrics, context, content))
     for phase in ("train", "finetune"):
-        hist_path = run_dir / f"{phase}_history.json"
+        hist_path = run_dir.history(phase)
         if hist_path.is_file():
             history = read_json(hist_path)
             for index in range(max((len(v) for v in history.values()), default=0)):
                 mlflow.log_metrics({f"{phase}_{name}": values[index] for name, values in history.items()
                                     if index < len(values) and values[index] is not None}, step=index + 1)
-    mlflow.log_metrics(_test_scalars(metrics))
+    mlflow.log_metrics(metric_scalars(metrics))
     for pattern in ARTIFACT_GLOBS:
-        for f in sorted(run_dir.glob(pattern)):
+        for f in sorted(run_dir.path.glob(pattern)):
             if f.name not in RUN_ONLY_FILES:
                 mlflow.log_artifact(str(f), artifact_path="evaluation")
 
@@ -418,14 +330,14 @@ def _logged_model(client: Any, experiment_id: str, run_id: str, cfg: Config, met
                                     input_example=example, pip_requirements=list(PIP_REQUIREMENTS))
             # The evaluated file itself, byte for byte (a re-save would differ in its timestamp), so
             # the version's data/model.keras has the SHA-256 its tags and operating point name.
-            shutil.copy(content["model_path"], local / "data" / "model.keras")
-            write_json(local / "class_indices.json", {n: i for i, n in enumerate(CLASS_NAMES)})
-            shutil.copy(content["operating_point_path"], local / "operating_point.json")
+            shutil.copy(content["model_path"], local / "data" / MODEL_FILE)
+            write_json(local / CLASS_INDICES, class_indices())
+            shutil.copy(content["operating_point_path"], local / OPERATING_POINT)
             client.log_model_artifacts(logged.model_id, str(local))
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0, run_id=run_id, model_id=logged.model_id)
-                                          for k, v in _test_scalars(metrics).items()])
+                                          for k, v in metric_scalars(metrics).items()])
     except BaseException:
         mlflow.finalize_logged_model(logged.model_id, "FAILED")
         raise
@@ -451,64 +363,8 @@ def _version(client: Any, cfg: Config, metrics: dict[str, Any], run_key: str, co
                        "registering the evaluated one as a new version",
                        ", ".join(sorted((str(v.version) for v in stale), key=int)), run_key)
     version = mlflow.register_model(f"models:/{model_id}", cfg.model_name,
-                                    tags=_version_tags(cfg, metrics, run_key, context, content, model_id))
+                                    tags=version_tags(cfg, metrics, run_key, context, content, model_id))
     return client.get_model_version(cfg.model_name, str(version.version))
 
 
-def _version_tags(cfg: Config, metrics: dict[str, Any], run_key: str, context: dict[str, Any],
-                  content: dict[str, str], model_id: str) -> dict[str, str]:
-    champion = metrics.get("champion") or {}
-    cal = metrics.get("calibration") or {}
-    audit = metrics.get("shortcut_audit") or {}
-    tags = {
-        "run_key": run_key,
-        "content_id": content["content_id"],
-        "model_sha256": content["model_sha256"],
-        "operating_point_sha256": content["operating_point_sha256"],
-        "model_id": model_id,
-        "source_uri": cfg.source_uri,
-        "dataset_version": str(context.get("dataset_version", "unknown")),
-        "airflow_run_id": str(context.get("airflow_run_id", "unknown")),
-        "gate": "passed",
-        "gate_on": str(metrics.get("gate_on", "point")),
-        "decision": "pending",
-        "promotion_rule": str((metrics.get("promotion") or {}).get("rule", "")),
-        "threshold": f"{metrics['threshold']:.6f}",
-        "threshold_rule": metrics.get("threshold_rule", ""),
-        "output": _output(cal),
-        "calibration": str(cal.get("method", "none")),
-        "min_sensitivity": str(metrics["min_sensitivity"]),
-        "min_specificity": str(metrics["min_specificity"]),
-        "promotion_margin": str(metrics.get("promotion_margin", "")),
-        "champion_compared": str(champion.get("version", "none")),
-        "shortcut_audit": "warning" if audit.get("warning") else "ok",
-        "n_test": str(metrics.get("n_test", "")),
-        "backbone": cfg.backbone,
-        "img_size": str(metrics.get("img_size", cfg.img_size)),
-        "git_commit": _git_commit(),
-    }
-    for name in ("sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc"):
-        value = metrics.get(name)
-        tags[name] = "nan" if value is None else f"{value:.4f}"
-        ci = metrics.get(f"{name}_ci95")
-        if ci and None not in ci:
-            tags[f"{name}_ci95"] = f"[{ci[0]:.4f}, {ci[1]:.4f}]"
-    for key in ("ece_after", "brier_after"):
-        if cal.get(key) is not None:
-            tags[key] = f"{cal[key]:.4f}"
-    if audit.get("roc_auc_lungs_hidden") is not None:
-        tags["roc_auc_lungs_hidden"] = f"{audit['roc_auc_lungs_hidden']:.4f}"
-    return tags
 
-
-def _output(cal: dict[str, Any]) -> str:
-    method = cal.get("method", "none")
-    return f"calibrated P(covid) ({method})" if method != "none" else "P(covid), not calibrated"
-
-
-def _description(metrics: dict[str, Any], run_key: str) -> str:
-    promotion = metrics.get("promotion") or {}
-    return (f"run {run_key}: sensitivity {metrics['sensitivity']:.3f}, specificity "
-            f"{metrics['specificity']:.3f} at threshold {metrics['threshold']:.3f} on "
-            f"{metrics.get('n_test')} test images; output {_output(metrics.get('calibration') or {})}; "
-            f"promotion rule {promotion.get('rule', 'n/a')}: {promotion.get('reason', '')}")

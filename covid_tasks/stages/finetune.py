@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from covid_tasks.config import Config
+from covid_tasks.layout import DataRoot, load_splits
 
 logger = logging.getLogger(__name__)
 
@@ -15,13 +15,12 @@ logger = logging.getLogger(__name__)
 MONITOR = "val_auc"
 
 
-def finetune(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]:
+def finetune(cfg: Config, run_key: str) -> dict[str, Any]:
     """Load ``train.keras``, unfreeze all backbone layers, fit with checkpoint and early stopping.
 
     Args:
-        data_root: the data root holding ``splits.csv`` and ``raw/images``.
-        cfg: configuration (``finetune_epochs``, ``finetune_learning_rate``, ``finetune_schedule``,
-            ``finetune_top_blocks``, ``early_stopping_patience``).
+        cfg: configuration (``data_root``, ``finetune_epochs``, ``finetune_learning_rate``,
+            ``finetune_schedule``, ``finetune_top_blocks``, ``early_stopping_patience``).
         run_key: this run's key; reads and writes ``<data_root>/runs/<run_key>/``.
 
     Returns:
@@ -42,25 +41,25 @@ def finetune(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]
         finish,
         fit,
         global_batch,
-        load_splits,
         save_model,
         set_seeds,
     )
 
-    run_dir = cfg.run_dir(run_key)
-    trained = require_file(run_dir / "train.keras", "train")
+    root = DataRoot.of(cfg)
+    run_dir = root.run(run_key)
+    trained = require_file(run_dir.train_model, "train")
     logger.info("finetune: %s epochs=%d lr=%g monitor=%s", trained, cfg.finetune_epochs,
                 cfg.finetune_learning_rate, MONITOR)
     set_seeds(cfg.seed)
     devices = configure_devices()
-    splits = load_splits(data_root)
+    splits = load_splits(root)
     with devices["strategy"].scope():
         # train.keras is saved in float32; on a GPU, fine-tune under the mixed precision policy.
         policy = keras.mixed_precision.global_policy().name
         model = with_dtype_policy(keras.saving.load_model(trained), policy)
         schedule = finetune_schedule(global_batch(cfg, devices), len(splits["train"]))
         n_trainable = unfreeze(model, schedule, cfg.finetune_top_blocks)
-    checkpoint = run_dir / "finetune.best.weights.h5"
+    checkpoint = run_dir.finetune_checkpoint
     callbacks = [
         keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=MONITOR, mode="max",
                                         save_best_only=True, save_weights_only=True),
@@ -69,10 +68,10 @@ def finetune(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]
     ]
     history: dict[str, list[float]] = {}
     if cfg.finetune_epochs > 0:  # 0: the trained head as it is (e.g. the linear probe)
-        history = fit(model, splits, data_root, global_batch(cfg, devices), cfg.finetune_epochs, "finetune",
+        history = fit(model, splits, root, global_batch(cfg, devices), cfg.finetune_epochs, "finetune",
                       callbacks)
     if checkpoint.is_file():
         model.load_weights(checkpoint)  # the best epoch, also when early stopping never fired
         checkpoint.unlink()  # finetune.keras below holds the same weights
-    path = save_model(model, run_dir / "finetune.keras")
+    path = save_model(model, run_dir.finetune_model)
     return finish("finetune", run_dir, path, history, {"monitor": MONITOR, "trainable_weights": n_trainable})

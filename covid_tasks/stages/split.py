@@ -44,24 +44,23 @@ from pathlib import Path
 from typing import Any
 
 from covid_tasks.config import CLASS_NAMES, Config
-from covid_tasks.relabel import link_groups
+from covid_tasks.groups import patient_groups
+from covid_tasks.layout import SPLITS, DataRoot
 from covid_tasks.storage import read_json, require_file, safe_relpath, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 #: Which split a group keeps when a new link merges patients from different splits.
 PRECEDENCE = ("test", "val", "train")
-ASSIGNMENTS = "split_assignments.json"
 ASSIGNMENTS_VERSION = 2
 
 
-def split(data_root: str | Path, cfg: Config) -> dict[str, Any]:
+def split(cfg: Config, run_key: str) -> dict[str, Any]:
     """Assign every patient group in ``labeled.csv`` to a split; write the split files and links.
 
     Args:
-        data_root: the data root holding ``labeled.csv`` and ``raw/images/``.
-        cfg: run configuration (``split_fractions``, ``seed``).
+        cfg: run configuration (``data_root``, ``split_fractions``, ``seed``).
+        run_key: this run's key (unused: the split is shared by every run).
 
     Returns:
         ``{"splits_csv", "train_csv", "val_csv", "test_csv", "n_images", "n_patients",
@@ -75,15 +74,15 @@ def split(data_root: str | Path, cfg: Config) -> dict[str, Any]:
     """
     import pandas as pd
 
-    root = Path(data_root)
-    labeled = pd.read_csv(require_file(root / "labeled.csv", "relabel"), dtype=str, keep_default_na=False)
-    logger.info("split: %s, %d images, fractions=%s, seed=%d", root, len(labeled),
+    root = DataRoot.of(cfg)
+    labeled = pd.read_csv(require_file(root.labeled, "relabel"), dtype=str, keep_default_na=False)
+    logger.info("split: %s, %d images, fractions=%s, seed=%d", root.root, len(labeled),
                 list(cfg.split_fractions), cfg.seed)
     _validate(labeled, root)
 
     groups = patient_groups(labeled)
     labeled["split_group"] = labeled["patientid"].map(groups)
-    assign_path = root / ASSIGNMENTS
+    assign_path = root.split_assignments
     previous = _load_assignments(assign_path, cfg)
     group_split, moved = _inherit(groups, previous)
     new_groups = sorted(set(groups.values()) - set(group_split))
@@ -96,10 +95,10 @@ def split(data_root: str | Path, cfg: Config) -> dict[str, Any]:
     patients = {p: group_split[g] for p, g in groups.items()}
     new_patients = sorted(set(patients) - set(previous))
     labeled = labeled.sort_values(["split", "label", "filename"]).reset_index(drop=True)
-    paths = {"splits_csv": str(root / "splits.csv")}
+    paths = {"splits_csv": str(root.splits)}
     write_csv(paths["splits_csv"], labeled)
     for s in SPLITS:
-        paths[f"{s}_csv"] = str(root / f"{s}.csv")
+        paths[f"{s}_csv"] = str(root.split_csv(s))
         write_csv(paths[f"{s}_csv"], labeled[labeled["split"] == s])
     links = _materialise(root, labeled)
     write_json(assign_path, {
@@ -127,7 +126,7 @@ def split(data_root: str | Path, cfg: Config) -> dict[str, Any]:
         "moved_patients": moved,
         "links": links,
     }
-    write_json(root / "split_report.json", report)
+    write_json(root.split_report, report)
     result = {
         **paths,
         "n_images": int(len(labeled)),
@@ -137,48 +136,34 @@ def split(data_root: str | Path, cfg: Config) -> dict[str, Any]:
         "new_groups": len(new_groups),
         "new_patients": len(new_patients),
         "moved_patients": len(moved),
-        "report": str(root / "split_report.json"),
+        "report": str(root.split_report),
     }
     logger.info("split: done %s", json.dumps(result))
     return result
 
 
 # ------------------------------------------------------------------------------------- inputs
-def _validate(labeled: Any, root: Path) -> None:
+def _validate(labeled: Any, root: DataRoot) -> None:
     """Fail early on a ``labeled.csv`` the split cannot use safely."""
     missing = [c for c in ("filename", "patientid", "label") if c not in labeled.columns]
     if missing:
-        raise ValueError(f"{root / 'labeled.csv'} lacks column(s) {missing}: run 'relabel' again")
+        raise ValueError(f"{root.labeled} lacks column(s) {missing}: run 'relabel' again")
     if labeled.empty:
-        raise ValueError(f"{root / 'labeled.csv'} has no rows: nothing to split")
+        raise ValueError(f"{root.labeled} has no rows: nothing to split")
     bad = sorted(set(labeled["label"]) - set(CLASS_NAMES))
     if bad:
-        raise ValueError(f"{root / 'labeled.csv'} has unknown label(s) {bad}; expected {CLASS_NAMES}")
+        raise ValueError(f"{root.labeled} has unknown label(s) {bad}; expected {CLASS_NAMES}")
     if (labeled["patientid"] == "").any():
-        raise ValueError(f"{root / 'labeled.csv'} has rows without a patientid: run 'relabel' again")
+        raise ValueError(f"{root.labeled} has rows without a patientid: run 'relabel' again")
     twice = labeled.loc[labeled["filename"].duplicated(), "filename"].tolist()
     if twice:
-        raise ValueError(f"{root / 'labeled.csv'} lists file(s) {twice[:5]} more than once: "
+        raise ValueError(f"{root.labeled} lists file(s) {twice[:5]} more than once: "
                          "run 'relabel' again")
-    images = root / "raw" / "images"
+    images = root.images
     absent = [f for f in labeled["filename"] if not (images / safe_relpath(f)).is_file()]
     if absent:
         raise FileNotFoundError(f"{len(absent)} image(s) named in labeled.csv are not under {images}, "
                                 f"e.g. {absent[:3]}: run 'relabel' again")
-
-
-def patient_groups(labeled: Any) -> dict[str, str]:
-    """Patient -> group id, linking patients that share a ``group_id``, a file or a SHA-256."""
-    patients = labeled["patientid"].tolist()
-    links: list[set[str]] = []
-    for col in ("group_id", "filename", "sha256"):
-        if col in labeled.columns:
-            by_key: dict[str, set[str]] = defaultdict(set)
-            for key, pid in zip(labeled[col].tolist(), patients, strict=True):
-                if key != "":
-                    by_key[key].add(pid)
-            links += [pids for pids in by_key.values() if len(pids) > 1]
-    return link_groups(set(patients), links)
 
 
 def _load_assignments(path: Path, cfg: Config) -> dict[str, str]:
@@ -319,14 +304,14 @@ def _require_both_classes(labeled: Any, counts: dict[str, dict[str, dict[str, in
 
 
 # -------------------------------------------------------------------------------------- links
-def _materialise(root: Path, labeled: Any) -> dict[str, int]:
+def _materialise(root: DataRoot, labeled: Any) -> dict[str, int]:
     """Build ``split/<split>/<class>/<filename>`` as hard links, then swap it in.
 
     Falls back to a relative symlink where a hard link is impossible (another file system, or a
     file system without hard links); never copies. Returns how many links of each kind it made.
     """
-    images = (root / "raw" / "images").resolve()
-    staging = root.resolve() / ".split.staging"
+    images = root.images.resolve()
+    staging = root.root.resolve() / ".split.staging"
     shutil.rmtree(staging, ignore_errors=True)
     for s in SPLITS:
         for c in CLASS_NAMES:
@@ -346,8 +331,8 @@ def _materialise(root: Path, labeled: Any) -> dict[str, int]:
                 raise
             os.symlink(os.path.relpath(src.resolve(), dst.parent), dst)
             made["symbolic"] += 1
-    final = root / "split"
-    old = root / ".split.old"
+    final = root.split_links
+    old = root.root / ".split.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)

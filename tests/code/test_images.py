@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from covid_tasks import data
+from covid_tasks import augment, dataset, images
 from covid_tasks.config import MAX_IMAGE_PIXELS, Config
 from tests.helpers.images import png_header, rle8_bmp
 
@@ -29,7 +29,7 @@ def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
 
 
 def _decode(contents: bytes, size: int = SIZE) -> np.ndarray:
-    return data.decode_image(tf.constant(contents), size).numpy()
+    return images.decode_image(tf.constant(contents), size).numpy()
 
 
 def _write_constant_images(root: Path, values: dict[str, int], size: int = SIZE, fmt: str = "PNG") -> None:
@@ -87,11 +87,11 @@ def test_jpeg_decodes_like_pillow_and_is_resized() -> None:
 
 def test_load_image_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        data.load_image(tmp_path / "missing.png", SIZE)
+        images.load_image(tmp_path / "missing.png", SIZE)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
     with pytest.raises(ValueError, match="not a decodable"):
-        data.load_image(bad, SIZE)
+        images.load_image(bad, SIZE)
 
 
 def _encoded(fmt: str, size: tuple[int, int] = (37, 23), **kw: object) -> bytes:
@@ -107,9 +107,9 @@ def _encoded(fmt: str, size: tuple[int, int] = (37, 23), **kw: object) -> bytes:
 ], ids=["png", "jpeg", "progressive", "bmp", "gif", "exif", "rle8"])
 def test_image_size_reads_the_header_only(contents: bytes, tmp_path: Path) -> None:
     (tmp_path / "x").write_bytes(contents)
-    assert data.image_size(contents) == data.image_size(tmp_path / "x") == (37, 23)
+    assert images.image_size(contents) == images.image_size(tmp_path / "x") == (37, 23)
     header = contents[:5400] if b"Exif" in contents[:64] else contents[:600]  # no pixel data needed
-    assert data.image_size(header) == (37, 23)
+    assert images.image_size(header) == (37, 23)
 
 
 @pytest.mark.parametrize("contents, match", [
@@ -119,7 +119,7 @@ def test_image_size_reads_the_header_only(contents: bytes, tmp_path: Path) -> No
 ], ids=["empty", "cut-png", "cut-gif", "jpeg-no-frame", "tiff", "zero-width"])
 def test_image_size_refuses_what_the_decoder_cannot_read(contents: bytes, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        data.image_size(contents)
+        images.image_size(contents)
 
 
 def test_load_image_refuses_a_bomb_before_decoding(tmp_path: Path) -> None:
@@ -129,26 +129,26 @@ def test_load_image_refuses_a_bomb_before_decoding(tmp_path: Path) -> None:
         bomb.write_bytes(png_header(width, height))
         t0 = time.monotonic()
         too_large = f"{width}x{height}.*over the limit of {MAX_IMAGE_PIXELS}"
-        with pytest.raises(data.ImageTooLargeError, match=too_large):
-            data.load_image(bomb, SIZE)
+        with pytest.raises(images.ImageTooLargeError, match=too_large):
+            images.load_image(bomb, SIZE)
         assert time.monotonic() - t0 < 1.0
         with pytest.raises(ValueError):  # a ValueError for callers that catch those
-            data.load_image_bytes(bomb.read_bytes(), SIZE)
+            images.load_image_bytes(bomb.read_bytes(), SIZE)
     ok = tmp_path / "ok.png"
     ok.write_bytes(_encoded("PNG"))
-    with pytest.raises(data.ImageTooLargeError) as err:
-        data.load_image(ok, SIZE, max_pixels=100)
+    with pytest.raises(images.ImageTooLargeError) as err:
+        images.load_image(ok, SIZE, max_pixels=100)
     assert (err.value.width, err.value.height, err.value.max_pixels) == (37, 23, 100)
-    assert data.load_image(ok, SIZE, max_pixels=None).shape == (SIZE, SIZE, 3)
+    assert images.load_image(ok, SIZE, max_pixels=None).shape == (SIZE, SIZE, 3)
 
 
 # ----------------------------------------------------------------------------- labels
 def test_label_index_and_class_weights() -> None:
-    np.testing.assert_array_equal(data.label_index(["covid", "non_covid", "covid"]), [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(dataset.label_index(["covid", "non_covid", "covid"]), [1.0, 0.0, 1.0])
     with pytest.raises(ValueError, match="unknown label 'COVID-19'"):
-        data.label_index(["covid", "COVID-19"])
-    assert data.class_weights([0, 0, 0, 1]) == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}
-    assert data.class_weights([1, 1]) == {0: 1.0, 1: 0.5}  # an absent class gets 1.0
+        dataset.label_index(["covid", "COVID-19"])
+    assert dataset.class_weights([0, 0, 0, 1]) == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}
+    assert dataset.class_weights([1, 1]) == {0: 1.0, 1: 0.5}  # an absent class gets 1.0
 
 
 @pytest.mark.parametrize("order", ["as_written", "reversed", "shuffled"])
@@ -164,7 +164,7 @@ def test_labels_follow_the_class_list_whatever_the_folder_or_row_order(tmp_path:
         frame = frame.sample(frac=1.0, random_state=3)
     cfg = Config(data_root=str(tmp_path), img_size=PIPE, batch_size=3)
     pixels, labels = [], []
-    for x, y in data.make_dataset(frame, tmp_path, cfg, training=False):
+    for x, y in dataset.make_dataset(frame, tmp_path, cfg, training=False):
         pixels.extend(x.numpy()[:, 0, 0, 0].tolist())
         labels.extend(y.numpy().tolist())
     assert pixels == [float(values[f]) for f in frame["filename"]]  # evaluation keeps row order
@@ -187,9 +187,9 @@ def test_unusable_images_are_named_and_skipped_when_training(tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     """An RLE8 BMP once crashed ``train`` inside TensorFlow without naming the file."""
     frame, cfg = _unusable_set(tmp_path)
-    caplog.set_level("WARNING", logger="covid_tasks.data")
+    caplog.set_level("WARNING", logger="covid_tasks.dataset")
     for _ in range(2):  # the second epoch reads the cache
-        seen = [x for x, _y in data.make_dataset(frame, tmp_path, cfg, training=True)]
+        seen = [x for x, _y in dataset.make_dataset(frame, tmp_path, cfg, training=True)]
         assert sum(len(x) for x in seen) == 6
     text = caplog.text
     assert "big.png is 64x64 = 4096 pixels, over the limit of 1024" in text
@@ -199,13 +199,13 @@ def test_unusable_images_are_named_and_skipped_when_training(tmp_path: Path,
 def test_unusable_images_fail_evaluation_naming_them(tmp_path: Path) -> None:
     frame, cfg = _unusable_set(tmp_path)
     with pytest.raises(ValueError, match=r"1 of 9 image\(s\) cannot be used: .*big.png is 64x64"):
-        data.make_dataset(frame, tmp_path, cfg, training=False)
+        dataset.make_dataset(frame, tmp_path, cfg, training=False)
     decodable_header = frame[frame["filename"] != "big.png"]
-    ds = data.make_dataset(decodable_header, tmp_path, cfg, training=False)
+    ds = dataset.make_dataset(decodable_header, tmp_path, cfg, training=False)
     with pytest.raises(tf.errors.OpError, match=r"cannot be decoded: .*rle8.bmp: .*Input size should match"):
         list(ds)
     good = frame[frame["filename"].str.startswith("ok")]
-    ds = data.make_dataset(good, tmp_path, cfg, training=False)
+    ds = dataset.make_dataset(good, tmp_path, cfg, training=False)
     values = [v for x, _ in ds for v in x.numpy()[:, 0, 0, 0]]
     assert values == [0.0, 20.0, 40.0, 60.0, 80.0, 100.0]  # row order kept
 
@@ -213,7 +213,7 @@ def test_unusable_images_fail_evaluation_naming_them(tmp_path: Path) -> None:
 def test_missing_image_fails_early(tmp_path: Path) -> None:
     frame = pd.DataFrame({"filename": ["nope.png"], "label": ["covid"]})
     with pytest.raises(FileNotFoundError, match="missing"):
-        data.make_dataset(frame, tmp_path, Config(data_root=str(tmp_path), img_size=PIPE), training=False)
+        dataset.make_dataset(frame, tmp_path, Config(data_root=str(tmp_path), img_size=PIPE), training=False)
 
 
 # ----------------------------------------------------------------------------- caching
@@ -232,7 +232,7 @@ def _first_pixels(ds: tf.data.Dataset) -> list[float]:
 def test_large_set_is_cached_on_disk_and_reused_until_files_change(tmp_path: Path) -> None:
     frame, cfg, one_image = _cached_setup(tmp_path)
     cache = tmp_path / "cache"
-    make = lambda: data.make_dataset(frame, tmp_path / "images", cfg, training=False,  # noqa: E731
+    make = lambda: dataset.make_dataset(frame, tmp_path / "images", cfg, training=False,  # noqa: E731
                                      cache_dir=cache, memory_limit=2 * one_image)
     assert _first_pixels(make()) == [0.0, 3.0, 6.0, 9.0, 12.0, 15.0]
     (folder,) = cache.iterdir()
@@ -255,7 +255,7 @@ def test_large_set_is_cached_on_disk_and_reused_until_files_change(tmp_path: Pat
 def _cache_folder(cache: Path, images: Path, frame: pd.DataFrame) -> Path:
     """Create and return the file-cache folder make_dataset will use for ``frame``."""
     paths = [str(images / f) for f in frame["filename"]]
-    folder = cache / data._cache_key(paths, data.label_index(frame["label"]), PIPE)
+    folder = cache / dataset._cache_key(paths, dataset.label_index(frame["label"]), PIPE)
     folder.mkdir(parents=True)
     return folder
 
@@ -267,7 +267,7 @@ def test_a_killed_runs_partial_cache_does_not_break_the_next_run(tmp_path: Path)
     # What TensorFlow leaves when the writing process is killed: its lockfile and a temp shard.
     (folder / "images_0.lockfile").write_text("Created at: 1")
     (folder / "images_0.data-00000-of-00001.tempstate123").write_bytes(b"partial")
-    ds = data.make_dataset(frame, tmp_path / "images", cfg, training=False, cache_dir=cache,
+    ds = dataset.make_dataset(frame, tmp_path / "images", cfg, training=False, cache_dir=cache,
                            memory_limit=one_image)
     assert _first_pixels(ds) == [0.0, 3.0, 6.0, 9.0, 12.0, 15.0]
     assert (folder / "images.index").is_file() and not (folder / "images_0.lockfile").exists()
@@ -284,7 +284,7 @@ def test_new_file_cache_prunes_old_unused_ones(tmp_path: Path) -> None:
     month_ago = time.time() - 30 * 24 * 3600
     for folder in (old, other):
         os.utime(folder, (month_ago, month_ago))
-    data.make_dataset(frame, tmp_path / "images", cfg, training=False, cache_dir=cache,
+    dataset.make_dataset(frame, tmp_path / "images", cfg, training=False, cache_dir=cache,
                       memory_limit=one_image)
     assert not old.exists() and recent.exists() and other.exists()
 
@@ -296,7 +296,7 @@ def test_cache_written_by_another_live_process_is_left_alone(tmp_path: Path) -> 
     (folder / "images_0.lockfile").write_text("Created at: 1")
     with open(folder / "writer.lock", "a") as other_writer:  # a separate open file: a second owner
         fcntl.flock(other_writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        ds = data.make_dataset(frame, tmp_path / "images", cfg, training=False, cache_dir=cache,
+        ds = dataset.make_dataset(frame, tmp_path / "images", cfg, training=False, cache_dir=cache,
                                memory_limit=one_image)
         assert _first_pixels(ds) == [0.0, 3.0, 6.0, 9.0, 12.0, 15.0]
         assert (folder / "images_0.lockfile").exists() and not (folder / "images.index").exists()
@@ -307,9 +307,9 @@ def test_augment_is_seeded_light_and_never_flips_vertically() -> None:
     img = np.zeros((16, 32, 32, 3), np.float32)
     img[:, :12] = 200.0  # a bright top band: a vertical flip would move it to the bottom
     batch = tf.constant(img)
-    a = data.augment(batch, tf.constant([1, 2])).numpy()
-    np.testing.assert_array_equal(a, data.augment(batch, tf.constant([1, 2])).numpy())
-    assert not np.allclose(a, data.augment(batch, tf.constant([3, 4])).numpy())
+    a = augment.augment(batch, tf.constant([1, 2])).numpy()
+    np.testing.assert_array_equal(a, augment.augment(batch, tf.constant([1, 2])).numpy())
+    assert not np.allclose(a, augment.augment(batch, tf.constant([3, 4])).numpy())
     assert a.shape == img.shape and a.min() >= 0.0 and a.max() <= 255.0
     assert not np.allclose(a[0], a[1])  # one draw per image, not per batch
     top, bottom = a[:, :8].mean(axis=(1, 2, 3)), a[:, -8:].mean(axis=(1, 2, 3))
@@ -319,8 +319,8 @@ def test_augment_is_seeded_light_and_never_flips_vertically() -> None:
 def test_augment_strength_scales_the_ranges_and_zero_turns_it_off() -> None:
     x = np.random.default_rng(2).integers(0, 256, (32, 24, 24, 3)).astype(np.float32)
     batch, seed = tf.constant(x), tf.constant([5, 6])
-    np.testing.assert_array_equal(data.augment(batch, seed, 0.0).numpy(), x)
-    moved = {k: float(np.abs(data.augment(batch, seed, k).numpy() - x).mean()) for k in (0.5, 1.0, 2.0)}
+    np.testing.assert_array_equal(augment.augment(batch, seed, 0.0).numpy(), x)
+    moved = {k: float(np.abs(augment.augment(batch, seed, k).numpy() - x).mean()) for k in (0.5, 1.0, 2.0)}
     assert 0.0 < moved[0.5] < moved[1.0] < moved[2.0]
 
 
@@ -330,9 +330,9 @@ def test_augment_resamples_like_tensorflows_projective_transform() -> None:
     c, s = np.cos(np.deg2rad(7.0)) / 1.05, np.sin(np.deg2rad(7.0)) / 1.05  # rotate, zoom, then shift
     affine = tf.constant([[c, s, 1.3, -s, c, -0.7]] * 3, tf.float32)
     gain = tf.constant([0.9, 1.0, 1.1])
-    ours = data._warp_fn()(x, affine, gain).numpy()
+    ours = augment._warp_fn()(x, affine, gain).numpy()
     assert float(np.abs(ours - x.numpy()).mean()) > 5.0  # the transform did move pixels
-    np.testing.assert_allclose(ours, data._warp_kernel(x, affine, gain).numpy(), rtol=0, atol=1e-2)
+    np.testing.assert_allclose(ours, augment._warp_kernel(x, affine, gain).numpy(), rtol=0, atol=1e-2)
 
 
 def test_training_set_is_shuffled_augmented_and_reproducible(tmp_path: Path) -> None:
@@ -344,7 +344,7 @@ def test_training_set_is_shuffled_augmented_and_reproducible(tmp_path: Path) -> 
     cfg = Config(data_root=str(tmp_path), img_size=PIPE, batch_size=4)
 
     def two_epochs() -> list[np.ndarray]:
-        ds = data.make_dataset(frame, tmp_path, cfg, training=True)
+        ds = dataset.make_dataset(frame, tmp_path, cfg, training=True)
         return [np.concatenate([x.numpy() for x, _ in ds]) for _ in range(2)]
 
     first, second = two_epochs()
