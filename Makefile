@@ -2,7 +2,7 @@
 #   make run   - venv, install, local Airflow + MLflow, one full DAG run on sample_data/
 #   make test  - install test tools and run the test suite
 #   make airflow - the Airflow UI on http://127.0.0.1:8080 (AIRFLOW_HOST, AIRFLOW_PORT change it)
-#   make stack / stack-down / stack-test - docker-compose.yaml's services as local processes (README)
+#   make stack / stack-down / stack-test - docker-compose.yaml's services as local processes (docs/deployment.md)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := $(CURDIR)/.venv
@@ -16,7 +16,7 @@ export AIRFLOW__CORE__EXECUTOR := LocalExecutor
 export AIRFLOW__CORE__PARALLELISM := 4
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN := sqlite:///$(AIRFLOW_HOME)/airflow.db
 export AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT := 120
-# The DAG starts unpaused: its schedule never starts a run for a week already begun (README).
+# The DAG starts unpaused: its schedule never starts a run for a week already begun (docs/pipeline.md).
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := False
 export COVID_DATA_ROOT ?= $(CURDIR)/data
 export COVID_MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow/mlflow.db
@@ -25,7 +25,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(BIN):$(PATH)
 
 # What `make run` changes for a CPU: 2 fine-tuning epochs so it ends in a minute, and a demo gate
-# (README). Everything else (backbone, lung gate, probe head...) is the Trigger form's default:
+# (docs/pipeline.md). Everything else (backbone, lung gate, probe head...) is the Trigger form's default:
 # covid_tasks.config.Config's.
 RUN_CONF ?= {"img_size": 224, "finetune_epochs": 2, "batch_size": 16, \
   "min_sensitivity": 0.5, "min_specificity": 0.0, "force": true}
@@ -109,7 +109,7 @@ bench: install-dev
 	$(BIN)/python benchmarks/pull_bench.py
 	$(BIN)/python benchmarks/input_pipeline_bench.py
 
-# The inference service on the registry `make run` fills (see README "Inference service").
+# The inference service on the registry `make run` fills (see docs/serving.md).
 SERVE_PORT ?= 8000
 .PHONY: serve bench-serve
 serve: install
