@@ -50,7 +50,8 @@ def url_host(url: str) -> str:
             (separated by spaces, ``;``, ``,`` or ``|``) the first one counts.
 
     Returns:
-        The host (``radiopaedia.org``), or ``""`` when there is none.
+        The host (``radiopaedia.org``), or ``""`` when there is none or it has no dot
+        (``n/a``, ``localhost``).
     """
     first = next((part for part in _SEPARATORS.split(url.strip()) if part), "")
     if not first:
@@ -62,6 +63,8 @@ def url_host(url: str) -> str:
     except ValueError:  # e.g. an unbalanced IPv6 bracket
         return ""
     host = host.lower().rstrip(".")
+    if "." not in host:  # "n/a", "see paper", "localhost": no public host
+        return ""
     return host[4:] if host.startswith("www.") else host
 
 
