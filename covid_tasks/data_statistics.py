@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -28,6 +29,7 @@ STATS_VERSION = 1
 INTENSITY_SIZE = 64
 PSI_BINS = 10
 _PSI_EPS = 1e-4
+_UNNAMED = re.compile(r"Unnamed: \d+")
 
 
 def metadata_schema() -> "pa.DataFrameSchema":
@@ -81,7 +83,8 @@ def schema_summary(metadata: "pd.DataFrame") -> dict[str, Any]:
         metadata: the upstream table (best read with :func:`read_metadata`).
 
     Returns:
-        ``{"columns", "n_rows", "missing_required", "invalid_rows", "invalid_by_check"}``:
+        ``{"columns", "n_rows", "missing_required", "invalid_rows", "invalid_by_check"}``
+        (``columns`` without the unnamed ones pandas makes of empty header cells):
         ``invalid_rows`` counts the rows failing any value check, ``invalid_by_check`` maps
         ``"column: check"`` to its row count.
     """
@@ -101,7 +104,9 @@ def schema_summary(metadata: "pd.DataFrame") -> dict[str, Any]:
                 key = f"{row.column}: {row.check}"
                 invalid[key] = invalid.get(key, 0) + 1
                 bad_rows.add(row.index)
-    return {"columns": [str(c) for c in metadata.columns], "n_rows": int(len(metadata)),
+    # pandas names an empty header cell "Unnamed: <position>" (upstream's header ends with a comma)
+    named = [str(c) for c in metadata.columns if not _UNNAMED.fullmatch(str(c))]
+    return {"columns": named, "n_rows": int(len(metadata)),
             "missing_required": sorted(set(missing), key=list(METADATA_COLUMNS).index),
             "invalid_rows": len(bad_rows), "invalid_by_check": dict(sorted(invalid.items()))}
 
