@@ -393,3 +393,16 @@ def dataclasses_frozen_error() -> type[Exception]:
     import dataclasses
 
     return dataclasses.FrozenInstanceError
+
+
+def test_importing_the_check_modules_is_light() -> None:
+    """pandas, numpy, Pillow, pandera and imagehash load only when a function needs them."""
+    import subprocess
+    import sys
+
+    heavy = "('pandas', 'numpy', 'PIL', 'pandera', 'imagehash')"
+    code = ("import sys, covid_tasks.data_checks, covid_tasks.near_duplicates, covid_tasks.provenance; "
+            f"print(sorted(m for m in {heavy} if m in sys.modules))")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "[]"
