@@ -171,6 +171,8 @@ def statistics(labeled: "pd.DataFrame", images_dir: str | Path, metadata: "pd.Da
     Raises:
         KeyError: ``labeled`` lacks a needed column.
     """
+    from PIL import Image
+
     from covid_tasks.provenance import labeled_sources
 
     needed = ("filename", "patientid", "finding", "view", "label", "sha256")
@@ -191,7 +193,7 @@ def statistics(labeled: "pd.DataFrame", images_dir: str | Path, metadata: "pd.Da
         else:
             try:
                 entry.update(_image_figures(root / str(row.filename)))
-            except (OSError, ValueError, SyntaxError) as exc:  # PIL: truncated, unknown, bomb
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 unreadable.append(str(row.filename))
                 logger.warning("data_checks: %s not readable: %s", row.filename, exc)
         images[str(row.filename)] = entry

@@ -19,6 +19,7 @@ DICOM frames) are scaled by 255/65535 like the training decoder does, instead of
 from __future__ import annotations
 
 import logging
+import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
@@ -170,8 +171,8 @@ def to_int(value: HashLike) -> int:
     """
     if isinstance(value, bool):
         raise TypeError("a hash is an int, a hex string or an ImageHash, not a bool")
-    if isinstance(value, int):
-        out = value
+    if isinstance(value, numbers.Integral):  # int, numpy integers
+        out = int(value)
     elif isinstance(value, str):
         try:
             out = int(value, 16)

@@ -28,15 +28,12 @@ _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 def _text(value: Any) -> str:
-    """A cell as stripped text; ``None``, NaN and ``pd.NA`` are empty."""
-    if value is None:
+    """A cell as stripped text; ``None``, NaN, ``pd.NA`` and ``NaT`` are empty."""
+    if isinstance(value, str):
+        return value.strip()
+    if value is None or (isinstance(value, float) and value != value):
         return ""
-    if isinstance(value, float) and value != value:  # NaN
-        return ""
-    try:
-        text = str(value)
-    except (TypeError, ValueError):  # pragma: no cover - objects without a str
-        return ""
+    text = str(value)
     return "" if text in ("<NA>", "nan", "NaT") else text.strip()
 
 

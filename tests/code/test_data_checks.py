@@ -406,3 +406,12 @@ def test_importing_the_check_modules_is_light() -> None:
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "[]"
+
+
+def test_statistics_lists_images_over_pillows_pixel_limit(world: World, base_rows: list[dict],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    world.write("huge.png", 1, 100, size=(300, 200))
+    rows = base_rows + [dict(base_rows[0], filename="huge.png", patientid="huge", sha256="h")]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 60,000 pixels: over twice the limit
+    st = stats(world, rows)
+    assert "huge.png" in st["unreadable"]

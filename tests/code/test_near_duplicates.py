@@ -230,3 +230,15 @@ def test_straddling_pairs() -> None:
     pairs = [("a", "b", 1), ("c", "d", 2), ("e", "new", 3), ("new", "new2", 4)]
     split_of = {"a": "train", "b": "train", "c": "train", "d": "test", "e": "test"}
     assert nd.straddling_pairs(pairs, split_of) == [("c", "d", 2), ("e", "new", 3)]
+
+
+def test_images_over_pillows_pixel_limit_are_reported(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    film(8, 300).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    hashes, errors = nd.hash_files(tmp_path, ["huge.png"])
+    assert hashes == {} and "not a decodable image" in errors["huge.png"]
+
+
+def test_numpy_integers_are_hashes() -> None:
+    assert nd.to_int(np.uint64(5)) == 5 and nd.hamming(np.int64(3), 0) == 2

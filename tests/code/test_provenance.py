@@ -111,3 +111,8 @@ def test_sample_metadata_sources_match_a_plain_reading() -> None:
     frame = pd.read_csv(SAMPLE, dtype=str, keep_default_na=False)
     assert sources(frame).tolist() == expected
     assert UNKNOWN not in expected and len(set(expected)) > 3
+
+
+def test_a_literal_text_cell_is_kept() -> None:
+    assert image_source({"source": "nan", "url": "https://eurorad.org/x"}) == "nan"
+    assert image_source({"source": pd.NaT, "url": "https://eurorad.org/x"}) == "eurorad.org"
