@@ -21,7 +21,7 @@ import pytest
 from covid_tasks import data_checks as dc
 from covid_tasks.config import Config
 from covid_tasks.provenance import labeled_sources, sources
-from covid_tasks.relabel import relabel
+from covid_tasks.stages.relabel import relabel
 
 #: (covid, non_covid) images of the labelled June 2020 set per url host.
 PINNED = {"radiopaedia.org": (54, 28), "eurorad.org": (27, 31), "github.com": (41, 7), "sirm.org": (35, 1),
@@ -41,7 +41,7 @@ def root_with(metadata: str, full_dir: Path, root: Path) -> Path:
 
 
 def week_stats(root: Path, previous: dict | None = None) -> dict[str, Any]:
-    relabel(root, Config(data_root=str(root)))
+    relabel(Config(data_root=str(root)), "run")
     labeled = pd.read_csv(root / "labeled.csv", dtype=str, keep_default_na=False)
     meta = dc.read_metadata(root / "raw" / "metadata.csv")
     return json.loads(json.dumps(dc.statistics(labeled, root / "raw" / "images", meta, previous=previous)))

@@ -18,7 +18,8 @@ from PIL import Image, ImageEnhance
 
 from covid_tasks import near_duplicates as nd
 from covid_tasks.config import Config
-from covid_tasks.relabel import link_groups, relabel
+from covid_tasks.groups import link_groups
+from covid_tasks.stages.relabel import relabel
 
 ARDS = "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-"
 #: Issue 23's pairs: patient 178 (eurorad) and patient 97 (radiopaedia), the same four films.
@@ -41,7 +42,7 @@ def labelled(full_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.Dat
     (root / "raw").mkdir()
     (root / "raw" / "images").symlink_to((full_dir / "images").resolve(), target_is_directory=True)
     (root / "raw" / "metadata.csv").write_bytes((full_dir / "metadata.csv").read_bytes())
-    relabel(root, Config(data_root=str(root)))
+    relabel(Config(data_root=str(root)), "run")
     return pd.read_csv(root / "labeled.csv", dtype=str, keep_default_na=False)
 
 
