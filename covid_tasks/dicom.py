@@ -30,66 +30,37 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, BinaryIO, Iterator
+
+from covid_tasks.dicom_pixels import (
+    MINMAX_PERCENTILES,
+    REASONS,
+    SUPPORTED_TRANSFER_SYNTAXES,
+    DicomError,
+    display_grey,
+    is_truncation,
+    stored_pixels,
+)
 
 logger = logging.getLogger(__name__)
 
-#: The reason a refusal's message starts with (then ``": "`` and details).
-REASONS = ("empty", "truncated", "undecodable", "unsupported", "not_image", "pixel_limit")
+__all__ = ["DicomError", "DicomHeader", "DicomTooLargeError", "MINMAX_PERCENTILES", "PATIENT_HASH_KEY",
+           "REASONS", "SUPPORTED_TRANSFER_SYNTAXES", "check_header", "decode_dicom", "dicom_size",
+           "header_metadata", "is_dicom", "load_dicom", "patient_hash", "read_header"]
+#: What the readers take: a file's bytes, or its path.
+Source = bytes | bytearray | memoryview | str | Path
+
 #: HMAC-SHA256 key of :func:`patient_hash`; pass a secret key for protection against guessing.
 PATIENT_HASH_KEY = b"covid-xray-retrain/dicom/patient-id/v1"
-#: Without a VOI LUT or window, these percentiles of the image map to 0 and 255.
-MINMAX_PERCENTILES = (0.5, 99.5)
 #: Header values longer than this are skipped, never read (:func:`read_header`).
 DEFER_BYTES = 64 * 1024
 #: A deflated dataset that inflates to more than this is refused (a zip bomb) before pydicom reads it.
 MAX_INFLATED_BYTES = 256 * 1024**2
-
-_NATIVE = {
-    "1.2.840.10008.1.2": "Implicit VR Little Endian",
-    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
-    "1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
-    "1.2.840.10008.1.2.2": "Explicit VR Big Endian",
-}
-_JPEG = {
-    "1.2.840.10008.1.2.4.50": "JPEG Baseline",
-    "1.2.840.10008.1.2.4.51": "JPEG Extended",
-    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
-    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
-    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
-    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
-}
-_J2K = {
-    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
-    "1.2.840.10008.1.2.4.91": "JPEG 2000",
-    "1.2.840.10008.1.2.4.201": "HTJ2K Lossless",
-    "1.2.840.10008.1.2.4.202": "HTJ2K Lossless RPCL",
-    "1.2.840.10008.1.2.4.203": "HTJ2K",
-}
-_RLE = {"1.2.840.10008.1.2.5": "RLE Lossless"}
-#: Transfer syntax UID -> name; compressed ones are decoded by the pylibjpeg plugins.
-SUPPORTED_TRANSFER_SYNTAXES: dict[str, str] = {**_NATIVE, **_JPEG, **_J2K, **_RLE}
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 _XRAY_SOP = ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1")
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # 0xF7: JPEG-LS SOF55
-_TRUNCATION = re.compile(r"truncat|end of (the )?(file|data|buffer)|less than (the )?expected|"
-                         r"no tag to read|unexpected end|fewer bytes|not enough", re.IGNORECASE)
 _QUIET = threading.local()
 _FILTER_LOCK = threading.Lock()
-
-
-class DicomError(ValueError):
-    """A DICOM file this module refuses, with a machine-usable reason.
-
-    Attributes:
-        reason: one of :data:`REASONS`; the message is ``"<reason>: <details>"``.
-    """
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 class DicomTooLargeError(DicomError):
@@ -140,7 +111,7 @@ class DicomHeader:
         return asdict(self)
 
 
-def is_dicom(source: bytes | bytearray | memoryview | str | Path) -> bool:
+def is_dicom(source: Source) -> bool:
     """Whether ``source`` is a DICOM Part 10 file: ``DICM`` at byte 128, after the preamble.
 
     Args:
@@ -179,7 +150,7 @@ def patient_hash(patient_id: str, key: bytes = PATIENT_HASH_KEY) -> str:
     return f"dcm-{digest[:16]}"
 
 
-def read_header(source: bytes | bytearray | memoryview | str | Path, key: bytes = PATIENT_HASH_KEY) -> DicomHeader:
+def read_header(source: Source, key: bytes = PATIENT_HASH_KEY) -> DicomHeader:
     """Read a DICOM file's header without decoding (or, for values over 64 KiB, reading) pixels.
 
     Args:
@@ -237,8 +208,8 @@ def check_header(header: DicomHeader, max_pixels: int | None) -> None:
         raise DicomError("unsupported", f"{header.frames} frames (a chest film has one)")
     if header.samples_per_pixel != 1 or header.photometric not in ("MONOCHROME1", "MONOCHROME2"):
         shown = header.photometric if re.fullmatch(r"[A-Z0-9_ ]{1,16}", header.photometric) else "unknown"
-        raise DicomError("unsupported", f"colour image ({shown}, {header.samples_per_pixel} samples per pixel);"
-                                        " chest films are grey")
+        raise DicomError("unsupported", f"colour image ({shown}, {header.samples_per_pixel} samples per "
+                                        "pixel); chest films are grey")
     alloc, stored = header.bits_allocated, header.bits_stored
     if alloc not in (8, 16, 32) or stored is None or not 1 <= stored <= alloc:
         raise DicomError("unsupported", f"bit depth {stored} stored in {alloc} allocated")
@@ -246,7 +217,7 @@ def check_header(header: DicomHeader, max_pixels: int | None) -> None:
         raise DicomError("undecodable", "Pixel Representation is neither 0 nor 1")
 
 
-def dicom_size(source: bytes | bytearray | memoryview | str | Path, max_pixels: int | None) -> tuple[int, int]:
+def dicom_size(source: Source, max_pixels: int | None) -> tuple[int, int]:
     """Width and height of a decodable DICOM film, from its header only (like ``image_size``).
 
     Args:
@@ -265,8 +236,7 @@ def dicom_size(source: bytes | bytearray | memoryview | str | Path, max_pixels: 
     return int(header.columns or 0), int(header.rows or 0)
 
 
-def header_metadata(source: bytes | bytearray | memoryview | str | Path | DicomHeader,
-                    key: bytes = PATIENT_HASH_KEY) -> dict[str, Any]:
+def header_metadata(source: Source | DicomHeader, key: bytes = PATIENT_HASH_KEY) -> dict[str, Any]:
     """The header's answers to ``metadata.csv``'s questions, in its vocabulary (docs/dicom.md).
 
     Args:
@@ -311,15 +281,12 @@ def decode_dicom(data: bytes | bytearray | memoryview, max_pixels: int | None) -
     with _opened(data) as (fh, size):
         header, ds = _parse(fh, size, header_only=False, key=PATIENT_HASH_KEY)
     check_header(header, max_pixels)
+    rows, columns, bits = int(header.rows or 0), int(header.columns or 0), int(header.bits_stored or 0)
+    signed = header.pixel_representation == 1
     with _quiet():
-        arr = _pixels(ds, header)
-        try:
-            grey = _display(arr, ds, header)
-        except DicomError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a hostile LUT or window; never echo its values
-            raise DicomError("undecodable", f"invalid modality or VOI LUT ({type(exc).__name__})") from None
-    logger.debug("dicom: decoded %dx%d %s %s", header.columns, header.rows, header.photometric,
+        arr = stored_pixels(ds, header.transfer_syntax_uid, rows, columns, bits, signed)
+        grey = display_grey(arr, ds, header.photometric, bits, signed)
+    logger.debug("dicom: decoded %dx%d %s %s", columns, rows, header.photometric,
                  SUPPORTED_TRANSFER_SYNTAXES[header.transfer_syntax_uid])
     return np.repeat(grey[:, :, None], 3, axis=2)
 
@@ -343,7 +310,7 @@ def load_dicom(path: str | Path, max_pixels: int | None) -> Any:
 
 
 @contextlib.contextmanager
-def _opened(source: bytes | bytearray | memoryview | str | Path) -> Iterator[tuple[BinaryIO, int]]:
+def _opened(source: Source) -> Iterator[tuple[BinaryIO, int]]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         yield io.BytesIO(data), len(data)
@@ -397,36 +364,39 @@ def _parse(fh: BinaryIO, size: int, *, header_only: bool, key: bytes) -> tuple[D
     if size < 132 or fh.read(4) != b"DICM":
         raise DicomError("undecodable", "not a DICOM Part 10 file (no 'DICM' after a 128-byte preamble;"
                                         " raw datasets without file meta are not read)")
-    deflated = _check_inflated_size(fh)
+    fh.seek(132)
+    head = fh.read(12)
+    has_length = len(head) == 12 and head[:6] == b"\x02\x00\x00\x00UL"  # (0002,0000) UL
+    meta_end = 144 + struct.unpack("<I", head[8:])[0] if has_length else None
+    if len(head) < 12 or (meta_end or 0) > size:
+        raise DicomError("truncated", "the file ends inside its file meta header")
+    deflated = meta_end is not None and _check_inflated_size(fh, meta_end)
     header_only = header_only and not deflated  # pydicom inflates a deflated dataset whole anyway
     fh.seek(0)
     import pydicom
 
     with _quiet() as caught:
         try:
-            ds = pydicom.dcmread(fh, stop_before_pixels=header_only, defer_size=DEFER_BYTES if header_only else None)
+            ds = pydicom.dcmread(fh, stop_before_pixels=header_only,
+                                 defer_size=DEFER_BYTES if header_only else None)
             pixel_tag = _next_pixel_tag(fh, ds) if header_only else next(
                 (name for tag, name in _PIXEL_TAGS.items() if tag in ds), "")
-            truncated = _looks_cut(ds, None if deflated else size, caught)
+            truncated = _looks_cut(ds, None if deflated else size, caught) or (
+                not len(ds) and not deflated and fh.tell() < size)  # stopped inside the first element
             header = _header(ds, pixel_tag, key)
         except DicomError:
             raise
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on hostile input
-            kind = "truncated" if isinstance(exc, (EOFError, struct.error)) or _TRUNCATION.search(str(exc)) \
-                else "undecodable"
+            kind = "truncated" if is_truncation(exc) else "undecodable"
             raise DicomError(kind, f"the header cannot be parsed ({type(exc).__name__})") from None
     if truncated:
         raise DicomError("truncated", "the file ends inside an element")
     return header, ds
 
 
-def _check_inflated_size(fh: BinaryIO) -> bool:
+def _check_inflated_size(fh: BinaryIO, meta_end: int) -> bool:
     """Whether the dataset is deflated; refuse one that inflates past :data:`MAX_INFLATED_BYTES`."""
-    fh.seek(132)
-    head = fh.read(12)
-    if len(head) < 12 or head[:6] != b"\x02\x00\x00\x00UL":
-        return False  # no group length: pydicom reads the meta; a deflated one then fails its own way
-    meta_end = 144 + struct.unpack("<I", head[8:12])[0]
+    fh.seek(144)
     if _DEFLATED.encode() not in fh.read(min(max(0, meta_end - 144), DEFER_BYTES)):
         return False
     inflater, total, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, b""
@@ -439,7 +409,8 @@ def _check_inflated_size(fh: BinaryIO) -> bool:
             total += len(inflater.decompress(pending, 1 << 24))
             pending = inflater.unconsumed_tail
             if total > MAX_INFLATED_BYTES:
-                raise DicomError("pixel_limit", f"the deflated dataset inflates past {MAX_INFLATED_BYTES} bytes")
+                raise DicomError("pixel_limit", f"the deflated dataset inflates past {MAX_INFLATED_BYTES} "
+                                                "bytes")
     except zlib.error:
         raise DicomError("undecodable", "the deflated dataset is not valid deflate data") from None
     return True
@@ -459,7 +430,7 @@ def _looks_cut(ds: Any, size: int | None, caught: list[warnings.WarningMessage])
 
     ``size`` is the file's size, ``None`` when element positions are not file offsets (deflated).
     """
-    if any(_TRUNCATION.search(str(w.message)) for w in caught):
+    if any(is_truncation(str(w.message)) for w in caught):
         return True
     last = next(reversed(list(ds.elements())), None) if len(ds) else None
     length, tell = getattr(last, "length", None), getattr(last, "value_tell", None)
@@ -471,13 +442,14 @@ def _looks_cut(ds: Any, size: int | None, caught: list[warnings.WarningMessage])
 
 def _header(ds: Any, pixel_tag: str, key: bytes) -> DicomHeader:
     meta = getattr(ds, "file_meta", None)
-    ts = _text(meta.get("TransferSyntaxUID", "") if meta is not None else "")
-    sop = _text(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
+    ts = _text(meta.get("TransferSyntaxUID", "") if meta else "")
+    sop = _text(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     pid = _text(ds.get("PatientID", ""), limit=256)
     frames = _int(ds, "NumberOfFrames") if "NumberOfFrames" in ds else 1
     return DicomHeader(
         rows=_int(ds, "Rows"), columns=_int(ds, "Columns"), frames=frames,
-        samples_per_pixel=_int(ds, "SamplesPerPixel"), photometric=_text(ds.get("PhotometricInterpretation", "")),
+        samples_per_pixel=_int(ds, "SamplesPerPixel"),
+        photometric=_text(ds.get("PhotometricInterpretation", "")),
         bits_allocated=_int(ds, "BitsAllocated"), bits_stored=_int(ds, "BitsStored"),
         pixel_representation=_int(ds, "PixelRepresentation"), sop_class_uid=sop, sop_class=_uid_name(sop),
         transfer_syntax_uid=ts, modality=_text(ds.get("Modality", "")),
@@ -543,161 +515,3 @@ def _view(header: DicomHeader) -> str:
         if any(word in orientation for word in ("erect", "standing", "upright")):
             return "AP Erect"
     return view
-
-
-def _pixels(ds: Any, header: DicomHeader) -> Any:
-    """Frame 0's stored values, after checking a codestream's own size against the header."""
-    import pydicom.pixels
-
-    ts = header.transfer_syntax_uid
-    expected = (int(header.rows or 0), int(header.columns or 0))
-    try:
-        if ts not in _NATIVE:
-            _check_codestream(_first_fragment(ds.PixelData), ts, expected)
-        opts = {} if ts in _NATIVE else {"decoding_plugin": "pylibjpeg"}
-        arr = pydicom.pixels.pixel_array(ds, **opts)
-    except DicomError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types on hostile data
-        kind = "truncated" if isinstance(exc, EOFError) or _TRUNCATION.search(str(exc)) else "undecodable"
-        raise DicomError(kind, f"the {SUPPORTED_TRANSFER_SYNTAXES[ts]} pixel data cannot be decoded "
-                               f"({type(exc).__name__})") from None
-    if arr.shape != expected or arr.dtype.kind not in "iu":
-        raise DicomError("undecodable", f"decoded shape {arr.shape} {arr.dtype}, expected {expected}")
-    bits, signed = int(header.bits_stored or 0), header.pixel_representation == 1
-    if bits < arr.dtype.itemsize * 8:  # honour Bits Stored: drop the bits above it, sign-extend
-        arr = arr.astype("int64") & ((1 << bits) - 1)
-        if signed:
-            arr = arr - ((arr >> (bits - 1)) << bits)
-    return arr
-
-
-def _first_fragment(pixel_data: bytes) -> bytes:
-    """The start of the first fragment after the Basic Offset Table of encapsulated pixel data."""
-    pos = 0
-    for _ in range(2):
-        if len(pixel_data) < pos + 8:
-            raise DicomError("truncated", "the encapsulated pixel data ends before its first fragment")
-        group, elem, length = struct.unpack_from("<HHI", pixel_data, pos)
-        if (group, elem) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
-            raise DicomError("undecodable", "broken encapsulation (no item where one must be)")
-        pos += 8 + length
-    return pixel_data[pos - length:pos][:DEFER_BYTES]
-
-
-def _check_codestream(frame: bytes, ts: str, expected: tuple[int, int]) -> None:
-    """Refuse a codestream whose own header declares another size than the DICOM header (a bomb)."""
-    size = _j2k_size(frame) if ts in _J2K else _jpeg_size(frame) if ts in _JPEG else expected
-    if size is None:
-        raise DicomError("undecodable", f"the {SUPPORTED_TRANSFER_SYNTAXES[ts]} codestream has no readable size")
-    if size != expected:
-        raise DicomError("undecodable", f"the codestream is {size[1]}x{size[0]} but the header declares "
-                                        f"{expected[1]}x{expected[0]} (columns x rows)")
-
-
-def _jpeg_size(buf: bytes) -> tuple[int, int] | None:
-    """``(rows, columns)`` from a JPEG or JPEG-LS start-of-frame segment."""
-    if buf[:2] != b"\xff\xd8":
-        return None
-    pos = 2
-    while pos + 4 <= len(buf):
-        if buf[pos] != 0xFF:
-            pos += 1  # stray bytes between segments
-            continue
-        marker = buf[pos + 1]
-        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:
-            pos += 1 if marker == 0xFF else 2
-            continue
-        if marker in _JPEG_SOF and pos + 9 <= len(buf):
-            return struct.unpack_from(">HH", buf, pos + 5)
-        if marker in (0xD9, 0xDA):
-            return None
-        pos += 2 + struct.unpack_from(">H", buf, pos + 2)[0]
-    return None
-
-
-def _j2k_size(buf: bytes) -> tuple[int, int] | None:
-    """``(rows, columns)`` from a JPEG 2000 SIZ segment (a JP2 wrapper is skipped)."""
-    pos = 0
-    if buf.startswith(b"\x00\x00\x00\x0cjP  "):
-        while pos + 8 <= len(buf) and buf[pos + 4:pos + 8] != b"jp2c":
-            box = struct.unpack_from(">I", buf, pos)[0]
-            if box < 8:
-                return None
-            pos += box
-        pos += 8
-    if buf[pos:pos + 4] != b"\xff\x4f\xff\x51" or len(buf) < pos + 24:
-        return None
-    xsiz, ysiz, x0, y0 = struct.unpack_from(">IIII", buf, pos + 8)
-    return ysiz - y0, xsiz - x0
-
-
-def _display(arr: Any, ds: Any, header: DicomHeader) -> Any:
-    """Stored values -> 0..255 display grey: modality LUT, VOI LUT or window or min-max, MONOCHROME1."""
-    import numpy as np
-    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
-
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    window = _first_window(ds)
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64).ravel()
-        low, high = float(lut.min()), float(lut.max())
-        out = (np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), np.float64) - low) \
-            * (255.0 / max(high - low, 1e-12))
-    elif window is not None:
-        out = _apply_window(values, *window)
-    elif (header.bits_stored or 0) <= 8 and header.pixel_representation == 0 and np.array_equal(values, arr):
-        out = values  # 8-bit display values with an identity modality LUT: taken as they are
-    else:
-        stats = values[~_padding(arr, ds)] if "PixelPaddingValue" in ds else values
-        stats = stats if stats.size else values
-        low, high = np.percentile(stats, MINMAX_PERCENTILES)
-        if high <= low:
-            low, high = float(stats.min()), float(stats.max())
-        out = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-    if header.photometric == "MONOCHROME1":
-        out = 255.0 - out
-    return np.rint(np.clip(out, 0.0, 255.0)).astype(np.uint8)
-
-
-def _first_window(ds: Any) -> tuple[float, float, str] | None:
-    """The first (center, width, function) of the header, or ``None`` when absent or unusable."""
-    def first(value: Any) -> float:
-        return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
-
-    try:
-        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-        if center is None or width is None:
-            return None
-        center, width = first(center), first(width)
-        function = _text(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
-    except Exception:  # noqa: BLE001 - malformed windows count as absent
-        return None
-    minimum = 0.0 if function == "LINEAR_EXACT" else 1.0
-    if not (width > minimum and abs(center) < 1e12 and width < 1e12):
-        return None
-    return center, width, function
-
-
-def _apply_window(values: Any, center: float, width: float, function: str) -> Any:
-    """DICOM PS3.3 C.11.2.1.2 windowing, straight to 0..255."""
-    import numpy as np
-
-    if function == "SIGMOID":
-        return 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    if function == "LINEAR_EXACT":
-        return np.clip((values - center) / width + 0.5, 0.0, 1.0) * 255.0
-    return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0) * 255.0
-
-
-def _padding(arr: Any, ds: Any) -> Any:
-    """Pixels equal to Pixel Padding Value (or in its range): left out of the min-max statistics."""
-    import numpy as np
-
-    try:
-        pad = int(ds.PixelPaddingValue)
-        limit = int(ds.get("PixelPaddingRangeLimit", pad))
-    except Exception:  # noqa: BLE001 - malformed padding values count as absent
-        return np.zeros(arr.shape, dtype=bool)
-    low, high = min(pad, limit), max(pad, limit)
-    return (arr >= low) & (arr <= high)
