@@ -381,8 +381,9 @@ def _parse(fh: BinaryIO, size: int, *, header_only: bool, key: bytes) -> tuple[D
                                  defer_size=DEFER_BYTES if header_only else None)
             pixel_tag = _next_pixel_tag(fh, ds) if header_only else next(
                 (name for tag, name in _PIXEL_TAGS.items() if tag in ds), "")
-            truncated = _looks_cut(ds, None if deflated else size, caught) or (
-                not len(ds) and not deflated and fh.tell() < size)  # stopped inside the first element
+            truncated = _looks_cut(ds, None if deflated else size, caught, bool(pixel_tag)) or (
+                not len(ds)) or (  # nothing after the file meta, or less than one element
+                not pixel_tag and "Image Storage" in _uid_name(_text(ds.get("SOPClassUID", ""))))
             header = _header(ds, pixel_tag, key)
         except DicomError:
             raise
@@ -425,10 +426,11 @@ def _next_pixel_tag(fh: BinaryIO, ds: Any) -> str:
     return _PIXEL_TAGS.get(group << 16 | elem, "")
 
 
-def _looks_cut(ds: Any, size: int | None, caught: list[warnings.WarningMessage]) -> bool:
-    """Whether pydicom met the end of the data inside an element (it only warns, or reads short).
+def _looks_cut(ds: Any, size: int | None, caught: list[warnings.WarningMessage], has_pixels: bool) -> bool:
+    """Whether pydicom met the end of the data inside an element (it only warns, reads short, or stops).
 
     ``size`` is the file's size, ``None`` when element positions are not file offsets (deflated).
+    Without pixel data, bytes after the last element are the start of one cut short.
     """
     if any(is_truncation(str(w.message)) for w in caught):
         return True
@@ -437,7 +439,9 @@ def _looks_cut(ds: Any, size: int | None, caught: list[warnings.WarningMessage])
     if length is None or tell is None or length == 0xFFFFFFFF:
         return False
     value = getattr(last, "value", None)
-    return (size is not None and tell + length > size) or (isinstance(value, bytes) and len(value) < length)
+    if isinstance(value, bytes) and len(value) < length:
+        return True
+    return size is not None and (tell + length > size or (not has_pixels and tell + length < size))
 
 
 def _header(ds: Any, pixel_tag: str, key: bytes) -> DicomHeader:

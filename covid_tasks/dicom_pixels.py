@@ -88,6 +88,10 @@ def stored_pixels(ds: Any, transfer_syntax: str, rows: int, columns: int, bits_s
     import pydicom.pixels
 
     name = SUPPORTED_TRANSFER_SYNTAXES[transfer_syntax]
+    expected = rows * columns * int(ds.BitsAllocated) // 8
+    if transfer_syntax in NATIVE and len(ds.PixelData) < expected:  # checked before pydicom allocates
+        raise DicomError("truncated", f"{len(ds.PixelData)} bytes of pixel data where {rows}x{columns} "
+                                      f"pixels need {expected}")
     try:
         if transfer_syntax not in NATIVE:
             _check_codestream(_first_fragment(ds.PixelData), transfer_syntax, (rows, columns))

@@ -81,8 +81,9 @@ def film_dicom(grey: np.ndarray, *, transfer_syntax: str = WRITABLE["explicit"],
         extra: more elements by keyword (e.g. ``{"PatientPosition": "HFS"}``).
 
     Returns:
-        The file's bytes.
+        The file's bytes: the same arguments give the same bytes (UIDs derived from them).
     """
+    seed = [grey.tobytes().hex(), repr(sorted((k, v) for k, v in locals().items() if k != "grey"))]
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import UID, generate_uid
@@ -94,10 +95,11 @@ def film_dicom(grey: np.ndarray, *, transfer_syntax: str = WRITABLE["explicit"],
     sop = CR_SOP if modality == "CR" else DX_SOP
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[*seed, "instance"])
     ds.file_meta.TransferSyntaxUID = UID(WRITABLE["explicit"])
     ds.SOPClassUID, ds.SOPInstanceUID = sop, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[*seed, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[*seed, "series"])
     ds.Modality, ds.BodyPartExamined = modality, "CHEST"
     for key, value in (PHI if patient is None else patient).items():
         setattr(ds, key, value)
@@ -164,7 +166,7 @@ def _set_pixels(ds: Any, stored: np.ndarray, alloc: int, bits: int, signed: bool
     if ts in (WRITABLE["rle"], WRITABLE["jpeg_ls"], WRITABLE["j2k_lossless"], WRITABLE["jpeg_ls_near"]):
         # pydicom's encoders take the values (not the noisy high bits) from an array
         kwargs = {"jls_error": 1} if ts == WRITABLE["jpeg_ls_near"] else {}
-        ds.compress(ts, stored.astype(dtype), **kwargs)
+        ds.compress(ts, stored.astype(dtype), generate_instance_uid=False, **kwargs)
     else:
         ds.file_meta.TransferSyntaxUID = UID(ts)
 
