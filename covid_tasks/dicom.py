@@ -11,9 +11,9 @@ rules, the supported transfer syntaxes and the refusal reasons.
 
 Every refusal is a :class:`DicomError` (a ``ValueError``) whose message starts with a reason from
 :data:`REASONS` and a colon, like ``pull``'s reasons for other formats. No message, log record or
-returned value carries a patient's name, ID, birth date or accession number: pydicom's own
-warnings and log records (which quote header values) are dropped while this module reads, and
-the patient ID is only ever returned as a keyed one-way hash (:func:`patient_hash`).
+returned value carries a patient's name, ID, birth date or accession number: pydicom's own log
+records (which quote header values) are dropped while this module reads, its warnings are
+ignored, and the patient ID is only ever returned as a keyed one-way hash (:func:`patient_hash`).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ _PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009
 _XRAY_SOP = ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1")
 _QUIET = threading.local()
 _FILTER_LOCK = threading.Lock()
+#: Warnings raised from these modules are ignored: pydicom's quote header values.
+_WARNING_MODULES = r"(pydicom|pylibjpeg|covid_tasks\.dicom)"
 
 
 class DicomTooLargeError(DicomError):
@@ -323,31 +325,42 @@ def _opened(source: Source) -> Iterator[tuple[BinaryIO, int]]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[list[warnings.WarningMessage]]:
-    """Keep pydicom's warnings and log records (they quote header values) out of the logs.
+def _quiet() -> Iterator[list[str]]:
+    """Keep pydicom's log records and warnings (they quote header values) out of every output.
 
-    Records are dropped only in this thread; warnings are recorded (and returned) instead of shown.
+    Yields the messages of the log records pydicom and pylibjpeg emit in this thread meanwhile;
+    they are dropped, not logged. Their warnings are ignored process-wide (a filter put first in
+    ``warnings.filters`` on every call, so a test harness resetting the filters does not undo it).
     """
-    _install_log_filter()
-    _QUIET.depth = getattr(_QUIET, "depth", 0) + 1
+    _install_quiet()
+    messages: list[str] = []
+    outer = getattr(_QUIET, "messages", None)
+    _QUIET.messages = messages
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield caught
+        yield messages
     finally:
-        _QUIET.depth -= 1
+        _QUIET.messages = outer
 
 
 class _DropWhileQuiet(logging.Filter):
+    """Drops (and keeps the message of) each record emitted in a thread inside :func:`_quiet`."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(_QUIET, "depth", 0)
+        messages = getattr(_QUIET, "messages", None)
+        if messages is None:
+            return True
+        messages.append(record.getMessage())
+        return False
 
 
-def _install_log_filter() -> None:
+def _install_quiet() -> None:
     import pydicom  # noqa: F401 - registers its loggers
     import pydicom.pixels.decoders.base  # noqa: F401
 
     with _FILTER_LOCK:
+        if not any(f[0] == "ignore" and getattr(f[3], "pattern", None) == _WARNING_MODULES
+                   for f in warnings.filters[:1]):
+            warnings.filterwarnings("ignore", module=_WARNING_MODULES)
         names = ["pydicom", "pylibjpeg"] + [n for n in logging.root.manager.loggerDict
                                             if n.startswith(("pydicom.", "pylibjpeg."))]
         for name in names:
@@ -375,13 +388,13 @@ def _parse(fh: BinaryIO, size: int, *, header_only: bool, key: bytes) -> tuple[D
     fh.seek(0)
     import pydicom
 
-    with _quiet() as caught:
+    with _quiet() as logged:
         try:
             ds = pydicom.dcmread(fh, stop_before_pixels=header_only,
                                  defer_size=DEFER_BYTES if header_only else None)
             pixel_tag = _next_pixel_tag(fh, ds) if header_only else next(
                 (name for tag, name in _PIXEL_TAGS.items() if tag in ds), "")
-            truncated = _looks_cut(ds, None if deflated else size, caught, bool(pixel_tag)) or (
+            truncated = _looks_cut(ds, None if deflated else size, logged, bool(pixel_tag)) or (
                 not len(ds)) or (  # nothing after the file meta, or less than one element
                 not pixel_tag and "Image Storage" in _uid_name(_text(ds.get("SOPClassUID", ""))))
             header = _header(ds, pixel_tag, key)
@@ -426,13 +439,13 @@ def _next_pixel_tag(fh: BinaryIO, ds: Any) -> str:
     return _PIXEL_TAGS.get(group << 16 | elem, "")
 
 
-def _looks_cut(ds: Any, size: int | None, caught: list[warnings.WarningMessage], has_pixels: bool) -> bool:
-    """Whether pydicom met the end of the data inside an element (it only warns, reads short, or stops).
+def _looks_cut(ds: Any, size: int | None, logged: list[str], has_pixels: bool) -> bool:
+    """Whether pydicom met the end of the data inside an element (it only logs, reads short, or stops).
 
     ``size`` is the file's size, ``None`` when element positions are not file offsets (deflated).
     Without pixel data, bytes after the last element are the start of one cut short.
     """
-    if any(is_truncation(str(w.message)) for w in caught):
+    if any(is_truncation(message) for message in logged):
         return True
     last = next(reversed(list(ds.elements())), None) if len(ds) else None
     length, tell = getattr(last, "length", None), getattr(last, "value_tell", None)

@@ -415,3 +415,29 @@ def test_no_patient_data_in_returns_errors_or_logs(film: np.ndarray, caplog: pyt
     finally:
         pydicom.config.debug(False, default_handler=False)
         logging.getLogger("pydicom").setLevel(level)
+
+
+def test_importing_the_decoder_stays_light() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, covid_tasks.dicom; heavy = {'pydicom', 'numpy', 'tensorflow'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2],
+                   timeout=120)
+
+
+def test_threads_decode_like_one(film: np.ndarray, caplog: pytest.LogCaptureFixture, alarm: None) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [_quietly(film_dicom, film, transfer_syntax=WRITABLE[ts], photometric=photometric, bits_stored=12,
+                      extra={"BodyPartExamined": "chest"})
+             for ts in ("explicit", "rle", "j2k_lossless", "jpeg_ls")
+             for photometric in ("MONOCHROME1", "MONOCHROME2")]
+    expected = [dicom.decode_dicom(data, None) for data in files]
+    caplog.clear()
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda data: dicom.decode_dicom(data, None), files))
+            assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]
