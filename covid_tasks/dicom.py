@@ -461,7 +461,10 @@ def _header(ds: Any, pixel_tag: str, key: bytes) -> DicomHeader:
     meta = getattr(ds, "file_meta", None)
     ts = _text(meta.get("TransferSyntaxUID", "") if meta else "")
     sop = _text(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
-    pid = _text(ds.get("PatientID", ""), limit=256)
+    try:
+        pid = str(ds.get("PatientID", "") or "").strip()  # hashed as written (non-ASCII included)
+    except Exception:  # noqa: BLE001 - an ID pydicom cannot decode counts as absent
+        pid = ""
     frames = _int(ds, "NumberOfFrames") if "NumberOfFrames" in ds else 1
     return DicomHeader(
         rows=_int(ds, "Rows"), columns=_int(ds, "Columns"), frames=frames,
