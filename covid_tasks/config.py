@@ -150,6 +150,25 @@ class Config:
     pull_min_image_side: int = 64
     # every stage that decodes images (pull, train, evaluate) refuses more pixels than this
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    # relabel: films whose 256-bit dHash differ in at most this many bits are one film; their
+    # patients share a split group (docs/data-checks.md; -1 turns the linking off).
+    near_duplicate_distance: int = 20
+    # check_data: the thresholds of the checks between weekly dataset versions
+    # (covid_tasks.data_checks.Thresholds documents each; docs/data-checks.md says why).
+    check_max_label_change_share: float = 0.10
+    check_min_class_share_kept: float = 0.80
+    check_max_invalid_row_share: float = 0.20
+    check_source_label_jump: int = 20
+    check_source_purity: float = 0.95
+    check_intensity_psi: float = 0.20
+    check_max_cross_split_duplicates: int = 0
+    check_new_finding_min_images: int = 10
+    # register: keep the models (*.keras, *.h5) of the last `retain_runs` run folders and of every
+    # registered version, delete the others' (metrics, plots and predictions stay); registry
+    # versions that are neither champion nor challenger are tagged archived `archive_after_weeks`
+    # weeks (of logical dates) after they were registered. 0 turns either off.
+    retain_runs: int = 3
+    archive_after_weeks: int = 4
 
     def __post_init__(self) -> None:
         errors = _problems(self)
@@ -246,9 +265,26 @@ def _problems(cfg: Config) -> list[str]:
         errors.append(f"max_image_pixels must be positive, got {cfg.max_image_pixels}")
     if cfg.gate_on not in GATE_ON:
         errors.append(f"gate_on must be one of {GATE_ON}, got {cfg.gate_on!r}")
+    if cfg.near_duplicate_distance < -1:
+        errors.append(f"near_duplicate_distance must be >= -1, got {cfg.near_duplicate_distance}")
+    for name in ("retain_runs", "archive_after_weeks"):
+        if getattr(cfg, name) < 0:
+            errors.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    errors += _check_threshold_problems(cfg)
     if cfg.calibration not in CALIBRATION_METHODS:
         errors.append(f"calibration must be one of {CALIBRATION_METHODS}, got {cfg.calibration!r}")
     return errors
+
+
+def _check_threshold_problems(cfg: Config) -> list[str]:
+    """The data checks' own validation of their ``check_*`` fields (one message or none)."""
+    from covid_tasks.data_checks import Thresholds
+
+    try:
+        Thresholds.from_mapping(cfg.to_dict())
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 def field_defaults() -> dict[str, Any]:

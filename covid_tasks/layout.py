@@ -17,6 +17,10 @@ Stages ask this module for paths; none spells a file name itself. The data root 
       split_assignments.json      split: patient -> split, kept across weeks
       split_report.json           split: counts and moves
       split/<split>/<class>/      split: hard links to raw/images
+      image_hashes.json           relabel: perceptual hash (dHash) of each image, by SHA-256
+      checks/baseline.json        check_data: statistics of the last dataset version that passed
+      checks/latest.json          check_data: statistics of the last version checked
+      history.jsonl               one line per run: data, verdicts, metrics, decision (the timeline)
       cache/                      decoded-image file caches (training)
       runs/<run_key>/             one DAG run: see :class:`RunDir`
 """
@@ -44,6 +48,7 @@ METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 VAL_PREDICTIONS = "val_predictions.csv"
 CHAMPION_PREDICTIONS = "champion_predictions.csv"
+DATA_CHECKS = "data_checks.json"
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,16 @@ class RunDir:
     @property
     def classification_report(self) -> Path:
         return self.path / "classification_report.txt"
+
+    @property
+    def data_checks(self) -> Path:
+        """``data_checks.json``: the data checks' verdict, anomalies and statistics (check_data)."""
+        return self.path / DATA_CHECKS
+
+    @property
+    def retention(self) -> Path:
+        """``retention.json``: what the retention policy removed from this folder, and when."""
+        return self.path / "retention.json"
 
     def history(self, phase: str) -> Path:
         """``<phase>_history.json``: Keras' per-epoch history of ``train`` or ``finetune``."""
@@ -180,6 +195,23 @@ class DataRoot:
     @property
     def split_links(self) -> Path:
         return self.root / "split"
+
+    @property
+    def image_hashes(self) -> Path:
+        return self.root / "image_hashes.json"
+
+    # check_data
+    @property
+    def checks_baseline(self) -> Path:
+        return self.root / "checks" / "baseline.json"
+
+    @property
+    def checks_latest(self) -> Path:
+        return self.root / "checks" / "latest.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.jsonl"
 
     # training
     @property

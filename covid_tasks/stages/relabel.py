@@ -8,8 +8,10 @@ count, and warns about findings that look like COVID-19 but match no rule.
 
 Images are identified by content as well as by name: each kept file's SHA-256 is recorded, a
 byte-identical copy under a second name is dropped, and patients are linked into one split group
-(``group_id``, :mod:`covid_tasks.groups`) when they share a file name in any row or an identical
-image. ``split`` keeps each group in one split, so one image never sits in two splits.
+(``group_id``, :mod:`covid_tasks.groups`) when they share a file name in any row, an identical
+image, or a near-identical film (perceptual hashes within ``cfg.near_duplicate_distance`` bits,
+:mod:`covid_tasks.near_duplicates`). ``split`` keeps each group in one split, so one film never
+sits in two splits.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ def relabel(cfg: Config, run_key: str) -> dict[str, Any]:
     candidates, file_patients = _apply_row_rules(rows, _Views.of(cfg), root.images, drops)
     unique = _one_row_per_image(candidates, root.images, drops)
     kept, primary_counts, fallback_used = _apply_fallback(unique, cfg, drops)
-    groups = _link_patients(kept, candidates, file_patients)
+    near = _near_duplicates(candidates, root, cfg.near_duplicate_distance)
+    groups = _link_patients(kept, candidates, file_patients, near)
 
     class_counts = {c: sum(1 for r in kept if r["label"] == c) for c in CLASS_NAMES}
     if any(n == 0 for n in class_counts.values()):
@@ -139,7 +142,7 @@ def relabel(cfg: Config, run_key: str) -> dict[str, Any]:
     write_csv(root.labeled, pd.DataFrame(table, columns=list(LABELED_COLUMNS)))
     report = _report(cfg, root, meta_path, header, rows, kept, drops, groups, file_patients,
                      {"class_counts": class_counts, "primary_counts": primary_counts,
-                      "fallback_used": fallback_used})
+                      "fallback_used": fallback_used, "near_duplicates": near})
     write_json(root.relabel_report, report)
     result = {
         "labeled_csv": str(root.labeled),
@@ -151,6 +154,7 @@ def relabel(cfg: Config, run_key: str) -> dict[str, Any]:
         "fallback_used": fallback_used,
         "primary_counts": primary_counts,
         "covid_like_unmatched": len(report["covid_like_unmatched"]),
+        "near_duplicate_pairs": len(near["pairs"]),
         "report": str(root.relabel_report),
     }
     logger.info("relabel: done %s", json.dumps(result))
@@ -246,9 +250,41 @@ def _apply_fallback(unique: list[dict[str, Any]], cfg: Config, drops: _Drops
     return kept, primary_counts, fallback_used
 
 
+def _near_duplicates(candidates: list[dict[str, Any]], root: DataRoot, max_distance: int) -> dict[str, Any]:
+    """Near-identical films among the candidates: one hash per distinct image, cached by SHA-256.
+
+    Returns:
+        ``{"max_distance", "pairs": [{"a", "b", "distance"}]}`` with file names (the first row's
+        name of each content), and ``"unhashed"``: files the hash could not read.
+    """
+    from covid_tasks import near_duplicates as nd
+    from covid_tasks.storage import read_json
+
+    out: dict[str, Any] = {"max_distance": max_distance, "pairs": [], "unhashed": []}
+    if max_distance < 0:
+        return out
+    name_of: dict[str, str] = {}
+    for row in candidates:
+        name_of.setdefault(row["sha256"], row["filename"])
+    cached = read_json(root.image_hashes) if root.image_hashes.is_file() else {}
+    hashes = {sha: nd.to_int(cached[sha]) for sha in name_of if sha in cached}
+    todo = {name_of[sha]: sha for sha in name_of if sha not in cached}
+    fresh, errors = nd.hash_files(root.images, todo)
+    hashes.update({todo[name]: value for name, value in fresh.items()})
+    if fresh:
+        write_json(root.image_hashes, {**cached, **{sha: nd.to_hex(h) for sha, h in hashes.items()}})
+    pairs = nd.near_duplicate_pairs(hashes, max_distance)
+    out["pairs"] = [{"a": name_of[a], "b": name_of[b], "distance": int(d)} for a, b, d in pairs]
+    out["unhashed"] = sorted(errors)
+    if pairs:
+        logger.info("relabel: %d near-duplicate pair(s) within %d bits, e.g. %s", len(pairs), max_distance,
+                    out["pairs"][:3])
+    return out
+
+
 def _link_patients(kept: list[dict[str, Any]], candidates: list[dict[str, Any]],
-                   file_patients: dict[str, set[str]]) -> dict[str, str]:
-    """Set each kept row's ``group_id``: patients sharing a file name (any trusted row) or an image.
+                   file_patients: dict[str, set[str]], near: dict[str, Any]) -> dict[str, str]:
+    """Set each kept row's ``group_id``: patients sharing a file name (any trusted row), an image or a film.
 
     Sorts ``kept`` by group, patient and file name; returns ``{patient: group}``.
     """
@@ -257,6 +293,8 @@ def _link_patients(kept: list[dict[str, Any]], candidates: list[dict[str, Any]],
     for row in candidates:
         by_digest[row["sha256"]].add(row["patientid"])
     links += [pids for pids in by_digest.values() if len(pids) > 1]
+    sha_of = {row["filename"]: row["sha256"] for row in candidates}
+    links += [by_digest[sha_of[p["a"]]] | by_digest[sha_of[p["b"]]] for p in near["pairs"]]
     groups = link_groups({r["patientid"] for r in kept}, links)
     for row in kept:
         row["group_id"] = groups[row["patientid"]]

@@ -349,3 +349,30 @@ def test_no_image_of_a_class_fails(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"no image of class\(es\) \['non_covid'\]"):
         relabel(Config(data_root=str(root)), "run")
     assert not (root / "labeled.csv").exists()
+
+
+def test_near_identical_films_link_their_patients(tmp_path: Path) -> None:
+    """A film re-encoded as JPEG under another patient id joins that patient's split group; a
+    different film stays apart; with the linking off (-1) nothing is linked."""
+    import io
+
+    from PIL import Image
+
+    films = sorted((SAMPLE / "images").glob("*.jpg"))[:2]
+    with Image.open(films[0]) as img:
+        copy = io.BytesIO()
+        img.convert("RGB").save(copy, "JPEG", quality=60)
+    images = {"a.jpg": films[0].read_bytes(), "a-copy.jpg": copy.getvalue(), "b.jpg": films[1].read_bytes()}
+    rows = [row("p1", "COVID-19", "PA", "a.jpg"), row("p2", "COVID-19", "PA", "a-copy.jpg"),
+            row("p3", "No Finding", "PA", "b.jpg")]
+    for distance, linked in ((20, True), (-1, False)):
+        root = write_meta(tmp_path / str(distance), rows, images)
+        result = relabel(Config(data_root=str(root), min_images_per_class=0,
+                                near_duplicate_distance=distance), "run")
+        groups = {r["patientid"]: r["group_id"] for r in read_labeled(root)}
+        assert (groups["p1"] == groups["p2"]) is linked and groups["p3"] != groups["p1"]
+        assert result["near_duplicate_pairs"] == (1 if linked else 0)
+    report = json.loads((tmp_path / "20" / "relabel_report.json").read_text())
+    [pair] = report["near_duplicates"]["pairs"]
+    assert {pair["a"], pair["b"]} == {"a.jpg", "a-copy.jpg"} and pair["distance"] <= 20
+    assert json.loads((tmp_path / "20" / "image_hashes.json").read_text())  # cached by SHA-256

@@ -18,7 +18,6 @@ from PIL import Image, ImageEnhance
 
 from covid_tasks import near_duplicates as nd
 from covid_tasks.config import Config
-from covid_tasks.groups import link_groups
 from covid_tasks.stages.relabel import relabel
 
 ARDS = "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-"
@@ -76,14 +75,24 @@ def test_different_labelled_films_are_27_bits_or_more_apart(hashes: dict[str, in
     assert nearest_other == 27  # margin of 7 bits over the default
 
 
-def test_near_duplicates_link_patients_into_one_split_group(labelled: pd.DataFrame,
-                                                            hashes: dict[str, int]) -> None:
-    """What relabel would do with the pairs: patients 178 and 97 (and 192 and 196) share a group."""
-    patient = dict(zip(labelled["filename"], labelled["patientid"], strict=True))
-    links = [{patient[a], patient[b]} for a, b, _ in nd.near_duplicate_pairs(hashes)]
-    groups = link_groups(set(labelled["patientid"]), links)
-    assert groups["178"] == groups["97"] and groups["192"] == groups["196"]
-    assert len(set(groups.values())) == labelled["patientid"].nunique() - 2
+def test_relabel_links_the_near_duplicate_patients_into_one_split_group(labelled: pd.DataFrame) -> None:
+    """relabel itself: patients 178 and 97 (and 192 and 196) share a group_id, so split keeps them
+    in one split; no other patients are merged by the films."""
+    group = dict(zip(labelled["patientid"], labelled["group_id"], strict=False))
+    assert group["178"] == group["97"] and group["192"] == group["196"]
+    assert labelled["group_id"].nunique() == labelled["patientid"].nunique() - 2
+
+
+def test_without_near_duplicate_linking_the_patients_stay_apart(full_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """The control: with the linking off (-1) the same relabel leaves 178 and 97 in two groups."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "images").symlink_to((full_dir / "images").resolve(), target_is_directory=True)
+    (tmp_path / "raw" / "metadata.csv").write_bytes((full_dir / "metadata.csv").read_bytes())
+    relabel(Config(data_root=str(tmp_path), near_duplicate_distance=-1), "run")
+    off = pd.read_csv(tmp_path / "labeled.csv", dtype=str, keep_default_na=False)
+    group = dict(zip(off["patientid"], off["group_id"], strict=False))
+    assert group["178"] != group["97"] and group["192"] != group["196"]
 
 
 def test_all_724_images(full_dir: Path) -> None:
