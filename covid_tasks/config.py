@@ -59,6 +59,10 @@ RENAMED_FIELDS: dict[str, str] = {"pull_max_image_pixels": "max_image_pixels"}
 MAX_IMAGE_PIXELS = 50_000_000
 
 
+#: The data checks' thresholds that are shares (0..1); the others are counts or a PSI (>= 0).
+CHECK_SHARES = ("check_max_label_change_share", "check_min_class_share_kept", "check_max_invalid_row_share",
+                "check_source_purity")
+
 #: The upstream ``metadata.csv`` columns every stage relies on (pull checks them, relabel reads them).
 METADATA_COLUMNS: tuple[str, ...] = ("patientid", "finding", "view", "modality", "filename")
 
@@ -153,8 +157,7 @@ class Config:
     # relabel: films whose 256-bit dHash differ in at most this many bits are one film; their
     # patients share a split group (docs/data-checks.md; -1 turns the linking off).
     near_duplicate_distance: int = 20
-    # check_data: the thresholds of the checks between weekly dataset versions
-    # (covid_tasks.data_checks.Thresholds documents each; docs/data-checks.md says why).
+    # check_data: thresholds of the checks between weekly versions (data_checks.Thresholds)
     check_max_label_change_share: float = 0.10
     check_min_class_share_kept: float = 0.80
     check_max_invalid_row_share: float = 0.20
@@ -163,10 +166,8 @@ class Config:
     check_intensity_psi: float = 0.20
     check_max_cross_split_duplicates: int = 0
     check_new_finding_min_images: int = 10
-    # register: keep the models (*.keras, *.h5) of the last `retain_runs` run folders and of every
-    # registered version, delete the others' (metrics, plots and predictions stay); registry
-    # versions that are neither champion nor challenger are tagged archived `archive_after_weeks`
-    # weeks (of logical dates) after they were registered. 0 turns either off.
+    # register: keep the models of the last `retain_runs` runs and of registered versions; tag
+    # versions neither champion nor challenger archived after `archive_after_weeks` (0: off).
     retain_runs: int = 3
     archive_after_weeks: int = 4
 
@@ -270,21 +271,16 @@ def _problems(cfg: Config) -> list[str]:
     for name in ("retain_runs", "archive_after_weeks"):
         if getattr(cfg, name) < 0:
             errors.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    errors += _check_threshold_problems(cfg)
+    for name in CHECK_SHARES:
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            errors.append(f"{name} must be within [0, 1], got {getattr(cfg, name)}")
+    for name in ("check_source_label_jump", "check_max_cross_split_duplicates",
+                 "check_new_finding_min_images", "check_intensity_psi"):
+        if getattr(cfg, name) < 0:
+            errors.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.calibration not in CALIBRATION_METHODS:
         errors.append(f"calibration must be one of {CALIBRATION_METHODS}, got {cfg.calibration!r}")
     return errors
-
-
-def _check_threshold_problems(cfg: Config) -> list[str]:
-    """The data checks' own validation of their ``check_*`` fields (one message or none)."""
-    from covid_tasks.data_checks import Thresholds
-
-    try:
-        Thresholds.from_mapping(cfg.to_dict())
-    except ValueError as exc:
-        return [str(exc)]
-    return []
 
 
 def field_defaults() -> dict[str, Any]:
