@@ -121,7 +121,9 @@ def run_stage(step: str, **extra: Any) -> dict[str, Any]:
         if step == "pull":
             extra = {"s3_options": s3_options(cfg.s3_conn_id), **extra}
         if step == "register":
-            extra = {"context": {"airflow_run_id": ctx["run_id"], **extra.get("context", {})}}
+            logical = ctx.get("logical_date")
+            extra = {"context": {"airflow_run_id": ctx["run_id"], **extra.get("context", {}),
+                                 "logical_date": logical.isoformat() if logical is not None else None}}
         return jsonable(run(step, cfg, run_key(ctx), **extra))
 
 

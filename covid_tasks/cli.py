@@ -14,7 +14,9 @@ import logging
 import sys
 from typing import Any, Sequence
 
-STEPS = ("pull", "relabel", "split", "train", "finetune", "evaluate", "register")
+from covid_tasks.stages import STAGES
+
+STEPS = tuple(STAGES)
 
 
 def _parser() -> argparse.ArgumentParser:

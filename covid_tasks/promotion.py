@@ -26,6 +26,7 @@ RULE_GATE = "gate"
 RULE_FIRST = "gate_only_no_champion"
 RULE_PAIRED = "paired_patient_bootstrap_noninferiority"
 RULE_AUDIT = "shortcut_audit"
+RULE_DATA = "data_check_warning"
 
 
 def gate(metrics: dict[str, Any], min_sensitivity: float, min_specificity: float,
@@ -88,7 +89,8 @@ def paired_deltas(y_true: Sequence[int], patients: Sequence[Any], challenger: tu
 
 
 def decide(gate_reasons: list[str], deltas: dict[str, dict[str, Any]] | None, champion_version: str | None,
-           margin: float, audit: dict[str, Any], audit_blocks: bool) -> dict[str, Any]:
+           margin: float, audit: dict[str, Any], audit_blocks: bool,
+           data_warning: str | None = None) -> dict[str, Any]:
     """The promotion decision and the rule that made it.
 
     Args:
@@ -98,6 +100,8 @@ def decide(gate_reasons: list[str], deltas: dict[str, dict[str, Any]] | None, ch
         margin: the non-inferiority margin (``promotion_margin``).
         audit: the shortcut audit's result (its ``warning``).
         audit_blocks: whether an audit warning blocks promotion.
+        data_warning: the data checks' summary when their verdict was ``warn``: the model may
+            become challenger, never champion, until a person promotes it.
 
     Returns:
         ``{"rule", "metric_deltas", "margin", "promoted", "reason", "reasons", "champion_version"}``;
@@ -108,6 +112,9 @@ def decide(gate_reasons: list[str], deltas: dict[str, dict[str, Any]] | None, ch
     if gate_reasons:
         return {**out, "rule": RULE_GATE, "promoted": False, "reasons": list(gate_reasons),
                 "reason": "gate failed: " + "; ".join(gate_reasons)}
+    if data_warning:
+        return {**out, "rule": RULE_DATA, "promoted": False, "reasons": [data_warning],
+                "reason": "the data checks warned, so a person must promote this model: " + data_warning}
     if audit.get("warning") and audit_blocks:
         return {**out, "rule": RULE_AUDIT, "promoted": False, "reasons": [audit["warning"]],
                 "reason": "shortcut audit blocks promotion: " + audit["warning"]}

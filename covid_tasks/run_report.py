@@ -28,7 +28,10 @@ ORDER = ("pull", "check_new_data", "relabel", "split", "train", "finetune", "eva
 #: The DAG's Params, in the order ``make run`` prints them (a DAG test checks they match).
 PARAMS = ("source_uri", "backbone", "weights", "multiscale", "lung_gate", "head", "img_size", "batch_size",
           "epochs", "finetune_epochs", "finetune_top_blocks", "min_sensitivity", "min_specificity", "gate_on",
-          "promotion_margin", "shortcut_blocks_promotion", "force")
+          "promotion_margin", "shortcut_blocks_promotion", "force", "check_max_label_change_share",
+          "check_min_class_share_kept", "check_max_invalid_row_share", "check_source_label_jump",
+          "check_source_purity", "check_intensity_psi", "check_max_cross_split_duplicates",
+          "check_new_finding_min_images")
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -161,7 +164,10 @@ def settings_line(conf: dict[str, Any] | None = None) -> str:
     defaults = field_defaults()
     params = {name: defaults[name] for name in PARAMS if name != "source_uri"}
     cfg = Config.from_env({**params, **(conf or {})})
-    return ", ".join(f"{name}={getattr(cfg, name)}" for name in PARAMS)
+    shown = [f"{name}={getattr(cfg, name)}" for name in PARAMS if not name.startswith("check_")]
+    checks = [f"{name}={getattr(cfg, name)}" for name in PARAMS
+              if name.startswith("check_") and getattr(cfg, name) != defaults[name]]
+    return ", ".join(shown + (checks or ["data checks at their defaults"]))
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit)\w*: ")

@@ -27,7 +27,8 @@ def decision_tags(metrics: dict[str, Any], decision: str) -> dict[str, str]:
             "promotion_rule": str(promotion.get("rule", "")),
             "promotion_reason": str(promotion.get("reason", ""))[:5000],
             "shortcut_audit": "warning" if audit.get("warning") else "ok",
-            "shortcut_audit_warning": str(audit.get("warning") or "none")[:5000]}
+            "shortcut_audit_warning": str(audit.get("warning") or "none")[:5000],
+            "data_check": str((metrics.get("data_check") or {}).get("verdict", "unchecked"))}
 
 
 def git_commit() -> str:
@@ -123,6 +124,8 @@ def version_tags(cfg: Config, metrics: dict[str, Any], run_key: str, context: di
         "model_id": model_id,
         "source_uri": cfg.source_uri,
         "dataset_version": str(context.get("dataset_version", "unknown")),
+        "logical_date": str(context.get("logical_date") or ""),
+        "data_check": str((metrics.get("data_check") or {}).get("verdict", "unchecked")),
         "airflow_run_id": str(context.get("airflow_run_id", "unknown")),
         "gate": "passed",
         "gate_on": str(metrics.get("gate_on", "point")),

@@ -79,6 +79,27 @@ def _param(name: str, kind: str, description: str, **schema: Any) -> Param:
     return Param(DEFAULTS[name], type=kind, description=description, **schema)
 
 
+#: The data checks' thresholds (docs/data-checks.md), in their own section of the Trigger form.
+CHECK_PARAMS = {name: _param(name, kind, text, section="Data checks", minimum=0, **extra)
+                for name, kind, text, extra in (
+    ("check_max_label_change_share", "number", "Block when more than this share of a class's images "
+     "changed label since the last version that passed", {"maximum": 1}),
+    ("check_min_class_share_kept", "number", "Block when a class keeps less than this share of its "
+     "images", {"maximum": 1}),
+    ("check_max_invalid_row_share", "number", "Block when more than this share of metadata rows fail "
+     "a value check", {"maximum": 1}),
+    ("check_source_label_jump", "integer", "Warn when one source gains at least this many images of "
+     "one class only", {}),
+    ("check_source_purity", "number", "The share of one class that makes a source's gain one-class",
+     {"maximum": 1}),
+    ("check_intensity_psi", "number", "Warn when the PSI of per-image mean grey levels exceeds this", {}),
+    ("check_max_cross_split_duplicates", "integer", "Warn when more new images than this are "
+     "near-duplicates of held-out (val/test) films of other patients", {}),
+    ("check_new_finding_min_images", "integer", "Warn about a new finding string labelled covid, or "
+     "with at least this many images", {}),
+)}
+
+
 @dag(
     dag_id="covid_retraining",
     # Sundays 00:00 UTC. No start_date and run_immediately=0: unpausing never starts a run for a week
@@ -126,6 +147,7 @@ def _param(name: str, kind: str, description: str, **schema: Any) -> Param:
                                       "EfficientNet-Lite blocks (0: the whole backbone)",
                                       minimum=0, maximum=30),
         "force": _param("force", "boolean", "Retrain even when no new data arrived"),
+        **CHECK_PARAMS,
     },
 )
 def covid_retraining() -> None:
@@ -151,6 +173,13 @@ def covid_retraining() -> None:
         from covid_tasks.airflow_support import run_stage
 
         return run_stage("relabel")
+
+    @task
+    def check_data() -> dict[str, Any]:
+        """Compare the labelled set with the last version that passed; fail on a blocking anomaly."""
+        from covid_tasks.airflow_support import run_stage
+
+        return run_stage("check_data")
 
     @task
     def split() -> dict[str, Any]:
@@ -191,7 +220,7 @@ def covid_retraining() -> None:
     relabelled = relabel()
     check_new_data(pulled) >> relabelled
     evaluated = evaluate()
-    relabelled >> split() >> train() >> finetune() >> evaluated
+    relabelled >> check_data() >> split() >> train() >> finetune() >> evaluated
     register(pulled, evaluated)
 
 

@@ -1,4 +1,4 @@
-"""The seven DAG steps, one module each, behind one call shape: ``stage(cfg, run_key, **extra)``.
+"""The eight DAG steps, one module each, behind one call shape: ``stage(cfg, run_key, **extra)``.
 
 Every stage takes the run's :class:`~covid_tasks.config.Config` (the data root, the source URI
 and every setting come from it) and the run key, and returns a small JSON-able dict, the one
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from covid_tasks.config import Config
+from covid_tasks.stages.check_data import check_data
 from covid_tasks.stages.evaluate import evaluate
 from covid_tasks.stages.finetune import finetune
 from covid_tasks.stages.pull import pull
@@ -23,8 +24,8 @@ from covid_tasks.stages.train import train
 
 #: The stages in pipeline order, by task id.
 STAGES: dict[str, Callable[..., dict[str, Any]]] = {
-    "pull": pull, "relabel": relabel, "split": split, "train": train, "finetune": finetune,
-    "evaluate": evaluate, "register": register,
+    "pull": pull, "relabel": relabel, "check_data": check_data, "split": split, "train": train,
+    "finetune": finetune, "evaluate": evaluate, "register": register,
 }
 
 

@@ -128,7 +128,7 @@ def evaluate(cfg: Config, run_key: str) -> dict[str, Any]:
     champion, champion_prob = None, None
     if champion_entry is not None:
         champion, champion_prob = _score_champion(champion_entry, cfg, test, images, y_test)
-    decision = _decide(cfg, m, test, y_test, scored, champion, champion_prob)
+    decision = _decide(cfg, m, test, y_test, scored, champion, champion_prob, _data_check(run_dir))
     metrics = {
         **m,
         "n_test": m["n"],
@@ -231,8 +231,9 @@ def _calibration_scores(y_test: Any, scored: _Scored, fitted: _Fitted) -> dict[s
 
 
 def _decide(cfg: Config, m: dict[str, Any], test: Any, y_test: Any, scored: _Scored,
-            champion: dict[str, Any] | None, champion_prob: Any) -> dict[str, Any]:
-    """Gate, shortcut audit and promotion, as ``metrics.json`` keys."""
+            champion: dict[str, Any] | None, champion_prob: Any, data_check: dict[str, Any]
+            ) -> dict[str, Any]:
+    """Gate, shortcut audit, data checks and promotion, as ``metrics.json`` keys."""
     from covid_tasks import promotion, shortcut_audit
 
     reasons = gate(m, cfg.min_sensitivity, cfg.min_specificity, cfg.gate_on)
@@ -241,8 +242,9 @@ def _decide(cfg: Config, m: dict[str, Any], test: Any, y_test: Any, scored: _Sco
     if champion is not None:
         deltas = promotion.paired_deltas(y_test, test["patientid"], (scored.prob, m["threshold"]),
                                          (champion_prob, champion["threshold"]), seed=cfg.seed)
+    warned = data_check["summary"] if data_check["verdict"] == "warn" else None
     decided = promotion.decide(reasons, deltas, champion["version"] if champion else None,
-                               cfg.promotion_margin, audit, cfg.shortcut_blocks_promotion)
+                               cfg.promotion_margin, audit, cfg.shortcut_blocks_promotion, warned)
     promote = decided["promoted"]
     return {
         "passed": not reasons,
@@ -254,7 +256,19 @@ def _decide(cfg: Config, m: dict[str, Any], test: Any, y_test: Any, scored: _Sco
         "promotion": decided,
         "decision": "promote" if promote else ("challenger" if not reasons else "reject"),
         "shortcut_audit": {**audit, "blocks_promotion": cfg.shortcut_blocks_promotion},
+        "data_check": data_check,
     }
+
+
+def _data_check(run_dir: RunDir) -> dict[str, Any]:
+    """This run's data-check verdict and summary (``unchecked`` when check_data did not run)."""
+    from covid_tasks.storage import read_json
+
+    if not run_dir.data_checks.is_file():
+        return {"verdict": "unchecked", "summary": "no data_checks.json in the run folder"}
+    report = read_json(run_dir.data_checks)
+    return {"verdict": report["verdict"], "summary": report["summary"],
+            "anomalies": [a["code"] for a in report.get("anomalies", [])]}
 
 
 def _write_outputs(run_dir: RunDir, metrics: dict[str, Any], fitted: _Fitted, scored: _Scored, test: Any,

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from covid_tasks.config import METADATA_COLUMNS, Config
+from covid_tasks.data_checks import SchemaChangeError
 from covid_tasks.layout import DataRoot
 from covid_tasks.sources import METADATA_KEY, Listing, open_source
-from covid_tasks.storage import UnsafePathError, resolve_under, safe_relpath, write_json
+from covid_tasks.storage import UnsafePathError, read_json, resolve_under, safe_relpath, write_json
 from covid_tasks.sync import (
     Fetcher,
     Outcome,
@@ -80,11 +81,15 @@ def pull(cfg: Config, run_key: str, *, s3_options: dict[str, Any] | None = None)
                 cfg.pull_workers, cfg.pull_retries, cfg.pull_delete)
     source = open_source(source_uri, s3_options, retries=cfg.pull_retries,
                          max_connections=cfg.pull_workers + 2)
-    with source, Workspace(root, source.uri) as ws:
-        pulled = _execute(Fetcher(source, ws, cfg), ws, cfg)
-        result, report = _summarise(pulled, cfg, source.uri)
-        report["duration_s"] = round(time.monotonic() - started, 3)
-        write_json(root.pull_report, {**result, **report})
+    try:
+        with source, Workspace(root, source.uri) as ws:
+            pulled = _execute(Fetcher(source, ws, cfg), ws, cfg)
+            result, report = _summarise(pulled, cfg, source.uri)
+            report["duration_s"] = round(time.monotonic() - started, 3)
+            write_json(root.pull_report, {**result, **report})
+    except SchemaChangeError as exc:
+        _report_schema_change(root, run_key, str(exc))
+        raise
     logger.info("pull: done in %.1fs %s", report["duration_s"], json.dumps(result, sort_keys=True))
     if not result["has_changes"]:
         logger.info("pull: no new or changed data (dataset_version %s); training and registration "
@@ -135,7 +140,7 @@ def _execute(fetcher: Fetcher, ws: Workspace, cfg: Config) -> _Pulled:
         if got is None:
             raise FileNotFoundError(f"source {source.uri!r} lost its {METADATA_KEY} during the pull")
         meta_entry = manifest_entry(meta_obj, got)
-    _check_metadata(staged_meta or root.metadata, source.uri)
+    _check_metadata(staged_meta or root.metadata, source.uri, _baseline_columns(root))
 
     todo = plan(listing, disk, root.raw)
     ws.disk.check(todo.to_fetch, len(listing.objects), root.raw, cfg.pull_workers)
@@ -229,9 +234,52 @@ def _summarise(run: _Pulled, cfg: Config, source_uri: str) -> tuple[dict[str, An
 
 
 # ----------------------------------------------------------------------------------- metadata
+def _baseline_columns(root: DataRoot) -> list[str] | None:
+    """The metadata columns of the last dataset version that passed the data checks, if any."""
+    if not root.checks_baseline.is_file():
+        return None
+    schema = read_json(root.checks_baseline).get("schema") or {}
+    return list(schema.get("columns") or []) or None
+
+
+def _report_schema_change(root: DataRoot, run_key: str, message: str) -> None:
+    """The run's ``data_checks.json`` for a schema change found by pull: verdict ``block``."""
+    from covid_tasks.data_checks import BLOCK, Anomaly, report
+
+    run_dir = root.run(run_key)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    found = report([Anomaly("schema_change", BLOCK, message, {"stage": "pull"})], None, None)
+    write_json(run_dir.data_checks, found)
+    logger.error("pull: %s", found["summary"])
+
+
 # ----------------------------------------------------------------------------------- metadata
-def _check_metadata(path: Path, uri: str) -> None:
-    """Parse ``metadata.csv`` once; fail naming the required columns it lacks, or if it has no row."""
+def _baseline_columns(root: DataRoot) -> list[str] | None:
+    """The metadata columns of the last dataset version that passed the data checks, if any."""
+    if not root.checks_baseline.is_file():
+        return None
+    schema = read_json(root.checks_baseline).get("schema") or {}
+    return list(schema.get("columns") or []) or None
+
+
+def _report_schema_change(root: DataRoot, run_key: str, message: str) -> None:
+    """The run's ``data_checks.json`` for a schema change found by pull: verdict ``block``."""
+    from covid_tasks.data_checks import BLOCK, Anomaly, report
+
+    run_dir = root.run(run_key)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    found = report([Anomaly("schema_change", BLOCK, message, {"stage": "pull"})], None, None)
+    write_json(run_dir.data_checks, found)
+    logger.error("pull: %s", found["summary"])
+
+
+def _check_metadata(path: Path, uri: str, baseline_columns: list[str] | None = None) -> None:
+    """Parse ``metadata.csv`` once; fail naming the required columns it lacks, or if it has no row.
+
+    Raises:
+        covid_tasks.data_checks.SchemaChangeError: a required column is missing (a ``ValueError``).
+        ValueError: not UTF-8 CSV, or a header without rows.
+    """
     rows = 0
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -244,11 +292,14 @@ def _check_metadata(path: Path, uri: str) -> None:
     except csv.Error as exc:
         raise ValueError(f"metadata.csv from {uri} is not valid CSV "
                          f"(line {reader.line_num}: {exc})") from None
-    cols = {str(c).strip() for c in header}
+    cols = [str(c).strip() for c in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in cols]
     if missing:
-        raise ValueError(f"metadata.csv from {uri} lacks required column(s): {', '.join(missing)} "
-                         f"(required: {', '.join(REQUIRED_COLUMNS)})")
+        new = [c for c in cols if c and baseline_columns and c not in baseline_columns]
+        hint = f"; column(s) {new} are new since the last dataset that passed (renamed?)" if new else ""
+        raise SchemaChangeError(f"metadata.csv from {uri} lacks required column(s): {', '.join(missing)} "
+                                f"(required: {', '.join(REQUIRED_COLUMNS)}){hint}; nothing under raw/ "
+                                "was changed")
     if rows == 0:
         raise ValueError(f"metadata.csv from {uri} has a header but no rows; refusing to replace "
                          f"the data set with an empty one (nothing under raw/ was changed)")

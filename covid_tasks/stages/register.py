@@ -41,6 +41,7 @@ from covid_tasks.layout import (
     MODEL_FILE,
     OPERATING_POINT,
     PREDICTIONS,
+    SPLITS,
     VAL_PREDICTIONS,
     DataRoot,
     RunDir,
@@ -65,6 +66,8 @@ PIP_REQUIREMENTS = ("tensorflow==2.21.0", "keras==3.15.1", "pillow==13.0.0")
 READY_TIMEOUT_S = 300.0
 LOGGED_MODEL_NAME = "model"
 _LOGGED_TAG = "run_logged"
+
+
 def register(cfg: Config, run_key: str, *, context: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log this run to MLflow; register a passing model, alias it ``challenger``, promote if decided.
 
@@ -167,8 +170,7 @@ def _register(root: DataRoot, cfg: Config, run_dir: RunDir, metrics: dict[str, A
             result.update(decision="reject", champion_version=current)
             logger.warning("register: gate failed, nothing registered (champion stays %s): %s", current,
                            "; ".join(result["reasons"]))
-            logger.info("register: done %s", json.dumps(jsonable(result)))
-            return jsonable(result)
+            return _finish(root, cfg, client, run_dir, metrics, context, result)
         model_id = _logged_model(client, experiment_id, run_id, cfg, metrics, content)
         version = _version(client, cfg, metrics, run_key, context, content, model_id)
         mlflow.set_tags({"model_version": str(version.version), "model_id": model_id})
@@ -191,6 +193,28 @@ def _register(root: DataRoot, cfg: Config, run_dir: RunDir, metrics: dict[str, A
                   champion_version=alias_version_number(client, cfg.model_name, CHAMPION_ALIAS),
                   promotion_reasons=result["promotion_reasons"] + why_not,
                   model_uri=f"models:/{cfg.model_name}/{version.version}")
+    return _finish(root, cfg, client, run_dir, metrics, context, result)
+
+
+def _finish(root: DataRoot, cfg: Config, client: Any, run_dir: RunDir, metrics: dict[str, Any],
+            context: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """After the decision: the run's history line, the timeline as an artifact, then retention."""
+    from covid_tasks import history, retention
+    from covid_tasks.tracking import split_counts
+
+    counts = split_counts(root)
+    history.record(root, run_key=run_dir.key, logical_date=context.get("logical_date"),
+                   dataset_version=context.get("dataset_version"),
+                   n_labelled=sum(counts.get(f"n_{s}", 0) for s in SPLITS) or None,
+                   data_check=(metrics.get("data_check") or {}).get("verdict"),
+                   roc_auc=metrics.get("roc_auc"), roc_auc_ci95=metrics.get("roc_auc_ci95"),
+                   sensitivity=metrics.get("sensitivity"),
+                   specificity=metrics.get("specificity"), decision=result["decision"],
+                   version=result["version"], champion_version=result["champion_version"])
+    figure = history.timeline_figure(history.load(root), run_dir.figure("timeline"),
+                                     title=f"{cfg.model_name}: weekly retraining")
+    client.log_artifact(result["mlflow_run_id"], figure, "history")
+    result["retention"] = retention.apply(cfg, client, run_dir.key, context.get("logical_date"))
     logger.info("register: done %s", json.dumps(jsonable(result)))
     return jsonable(result)
 

@@ -179,3 +179,15 @@ def test_undefined_difference_cannot_block() -> None:
               "sensitivity": {"point": 0.0, "ci95": [-0.01, 0.02]},
               "specificity": {"point": math.nan, "ci95": [math.nan, math.nan]}}
     assert decide([], deltas, "2", 0.05, {"warning": None}, False)["promoted"]
+
+
+def test_a_data_check_warning_keeps_a_passing_model_challenger() -> None:
+    """The gate passed and there is no champion, yet a data-check warning holds the promotion back."""
+    from covid_tasks.promotion import RULE_DATA, decide
+
+    audit = {"warning": None}
+    clean = decide([], None, None, 0.05, audit, False)
+    warned = decide([], None, None, 0.05, audit, False, "data checks: warn: source_label_jump (...)")
+    assert clean["promoted"] and not warned["promoted"]
+    assert warned["rule"] == RULE_DATA and "person must promote" in warned["reason"]
+    assert decide(["sensitivity 0.1 < 0.8"], None, None, 0.05, audit, False, "warn")["rule"] == "gate"

@@ -44,7 +44,7 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cfg = Config(data_root=str(root), mlflow_tracking_uri=server.url, model_name=MODEL,
                  experiment_name="promotion-test", img_size=32, batch_size=16, min_sensitivity=0.75,
                  min_specificity=0.75, promotion_margin=0.0)
-    out: dict[str, Any] = {"client": MlflowClient(server.url), "runs": {}}
+    out: dict[str, Any] = {"client": MlflowClient(server.url, registry_uri=server.url), "runs": {}}
     for key, direction in (("red", (1.0, 0.0, 0.0)), ("green", (0.0, 1.0, 0.0)), ("blue", (0.0, 0.0, 1.0))):
         tiny_run.write_model_run(cfg, key, tiny_run.channel_model(direction, 32))
         ev = evaluate(cfg, key)

@@ -14,7 +14,8 @@ DAG_FILE = REPO / "dags" / "covid_retraining.py"
 EXPECTED_DOWNSTREAM = {
     "pull": {"check_new_data", "register"},
     "check_new_data": {"relabel"},
-    "relabel": {"split"},
+    "relabel": {"check_data"},
+    "check_data": {"split"},
     "split": {"train"},
     "train": {"finetune"},
     "finetune": {"evaluate"},
