@@ -81,6 +81,11 @@ def check_data(cfg: Config, run_key: str) -> dict[str, Any]:
               "report": str(run_dir.data_checks), "baseline_updated": updated}
     logger.info("check_data: done %s", json.dumps(result))
     if report["verdict"] == data_checks.BLOCK:
+        from covid_tasks import history
+
+        pulled = _read(root.pull_report) or {}
+        history.record(root, run_key=run_dir.key, dataset_version=pulled.get("dataset_version"),
+                       n_labelled=current["n_images"], data_check=data_checks.BLOCK, decision="blocked")
         raise DataChecksBlocked(f"{report['summary']} (nothing is trained or registered; the baseline "
                                 f"stays the last version that passed; report {run_dir.data_checks})")
     return result

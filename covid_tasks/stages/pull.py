@@ -251,6 +251,9 @@ def _report_schema_change(root: DataRoot, run_key: str, message: str) -> None:
     found = report([Anomaly("schema_change", BLOCK, message, {"stage": "pull"})], None, None)
     write_json(run_dir.data_checks, found)
     logger.error("pull: %s", found["summary"])
+    from covid_tasks import history
+
+    history.record(root, run_key=run_dir.key, data_check=BLOCK, decision="blocked")
 
 
 # ----------------------------------------------------------------------------------- metadata
@@ -271,6 +274,9 @@ def _report_schema_change(root: DataRoot, run_key: str, message: str) -> None:
     found = report([Anomaly("schema_change", BLOCK, message, {"stage": "pull"})], None, None)
     write_json(run_dir.data_checks, found)
     logger.error("pull: %s", found["summary"])
+    from covid_tasks import history
+
+    history.record(root, run_key=run_dir.key, data_check=BLOCK, decision="blocked")
 
 
 def _check_metadata(path: Path, uri: str, baseline_columns: list[str] | None = None) -> None:

@@ -62,6 +62,10 @@ def test_label_noise_blocks_and_the_return_to_normal_is_quiet(tmp_path: Path) ->
     report = json.loads(root.run("w2").data_checks.read_text())
     assert report["verdict"] == "block" and "label_changes" in [a["code"] for a in report["anomalies"]]
     assert root.checks_baseline.read_bytes() == baseline  # a blocked version never becomes the baseline
+    from covid_tasks import history
+
+    assert [(e["run_key"], e["decision"], e["data_check"]) for e in history.load(root)] == [
+        ("w2", "blocked", "block")]
     again = _week(cfg, normal, "w3")
     assert again["verdict"] == "ok" and again["anomalies"] == []
 
