@@ -71,7 +71,7 @@ def test_workers_serve_compose_s_queues_with_compose_s_commands(settings, raw):
 def test_mlflow_runs_compose_s_command_with_basic_auth(settings, raw):
     svc = services.build(settings, "mlflow")
     assert svc.argv[1].endswith("docker/mlflow_auth.py")
-    assert compose.flag(svc.argv, "--app-name") == "basic-auth"
+    assert compose.flag(svc.argv, "--app-name") == "covid-basic-auth"
     wanted = compose.flag(compose.args(raw["services"]["mlflow"]["command"]), "--artifacts-destination")
     assert compose.flag(svc.argv, "--artifacts-destination") == wanted == "s3://mlflow/"
     assert compose.flag(svc.argv, "--host") == "127.0.0.1"
