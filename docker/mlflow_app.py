@@ -58,19 +58,19 @@ def read_only_users(env: dict[str, str] | None = None) -> frozenset[str]:
 
 def basic_login(header: str | None) -> tuple[str, str] | None:
     """(user, password) of an ``Authorization: Basic ...`` header, ``None`` for anything else."""
-    if not header or not header[:6].lower() == "basic ":
+    if not header or header[:6].lower() != "basic ":
         return None
     try:
-        user, sep, password = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
+        user, sep, pw = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError):
         return None
-    return (user, password) if sep else None
+    return (user, pw) if sep else None
 
 
-def _authentic(user: str, password: str) -> bool:
+def _authentic(user: str, pw: str) -> bool:
     from mlflow.server.auth import store
 
-    return bool(store.authenticate_user(user, password))
+    return bool(store.authenticate_user(user, pw))
 
 
 def refused(user: str, method: str, path: str) -> tuple[int, bytes]:

@@ -67,6 +67,22 @@ def mlflow_problems(svc: dict, airflow_env: dict) -> list[str]:
     return out
 
 
+#: security.toml keys (as WEED_* variables) that make the filer and volume servers refuse unsigned requests.
+SEAWEED_JWT_KEYS = ("WEED_JWT_FILER_SIGNING_KEY", "WEED_JWT_FILER_SIGNING_READ_KEY", "WEED_JWT_SIGNING_KEY",
+                    "WEED_JWT_SIGNING_READ_KEY")
+
+
+def _bool_flag(argv: list[str], name: str) -> bool:
+    """Whether a Go boolean flag ends up on (``-name``, ``-name=true``; the last one wins)."""
+    on = False
+    for arg in argv:
+        if arg == name:
+            on = True
+        elif arg.startswith(name + "="):
+            on = arg.split("=", 1)[1].lower() in ("1", "t", "true")
+    return on
+
+
 def seaweed_problems(svc: dict) -> list[str]:
     """Why an s3 service would expose more than the S3 API (empty when fine)."""
     argv = compose.args(svc.get("command"))
@@ -84,6 +100,17 @@ def seaweed_problems(svc: dict) -> list[str]:
         out.append("master, volume and filer listen on the network (-ip.bind)")
     if mode == "mini" and compose.flag(argv, "-admin.ui") != "false":
         out.append("the admin UI is enabled")
+    if not _bool_flag(argv, "-filer.disableHttp"):
+        out.append("the filer's HTTP API is on (-filer.disableHttp): anonymous uploads into the buckets")
+    if not _bool_flag(argv, "-disableHttp"):
+        out.append("the master's HTTP API is on (-disableHttp): anonymous /dir/assign and /col/delete")
+    env = svc.get("environment") or {}
+    missing = [key for key in SEAWEED_JWT_KEYS if not env.get(key)]
+    if missing:
+        out.append(f"no JWT signing key {', '.join(missing)}: the filer and volume servers take "
+                   "unsigned requests")
+    elif len({env[key] for key in SEAWEED_JWT_KEYS}) != len(SEAWEED_JWT_KEYS):
+        out.append("the SeaweedFS JWT signing keys are not all different")
     return out
 
 
@@ -135,12 +162,23 @@ def test_compose_seaweedfs_exposes_only_s3(services):
     assert [p.split(":")[-1] for p in services["s3"]["ports"]] == ["8333"]
 
 
-def test_the_seaweedfs_check_fails_on_webdav_and_an_open_filer():
+def test_the_seaweedfs_check_fails_on_webdav_and_an_open_filer(services):
     old = {"command": ["mini", "-dir=/data", "-ip=127.0.0.1", "-ip.bind=0.0.0.0", "-admin.ui=false"]}
     problems = seaweed_problems(old)
     assert "WebDAV is enabled" in problems
     assert any("-ip.bind" in p for p in problems) and any("iceberg" in p for p in problems)
     assert "WebDAV is enabled" in seaweed_problems({"command": ["server", "-webdav", "-ip.bind=127.0.0.1"]})
+    # the definition before issue 19: filer and master HTTP APIs on, no JWT keys
+    s3 = services["s3"]
+    before = {"command": [a for a in s3["command"] if "disableHttp" not in a],
+              "environment": {k: v for k, v in s3["environment"].items() if not k.startswith("WEED_")}}
+    problems = seaweed_problems(before)
+    assert any("-filer.disableHttp" in p for p in problems) and any("-disableHttp" in p for p in problems)
+    assert any("WEED_JWT_FILER_SIGNING_KEY" in p for p in problems)
+    same = {**s3, "environment": {**s3["environment"], **dict.fromkeys(SEAWEED_JWT_KEYS, "k" * 32)}}
+    assert seaweed_problems(same) == ["the SeaweedFS JWT signing keys are not all different"]
+    turned_off = seaweed_problems({**s3, "command": [*s3["command"], "-filer.disableHttp=false"]})
+    assert len(turned_off) == 1 and "-filer.disableHttp" in turned_off[0]
 
 
 def test_remote_worker_log_server_binds_to_the_private_interface(env):
