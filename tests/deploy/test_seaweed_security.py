@@ -17,6 +17,7 @@ import contextlib
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -67,6 +68,10 @@ def store(tmp_path_factory):
     finally:
         stop_group(proc, 10.0, kill_wait=10.0)
         log.close()
+        for port in [base + o for o in offsets] + [base + o + 10000 for o in offsets]:
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):  # weed ignores $TMPDIR for these
+                with contextlib.suppress(OSError):
+                    sock.unlink()
 
 
 def _client(s: Settings):
