@@ -1,12 +1,16 @@
-"""Authentication and exposure of the stack (issue 16, item 2).
+"""Authentication and exposure of the stack (issue 16, item 2; issue 19, items 2 and 5).
 
-Reads docker-compose.yaml and the remote-worker override: MLflow must run with basic auth and the
-users of .env, the Airflow tasks must log in to it, SeaweedFS must expose only its S3 API (no
-WebDAV, Iceberg or Lance; master, volume and filer bound to the container's loopback), and the
-remote worker's log server must not listen on every interface. Then starts a real
-``mlflow server`` through docker/mlflow_auth.py (SQLite backend) and checks who may do what:
-anonymous requests and the read-only users are refused ``set-registered-model-alias``, the
-``airflow`` user may register and move the alias.
+Reads docker-compose.yaml and the remote-worker override: MLflow must run docker/mlflow_auth.py's
+app ``covid-basic-auth`` with the users of .env, the Airflow tasks must log in to it, SeaweedFS
+must expose only its S3 API (no WebDAV, Iceberg or Lance; master, volume and filer bound to the
+container's loopback, the filer's and master's HTTP APIs off, JWT signing keys for the filer and
+volume servers; tests/deploy/test_seaweed_security.py runs it), and the remote worker's log
+server must not listen on every interface. Then starts a real ``mlflow server`` through
+docker/mlflow_auth.py (SQLite backend) and checks who may do what: the experiment and the
+registered model exist from the start, owned by the ``airflow`` user; the read-only users
+(``inference``, ``viewer``) get 403 on every step of a registry take-over, before and after a
+registration; anonymous requests get 401; the ``airflow`` user may log runs, artifacts and
+versions and move the alias; the admin keeps every right.
 """
 
 from __future__ import annotations
