@@ -161,7 +161,7 @@ def ensure_registry(backend_uri: str, root: str, env: dict[str, str]) -> str:
             MODEL_NAME, description="Created by the stack; covid_retraining registers its versions.")
         made.append(f"registered model {MODEL_NAME}")
     auth = AuthStore()
-    auth.init_db(env["MLFLOW_BACKEND_STORE_URI"])
+    auth.init_db(backend_uri)
     owner = next(env.get(var) or default for var, default, _, perm in ROLES if perm == "MANAGE")
     try:
         auth.create_experiment_permission(experiment_id, owner, "MANAGE")
