@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from stack import tls
 from stack.services import bin_path, pg_bin, pg_user
 from stack.settings import BIND, REPO, Settings, write_private
 
@@ -48,13 +49,15 @@ def run(argv: list[str], env: dict[str, str], logfile: Path, what: str, user: An
 
 
 def prepare(s: Settings) -> None:
-    """Folders of the stack's home; the home itself is traversable only (the env file is 600)."""
+    """Folders of the stack's home (the home itself is traversable only, the env file is 600), the
+    Redis configuration and SeaweedFS' gRPC certificate."""
     s.home.mkdir(parents=True, exist_ok=True)
     os.chmod(s.home, 0o711)
     for sub in ("logs", "data", "s3", "redis", "mlflow", "airflow/logs", "airflow/config"):
         (s.home / sub).mkdir(parents=True, exist_ok=True)
     for sub in ("redis", "mlflow", "s3"):
         os.chmod(s.home / sub, 0o700)
+    tls.ensure(s.home / "s3" / "tls")
     text = "\n".join([
         f"bind {BIND}", f"port {s.port('STACK_PORT_REDIS')}", "protected-mode yes",
         f"requirepass {s.env['REDIS_PASSWORD']}", f"dir {s.home / 'redis'}", "daemonize no",

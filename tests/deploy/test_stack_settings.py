@@ -71,7 +71,7 @@ def test_workers_serve_compose_s_queues_with_compose_s_commands(settings, raw):
 def test_mlflow_runs_compose_s_command_with_basic_auth(settings, raw):
     svc = services.build(settings, "mlflow")
     assert svc.argv[1].endswith("docker/mlflow_auth.py")
-    assert compose.flag(svc.argv, "--app-name") == "basic-auth"
+    assert compose.flag(svc.argv, "--app-name") == "covid-basic-auth"
     wanted = compose.flag(compose.args(raw["services"]["mlflow"]["command"]), "--artifacts-destination")
     assert compose.flag(svc.argv, "--artifacts-destination") == wanted == "s3://mlflow/"
     assert compose.flag(svc.argv, "--host") == "127.0.0.1"
@@ -87,6 +87,28 @@ def test_s3_runs_compose_s_command_on_loopback(settings, raw):
         assert compose.flag(svc.argv, flag) == compose.flag(declared, flag), flag
     assert compose.flag(svc.argv, "-ip.bind") == compose.flag(svc.argv, "-s3.ip.bind") == "127.0.0.1"
     assert int(compose.flag(svc.argv, "-s3.port")) + 10000 < 55000
+    http_off = {"-filer.disableHttp", "-disableHttp"}
+    assert http_off <= set(declared) and http_off <= set(svc.argv)
+    declared_env = raw["services"]["s3"]["environment"]
+    for key in ("WEED_JWT_FILER_SIGNING_KEY", "WEED_JWT_SIGNING_KEY", "AWS_SECRET_ACCESS_KEY"):
+        assert svc.env[key] == declared_env[key] and svc.env[key], key
+    tls = settings.home / "s3" / "tls"
+    assert svc.env["WEED_GRPC_CA"] == str(tls / "ca.crt")
+    assert svc.env["WEED_GRPC_FILER_KEY"] == svc.env["WEED_GRPC_CLIENT_KEY"] == str(tls / "weed.key")
+
+
+def test_an_env_file_from_before_a_new_credential_gets_one(tmp_path):
+    """stack.env written before .env.example gained a credential: Settings.load appends a fresh value."""
+    text = render_env(30000)
+    old = "\n".join(line for line in text.splitlines() if not line.startswith("SEAWEEDFS_FILER_WRITE_KEY="))
+    write_private(tmp_path / "stack.env", old + "\n")
+    with pytest.raises(Exception, match="SEAWEEDFS_FILER_WRITE_KEY"):
+        compose.interpolate(compose.load(ROOT / "docker-compose.yaml"), compose.env_file(old))
+    s = Settings.load(tmp_path)
+    assert len(s.env["SEAWEEDFS_FILER_WRITE_KEY"]) == 64
+    assert s.env["S3_SECRET_KEY"] == compose.env_file(old)["S3_SECRET_KEY"]  # the rest is kept
+    assert oct((tmp_path / "stack.env").stat().st_mode & 0o777) == "0o600"
+    assert Settings.load(tmp_path).env == s.env  # written once
 
 
 def test_buckets_pool_and_connection_come_from_compose(settings, raw):

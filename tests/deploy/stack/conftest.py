@@ -185,6 +185,25 @@ def settings(stack_home):
     return Settings.load(stack_home)
 
 
+def mlflow_login(settings, role: str) -> tuple[str, str]:
+    """(user, password) of the env file's MLflow user ``role``: ADMIN, AIRFLOW, INFERENCE or VIEWER."""
+    return settings.env[f"MLFLOW_{role}_USER"], settings.env[f"MLFLOW_{role}_PASSWORD"]
+
+
+@pytest.fixture(scope="session")
+def fresh_registry(settings) -> dict:
+    """Issue 19 item 2 on the fresh stack, before the pipeline's first registration (the forced run
+    asks for this fixture, so it always comes first): the registry as the admin sees it, the
+    take-over attempts of the read-only users, then the registry again."""
+    from tests.helpers import registry_attacks
+
+    url, admin = settings.url("mlflow"), mlflow_login(settings, "ADMIN")
+    before = registry_attacks.snapshot(url, admin)
+    attempts = {role: registry_attacks.take_over(url, mlflow_login(settings, role))
+                for role in ("INFERENCE", "VIEWER")}
+    return {"before": before, "attempts": attempts, "after": registry_attacks.snapshot(url, admin)}
+
+
 @pytest.fixture(scope="session")
 def api(settings) -> AirflowAPI:
     return AirflowAPI(settings.url("airflow-apiserver"), settings.env.get("AIRFLOW_ADMIN_USER") or "admin",

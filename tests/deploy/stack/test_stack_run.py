@@ -14,7 +14,8 @@ two faults hit it on the way:
 Then the run must have succeeded with every task, `train`/`finetune` on the `gpu` worker and the
 rest on the `default` worker; the version's files must be in the S3 artifact bucket; `predict`
 must load `models:/covid-xray-classifier@champion` through the MLflow server as the `inference`
-user (who may not move the alias); and a second, unforced run must stop after `pull`.
+user (who may not move the alias); the read-only users' take-over attempts (issue 19 item 2) must
+all get 403 and change nothing; and a second, unforced run must stop after `pull`.
 Finally `python -m stack down` must leave none of the stack's processes.
 """
 
@@ -56,8 +57,10 @@ def _mlflow_client(settings, user_var: str, password_var: str):
 
 
 @pytest.fixture(scope="module")
-def faulty_run(api, settings, stack_home) -> dict:
-    """Trigger the forced run and inject both faults; returns what the tests check."""
+def faulty_run(api, settings, stack_home, fresh_registry) -> dict:
+    """Trigger the forced run and inject both faults; returns what the tests check.
+
+    ``fresh_registry`` first tries the read-only users' take-over on the untouched registry."""
     began = time.monotonic()
     run_id = api.trigger(DAG, {**CONF, "force": True})
     # 1. SIGKILL the gpu worker while train runs (give it a few seconds inside the task).
@@ -171,6 +174,19 @@ def test_the_inference_user_cannot_move_the_champion(settings, faulty_run):
     client = _mlflow_client(settings, "MLFLOW_INFERENCE_USER", "MLFLOW_INFERENCE_PASSWORD")
     with pytest.raises(MlflowException, match="(?i)permission|403"):
         client.set_registered_model_alias(MODEL, "champion", "1")
+
+
+@pytest.mark.parametrize("role", ["INFERENCE", "VIEWER"])
+def test_read_only_users_cannot_take_over_the_registered_champion(settings, faulty_run, role):
+    from tests.deploy.stack.conftest import mlflow_login
+    from tests.helpers import registry_attacks
+
+    url, admin = settings.url("mlflow"), mlflow_login(settings, "ADMIN")
+    before = registry_attacks.snapshot(url, admin)
+    assert ("champion", "1") in before["model"]["aliases"] and len(before["versions"]) == 1, before
+    attempts = registry_attacks.take_over(url, mlflow_login(settings, role))
+    assert attempts == dict.fromkeys(attempts, 403), attempts
+    assert registry_attacks.snapshot(url, admin) == before
 
 
 def test_a_second_unforced_run_stops_after_pull(api, settings, faulty_run):
