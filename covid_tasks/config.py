@@ -45,6 +45,7 @@ ENV_NOT_FIELDS: frozenset[str] = frozenset({
     "COVID_K8S_GPUS_PER_TASK",  # docker/k8s/airflow_local_settings.py
     "COVID_K8S_GPU_EXECUTOR",   # docker/k8s/airflow_local_settings.py
     "COVID_SHARED_FULL_DATA",   # tests: where the full data set lies
+    "COVID_MLFLOW_READ_ONLY_USERS",  # docker/mlflow_app.py: MLflow users refused every change
 })
 #: Namespaces of ``COVID_*`` variables owned by other components, which check them themselves:
 #: the inference service (``covid_tasks.serve.settings``) and the Kubernetes pod policy.
