@@ -33,7 +33,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, POSITIVE_INDEX, Config
+from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, POSITIVE_INDEX, Config, redact_uri
 from covid_tasks.operating_point import THRESHOLD_RULE
 from covid_tasks.promotion import gate
 from covid_tasks.stats import weighted_auc, weighted_average_precision, wilson_interval
@@ -230,7 +230,7 @@ def evaluate(data_root: str | Path, cfg: Config, run_key: str) -> dict[str, Any]
     source_path = require_file(run_dir / "finetune.keras", "finetune")
     logger.info("evaluate: %s min_sensitivity=%.3f min_specificity=%.3f gate_on=%s promotion_margin=%.3f "
                 "calibration=%s registry=%s", source_path, cfg.min_sensitivity, cfg.min_specificity,
-                cfg.gate_on, cfg.promotion_margin, cfg.calibration, cfg.tracking_uri)
+                cfg.gate_on, cfg.promotion_margin, cfg.calibration, redact_uri(cfg.tracking_uri))
     bound_mlflow_http()
     champion_entry = _champion_entry(cfg)  # before the slow part: an unreachable registry fails fast
     splits = load_splits(data_root)
@@ -509,7 +509,7 @@ def _champion_entry(cfg: Config) -> Any | None:
     entry = alias_version(cfg.model_name, CHAMPION_ALIAS, cfg.tracking_uri)
     if entry is None:
         logger.info("evaluate: no %s@%s in %s; the gate alone decides", cfg.model_name, CHAMPION_ALIAS,
-                    cfg.tracking_uri)
+                    redact_uri(cfg.tracking_uri))
     return entry
 
 

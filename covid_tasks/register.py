@@ -41,8 +41,10 @@ from covid_tasks.config import (
     CLASS_NAMES,
     POSITIVE_INDEX,
     Config,
+    redact_uri,
     sqlite_path,
 )
+from covid_tasks.provenance import training_data
 from covid_tasks.registry import alias_version_number, bound_mlflow_http, unavailable
 from covid_tasks.storage import jsonable, read_json, require_file, write_json
 
@@ -92,7 +94,7 @@ def register(data_root: str | Path, cfg: Config, run_key: str, context: dict[str
     metrics = read_json(require_file(run_dir / "metrics.json", "evaluate"))
     content = _content(run_dir, metrics)
     tracking_uri = cfg.tracking_uri
-    logger.info("register: %s -> %s (passed=%s, decision=%s, content %s)", run_dir, tracking_uri,
+    logger.info("register: %s -> %s (passed=%s, decision=%s, content %s)", run_dir, redact_uri(tracking_uri),
                 metrics["passed"], metrics.get("decision"), content["content_id"][:12])
     bound_mlflow_http()
     try:
@@ -150,7 +152,7 @@ def _register(data_root: Path, cfg: Config, run_key: str, run_dir: Path, metrics
         "alias": None, "aliases": [], "promoted": False, "decision": metrics.get("decision", "reject"),
         "champion_version": None, "model_uri": None, "passed": bool(metrics["passed"]),
         "reasons": metrics.get("reasons", []), "promotion_reasons": metrics.get("promotion_reasons", []),
-        "tracking_uri": tracking_uri, "promotion_rule": promotion.get("rule"),
+        "tracking_uri": redact_uri(tracking_uri), "promotion_rule": promotion.get("rule"),
         "content_id": content["content_id"], "model_id": None,
     }
     run = _find_run(client, experiment_id, run_key, content["content_id"])
@@ -356,6 +358,8 @@ def _params(data_root: Path, cfg: Config, metrics: dict[str, Any], context: dict
                   model_sha256=content["model_sha256"],
                   calibration_method=(metrics.get("calibration") or {}).get("method", "none"),
                   champion_version_compared=(metrics.get("champion") or {}).get("version", "none"))
+    trained_on = training_data(data_root, cfg.source_uri, context.get("dataset_version"))
+    params.update(demo=str(trained_on["demo"]).lower(), training_images=trained_on["images"])
     return {k: str(v)[:500] for k, v in params.items()}
 
 
@@ -460,13 +464,15 @@ def _version_tags(cfg: Config, metrics: dict[str, Any], run_key: str, context: d
     champion = metrics.get("champion") or {}
     cal = metrics.get("calibration") or {}
     audit = metrics.get("shortcut_audit") or {}
+    # What the model was trained on, and whether it is a demo (the inference service shows both).
+    trained_on = training_data(cfg.root, cfg.source_uri, context.get("dataset_version"))
     tags = {
         "run_key": run_key,
         "content_id": content["content_id"],
         "model_sha256": content["model_sha256"],
         "operating_point_sha256": content["operating_point_sha256"],
         "model_id": model_id,
-        "source_uri": cfg.source_uri,
+        "source_uri": redact_uri(cfg.source_uri),
         "dataset_version": str(context.get("dataset_version", "unknown")),
         "airflow_run_id": str(context.get("airflow_run_id", "unknown")),
         "gate": "passed",
@@ -486,6 +492,8 @@ def _version_tags(cfg: Config, metrics: dict[str, Any], run_key: str, context: d
         "backbone": cfg.backbone,
         "img_size": str(metrics.get("img_size", cfg.img_size)),
         "git_commit": _git_commit(),
+        "training_data": json.dumps(trained_on, separators=(",", ":")),
+        "demo": str(trained_on["demo"]).lower(),
     }
     for name in ("sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc"):
         value = metrics.get(name)
