@@ -218,7 +218,9 @@ async def _read_uploads(request: Request, settings: ServeSettings) -> list[Uploa
     try:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
-            raise BadInputError(400, "no image in the request: send one or more files as multipart "
+            fields = sorted({k for k, v in form.multi_items() if not isinstance(v, UploadFile)})
+            hint = f" (the fields {', '.join(fields)} have no filename, so are not files)" if fields else ""
+            raise BadInputError(400, f"no image in the request{hint}: send one or more files as multipart "
                                      "form fields (e.g. -F file=@xray.jpg)")
         if len(files) > settings.max_files:
             raise too_many

@@ -186,5 +186,5 @@ def test_the_accepted_formats_come_from_one_list(monkeypatch: pytest.MonkeyPatch
     assert "DICOM" in spec["responses"]["415"]["description"]
     assert "application/dicom" in spec["requestBody"]["content"]["multipart/form-data"]["encoding"]["file"][
         "contentType"]
-    with pytest.raises(inputs.BadInputError, match="send JPEG, PNG, BMP, GIF or DICOM"):
+    with pytest.raises(inputs.BadInputError, match="as JPEG, PNG, BMP, GIF or DICOM"):
         inputs.check_upload(inputs.Upload("notes.txt", b"text"), 10**6, 10**6)

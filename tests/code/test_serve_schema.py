@@ -57,7 +57,28 @@ def conforms(schema: Any, **call: Any) -> list[str]:
     return checked
 
 
+def image_files_for_binary_fields() -> None:
+    """Have Schemathesis send a small chest X-ray, in each accepted format, for every binary field
+    (its own file samples include PDF and ZIP files, which the service rightly refuses)."""
+    import io
+
+    from hypothesis import strategies as st
+    from PIL import Image
+
+    from covid_tasks.serve.inputs import ACCEPTED_FORMATS
+    from tests.helpers.serve_stack import SAMPLES
+
+    xray = Image.open(SAMPLES[0]).convert("L").resize((96, 96))
+    files = []
+    for fmt in ACCEPTED_FORMATS:
+        buffer = io.BytesIO()
+        xray.save(buffer, format=fmt.pillow[0])
+        files.append(buffer.getvalue())
+    schemathesis.openapi.format("binary", st.sampled_from(files))
+
+
 def test_the_running_service_conforms_to_its_schema(serve_stack: Any) -> None:
+    image_files_for_binary_fields()
     schema = schemathesis.openapi.from_url(f"{serve_stack.service.url}/openapi.json")
     checked = conforms(schema, timeout=120)
     assert {"POST /v1/predict", "GET /v1/model", "GET /readyz", "GET /healthz"} <= set(checked)
