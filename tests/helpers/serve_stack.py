@@ -193,10 +193,9 @@ def as_sample_names(data: Path) -> Path:
     """Give a tiny data root's images the file names of ``sample_data/`` (a copy of the sample)."""
     import pandas as pd
 
-    from covid_tasks.provenance import sample_file_names
-
+    sample = pd.read_csv(REPO / "sample_data" / "metadata.csv", dtype=str, keep_default_na=False)
     frame = pd.read_csv(data / "splits.csv", dtype=str, keep_default_na=False)
-    names = sorted(sample_file_names())[:len(frame)]
+    names = sorted(sample["filename"])[:len(frame)]
     for old, new in zip(frame["filename"], names, strict=True):
         (data / "raw" / "images" / old).rename(data / "raw" / "images" / new)
     frame["filename"] = names
