@@ -233,12 +233,14 @@ def classify(served: ServedModel, uploads: list[Upload], explain: bool, settings
              ) -> dict[str, Any]:
     """Decode, predict and (optionally) explain a request's images with one served version.
 
+    The uploads have passed :func:`covid_tasks.serve.inputs.check_request` (sizes, headers, pixels).
+
     Returns:
-        ``{"model": {...}, "predictions": [{"filename", "class", "prob_covid", "threshold",
-        "model_name", "model_version", "run_id"[, "heatmap_png", "heatmap_class"]}]}``.
+        ``{"model": {..., "demo"}, "n_images", "predictions": [{"filename", "class", "prob_covid",
+        "threshold", "model_name", "model_version", "run_id"[, "heatmap_png", "heatmap_class"]}]}``.
 
     Raises:
-        BadInputError: an upload fails a check or does not decode.
+        BadInputError: an upload does not decode (422).
     """
     batch = decode_uploads(uploads, served.img_size, settings.max_pixels, settings.inference_threads)
     probs = served.predict(batch)
