@@ -39,7 +39,7 @@ def _readyz(uri: str, before: Any = None) -> tuple[dict[str, Any], Any]:
         before(holder)
     holder.refresh()
     response = TestClient(create_app(settings, holder)).get("/readyz")
-    assert response.status_code == 503 and "Retry-After" in response.headers
+    assert response.status_code == 503
     return response.json(), holder
 
 
