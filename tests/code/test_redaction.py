@@ -110,7 +110,7 @@ def test_service_log_hides_the_password(monkeypatch: pytest.MonkeyPatch, caplog:
                                         ) -> None:
     import uvicorn
 
-    from covid_tasks.serve.__main__ import _RedactingFormatter, main
+    from covid_tasks.serve.__main__ import main
     from covid_tasks.serve.settings import MLFLOW_HTTP_DEFAULTS
 
     uri = with_credentials(closed_port_uri())
@@ -122,6 +122,8 @@ def test_service_log_hides_the_password(monkeypatch: pytest.MonkeyPatch, caplog:
         assert main(["--port", "8999"]) == 0
     assert "serving models:/covid-xray-classifier@champion from http://***@127.0.0.1:" in caplog.text
     assert_hidden(caplog.text)
+    from covid_tasks.serve.__main__ import _RedactingFormatter
+
     try:  # the service's own log format also hides URIs quoted in messages and tracebacks
         raise RuntimeError(f"API request to {uri}/api/2.0/x failed")
     except RuntimeError:
