@@ -68,6 +68,22 @@ CHECK_SHARES = ("check_max_label_change_share", "check_min_class_share_kept", "c
 METADATA_COLUMNS: tuple[str, ...] = ("patientid", "finding", "view", "modality", "filename")
 
 
+#: ``scheme://userinfo@``: the credentials part of a URI, also inside a longer text (an error
+#: message quoting a URL). Greedy up to the last ``@`` before the host, so a password holding an
+#: unescaped ``@`` is hidden whole.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s'\"<>]*@")
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the user name and password of every URI in it replaced by ``***``.
+
+    Use it wherever a tracking URI (or a message quoting one) is shown: logs, answers, files.
+    ``http://inference:secret@mlflow:5000`` becomes ``http://***@mlflow:5000``; text without
+    credentials is returned unchanged.
+    """
+    return _USERINFO.sub(r"\g<scheme>***@", text) if "@" in text else text
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` MLflow URI, ``None`` for any other URI."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None

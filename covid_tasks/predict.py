@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from covid_tasks.config import POSITIVE_INDEX
+from covid_tasks.config import POSITIVE_INDEX, redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def load_model(model: str, tracking_uri: str | None = None, threshold: float | N
         try:
             return load_registered(model, tracking_uri, threshold)
         except MlflowException as exc:
-            raise RuntimeError(f"cannot load {model} from {tracking_uri}: {exc.message}") from exc
+            raise RuntimeError(redact_uri(f"cannot load {model} from {tracking_uri}: {exc.message}")) from exc
     return load_keras_file(model, threshold)
 
 

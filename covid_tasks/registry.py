@@ -12,22 +12,27 @@ version a caller reports is the one it loaded even if the alias moves in between
 can copy the pattern with plain ``mlflow`` and ``keras`` (see docs/serving.md).
 
 A lookup never creates a store: a SQLite or folder URI that does not exist is reported as such,
-and every lookup error names the tracking URI it used. MLflow's own HTTP retries (minutes by
+and every lookup error names the tracking URI it used, without its credentials
+(:func:`covid_tasks.config.redact_uri`: ``http://user:password@host`` is shown as
+``http://***@host`` in every message and log line). MLflow's own HTTP retries (minutes by
 default) are bounded by :func:`bound_mlflow_http`, so an unreachable registry fails in seconds
-with one line naming the URI; Airflow's task retries cover longer outages.
+with one line naming the URI. The errors say what failed, not what happens next: the caller says
+that (a task fails and Airflow retries it; the service keeps serving and polls again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import sqlite3
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, MODEL_NAME, Config, sqlite_path
+from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, MODEL_NAME, Config, redact_uri, sqlite_path
 from covid_tasks.layout import CLASS_INDICES, METRICS, OPERATING_POINT
 from covid_tasks.storage import file_sha256, read_json
 
@@ -64,6 +69,9 @@ def bound_mlflow_http() -> dict[str, str]:
 def unavailable(exc: BaseException, uri: str, doing: str) -> RegistryUnavailableError | None:
     """A one-line ``RegistryUnavailableError`` when ``exc`` means the registry cannot be reached.
 
+    The message names the URI without credentials and says what failed, not what happens next
+    (the caller knows: a task fails and Airflow retries it, the service keeps serving and polls).
+
     Args:
         exc: an exception raised by an MLflow call.
         uri: the tracking URI used.
@@ -85,8 +93,8 @@ def unavailable(exc: BaseException, uri: str, doing: str) -> RegistryUnavailable
         if found:
             short = found.group(1).strip()
             break
-    return RegistryUnavailableError(f"MLflow registry at {uri} is unreachable ({short}) while trying to "
-                                    f"{doing}; the task fails now and Airflow retries it later")
+    return RegistryUnavailableError(redact_uri(f"MLflow registry at {uri} is unreachable ({short}) while "
+                                               f"trying to {doing}"))
 
 
 def _is_requests_error(exc: BaseException) -> bool:
@@ -118,16 +126,56 @@ def require_store(tracking_uri: str) -> None:
     """
     from mlflow.exceptions import MlflowException
 
-    local = sqlite_path(tracking_uri)
-    if local is None and tracking_uri.startswith(("/", "./", "../")):
-        local = Path(tracking_uri)  # a plain folder path (a file store)
-    elif local is None and tracking_uri.startswith("file:"):
-        local = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+    local = _local_store(tracking_uri)
     if local is not None and not local.exists():
         raise MlflowException(f"no MLflow store at {tracking_uri} ({local} does not exist); nothing was "
                               "registered there. Pass the tracking URI of your registry (or set "
                               "MLFLOW_TRACKING_URI / COVID_MLFLOW_TRACKING_URI)",
                               error_code="RESOURCE_DOES_NOT_EXIST")
+
+
+def _local_store(tracking_uri: str) -> Path | None:
+    """The file or folder of a local store (SQLite, folder path, ``file:``), ``None`` for a server."""
+    local = sqlite_path(tracking_uri)
+    if local is None and tracking_uri.startswith(("/", "./", "../")):
+        local = Path(tracking_uri)  # a plain folder path (a file store)
+    elif local is None and tracking_uri.startswith("file:"):
+        local = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+    return local
+
+
+def store_problem(tracking_uri: str) -> str | None:
+    """Why a local store cannot be read, checked without opening it for MLflow; ``None`` when fine.
+
+    A store that is gone (moved, deleted, never made), a SQLite file that is not a database (or
+    not MLflow's), or a folder store that is a file: each would otherwise look like a reachable,
+    empty registry, and MLflow would create a fresh store in its place. Remote stores (``http``,
+    databases) are not checked here; their look-ups fail on their own.
+
+    Args:
+        tracking_uri: the tracking URI.
+
+    Returns:
+        One sentence naming the URI and the path, or ``None``.
+    """
+    local = _local_store(tracking_uri)
+    if local is None:
+        return None
+    shown = redact_uri(tracking_uri)
+    if not local.exists():
+        return f"no MLflow store at {shown}: {local} does not exist (not made yet, moved or deleted)"
+    if sqlite_path(tracking_uri) is None:
+        return None if local.is_dir() else f"the MLflow store {shown} is not a folder"
+    if not local.is_file():
+        return f"the MLflow store {shown} is not a file ({local})"
+    try:  # read-only: a lookup never writes to, or creates, the store
+        with contextlib.closing(sqlite3.connect(f"{local.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        return f"the MLflow store {shown} cannot be read: {exc}"
+    if "registered_models" not in tables:
+        return f"{local} is not an MLflow store (no registered_models table)"
+    return None
 
 
 @dataclass
@@ -203,7 +251,8 @@ def alias_version(name: str, alias: str, tracking_uri: str) -> Any | None:
         The ``mlflow.entities.model_registry.ModelVersion`` or ``None``.
 
     Raises:
-        RegistryUnavailableError: the registry cannot be reached or refuses the request.
+        RegistryUnavailableError: the registry cannot be reached or refuses the request, or the
+            local store exists but is not a readable MLflow store (:func:`store_problem`).
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -212,14 +261,23 @@ def alias_version(name: str, alias: str, tracking_uri: str) -> Any | None:
         require_store(tracking_uri)
     except MlflowException:
         return None
+    broken = store_problem(tracking_uri)
+    if broken:
+        raise RegistryUnavailableError(broken)
     try:
         client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         version = alias_version_number(client, name, alias)
         return None if version is None else client.get_model_version(name, version)
     except MlflowException as exc:
         down = unavailable(exc, tracking_uri, f"read {name}@{alias}")
-        raise (down or RegistryUnavailableError(
-            f"cannot read {name}@{alias} from the MLflow registry at {tracking_uri}: {exc}")) from exc
+        raise (down or RegistryUnavailableError(redact_uri(
+            f"cannot read {name}@{alias} from the MLflow registry at {tracking_uri}: {exc}"))) from exc
+    except Exception as exc:  # SQLAlchemy errors of a local store that broke while in use
+        if type(exc).__module__.startswith("sqlalchemy"):
+            raise RegistryUnavailableError(redact_uri(
+                f"cannot read {name}@{alias} from the MLflow store at {tracking_uri}: "
+                f"{str(exc).splitlines()[0][:300]}")) from exc
+        raise
 
 
 def load_keras_file(path: str | Path, threshold: float | None = None) -> LoadedModel:
@@ -320,14 +378,14 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, threshold: 
         local = _download(client, source, name, version, pinned, tracking_uri, tmp)
         for required in (CLASS_INDICES, OPERATING_POINT):
             if not (local / required).is_file():
-                raise FileNotFoundError(f"{pinned} (registry {tracking_uri}) has no {required}; it was "
-                                        "not registered by this pipeline")
+                raise FileNotFoundError(f"{pinned} (registry {redact_uri(tracking_uri)}) has no "
+                                        f"{required}; it was not registered by this pipeline")
         mapping = check_class_indices(read_json(local / CLASS_INDICES))
         op = read_json(local / OPERATING_POINT)
         model = keras.saving.load_model(next(local.rglob("*.keras")))
     img_size = int(model.input_shape[1] or op["img_size"])
     logger.info("loaded %s (version %s, threshold %.4f) from %s", model_uri, version, op["threshold"],
-                tracking_uri)
+                redact_uri(tracking_uri))
     return LoadedModel(model, mapping, float(op["threshold"]) if threshold is None else float(threshold),
                        img_size, model_uri, version, op.get("run_key"),
                        output=op.get("output", "P(covid), not calibrated"), calibration=op.get("calibration"))
@@ -356,9 +414,9 @@ def _lookup_error(exc: Any, target: str, uri: str, doing: str, otherwise: str) -
     from mlflow.exceptions import MlflowException
 
     if exc.error_code in _NOT_FOUND:
-        return MlflowException(f"{target} not found in the MLflow registry at {uri}: {exc.message}",
-                               error_code=exc.error_code)
-    return unavailable(exc, uri, f"{doing} {target}") or RegistryUnavailableError(otherwise)
+        message = f"{target} not found in the MLflow registry at {uri}: {exc.message}"
+        return MlflowException(redact_uri(message), error_code=exc.error_code)
+    return unavailable(exc, uri, f"{doing} {target}") or RegistryUnavailableError(redact_uri(otherwise))
 
 
 def load_champion(tracking_uri: str | None = None, name: str = MODEL_NAME) -> LoadedModel:

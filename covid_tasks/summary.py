@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from covid_tasks.config import CHALLENGER_ALIAS, CHAMPION_ALIAS, Config
+from covid_tasks.config import CHALLENGER_ALIAS, CHAMPION_ALIAS, Config, redact_uri
 from covid_tasks.layout import METRICS, DataRoot
 from covid_tasks.storage import read_json
 
@@ -22,12 +22,13 @@ def summary(cfg: Config) -> tuple[str, dict[str, Any]]:
     Returns:
         ``(text, {"tracking_uri", "model_name", "latest_run", "champion_version",
         "challenger_version"})``; a version is ``None`` when the alias is absent or the
-        registry cannot be read.
+        registry cannot be read. The tracking URI appears without its credentials.
     """
     from covid_tasks.registry import RegistryUnavailableError, alias_version
 
     lines = []
-    result: dict[str, Any] = {"tracking_uri": cfg.tracking_uri, "model_name": cfg.model_name}
+    uri = redact_uri(cfg.tracking_uri)
+    result: dict[str, Any] = {"tracking_uri": uri, "model_name": cfg.model_name}
     root = DataRoot.of(cfg)
     runs = sorted(root.runs.glob(f"*/{METRICS}"), key=lambda p: p.stat().st_mtime)
     if runs:
@@ -68,7 +69,7 @@ def summary(cfg: Config) -> tuple[str, dict[str, Any]]:
             lines.append(f"Registry unavailable: {exc}")
         result[f"{alias}_version"] = int(mv.version) if mv is not None else None
         if mv is None:
-            lines.append(f"Registered: no {cfg.model_name}@{alias} in {cfg.tracking_uri}")
+            lines.append(f"Registered: no {cfg.model_name}@{alias} in {uri}")
         else:
             tags = mv.tags or {}
             lines.append(f"Registered: {cfg.model_name} version {mv.version} is @{alias} "
@@ -80,16 +81,22 @@ def summary(cfg: Config) -> tuple[str, dict[str, Any]]:
             "No champion yet, so there is nothing to look up: the gate above says which metric fell",
             "short of which threshold. Retrain with more epochs, or lower the gate for a demo, e.g.",
             "  make run RUN_CONF='{\"min_sensitivity\": 0.3, \"min_specificity\": 0.0, ...}'",
-            f"Browse the logged run: .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri}",
+            f"Browse the logged run: .venv/bin/mlflow ui --backend-store-uri {uri}",
         ]
-        return "\n".join(lines), result
+        return "\n".join(lines + _credentials_note(uri, cfg.tracking_uri)), result
     lines += [
         "Look it up:",
         f"  .venv/bin/python -c \"from covid_tasks.registry import load_champion; "
-        f"m = load_champion('{cfg.tracking_uri}'); print(m.version, m.threshold, m.class_indices)\"",
+        f"m = load_champion('{uri}'); print(m.version, m.threshold, m.class_indices)\"",
         "Predict:",
-        f"  COVID_MLFLOW_TRACKING_URI={cfg.tracking_uri} .venv/bin/python -m covid_tasks predict "
+        f"  COVID_MLFLOW_TRACKING_URI={uri} .venv/bin/python -m covid_tasks predict "
         f"{sample or '<image>'} --model models:/{cfg.model_name}@{CHAMPION_ALIAS}",
-        f"Browse: .venv/bin/mlflow ui --backend-store-uri {cfg.tracking_uri}",
+        f"Browse: .venv/bin/mlflow ui --backend-store-uri {uri}",
     ]
-    return "\n".join(lines), result
+    return "\n".join(lines + _credentials_note(uri, cfg.tracking_uri)), result
+
+
+def _credentials_note(shown: str, uri: str) -> list[str]:
+    if shown == uri:
+        return []
+    return ["(credentials hidden as ***: pass them as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"]

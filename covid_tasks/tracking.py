@@ -6,12 +6,14 @@ writes them.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from covid_tasks.config import CLASS_NAMES, POSITIVE_INDEX, Config
+from covid_tasks.config import CLASS_NAMES, POSITIVE_INDEX, Config, redact_uri
 from covid_tasks.layout import DataRoot
+from covid_tasks.training_data import training_data
 
 #: metrics.json entries that are settings or counts, logged as params rather than test metrics.
 SETTINGS = ("min_sensitivity", "min_specificity", "promotion_margin", "img_size", "bootstrap_resamples",
@@ -108,6 +110,8 @@ def run_params(root: DataRoot, cfg: Config, metrics: dict[str, Any], context: di
                   model_sha256=content["model_sha256"],
                   calibration_method=(metrics.get("calibration") or {}).get("method", "none"),
                   champion_version_compared=(metrics.get("champion") or {}).get("version", "none"))
+    trained_on = training_data(root, cfg.source_uri, context.get("dataset_version"))
+    params.update(demo=str(trained_on["demo"]).lower(), training_images=trained_on["images"])
     return {k: str(v)[:500] for k, v in params.items()}
 
 
@@ -116,13 +120,15 @@ def version_tags(cfg: Config, metrics: dict[str, Any], run_key: str, context: di
     champion = metrics.get("champion") or {}
     cal = metrics.get("calibration") or {}
     audit = metrics.get("shortcut_audit") or {}
+    # What the model was trained on, and whether it is a demo (the inference service shows both).
+    trained_on = training_data(DataRoot.of(cfg), cfg.source_uri, context.get("dataset_version"))
     tags = {
         "run_key": run_key,
         "content_id": content["content_id"],
         "model_sha256": content["model_sha256"],
         "operating_point_sha256": content["operating_point_sha256"],
         "model_id": model_id,
-        "source_uri": cfg.source_uri,
+        "source_uri": redact_uri(cfg.source_uri),
         "dataset_version": str(context.get("dataset_version", "unknown")),
         "logical_date": str(context.get("logical_date") or ""),
         "data_check": str((metrics.get("data_check") or {}).get("verdict", "unchecked")),
@@ -144,6 +150,8 @@ def version_tags(cfg: Config, metrics: dict[str, Any], run_key: str, context: di
         "backbone": cfg.backbone,
         "img_size": str(metrics.get("img_size", cfg.img_size)),
         "git_commit": git_commit(),
+        "training_data": json.dumps(trained_on, separators=(",", ":")),
+        "demo": str(trained_on["demo"]).lower(),
     }
     for name in ("sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc"):
         value = metrics.get(name)

@@ -8,28 +8,36 @@ Endpoints (see docs/serving.md for examples):
 * ``GET /v1/model``: the version served, its alias, gate metrics, data version and dates.
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (a model is loaded; why not, if not).
 * ``GET /metrics``: Prometheus text.
-* ``GET /``: the web page (``static/``).
+* ``GET /``: the web page (``static/``); ``/openapi.json``: the API's schema; ``/docs``: Swagger
+  UI, only with ``COVID_SERVE_DOCS=on`` (it loads files from a CDN; see :mod:`.headers`).
 
-Run it with ``python -m covid_tasks.serve`` (or ``make serve``).
+Every answer carries the security headers of :mod:`.headers`. Run it with
+``python -m covid_tasks.serve`` (or ``make serve``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import logging
+import math
+import string
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
 from covid_tasks.config import CLASS_NAMES, POSITIVE_INDEX
-from covid_tasks.serve.inputs import BadInputError, Upload, decode_uploads
+from covid_tasks.serve import inputs
+from covid_tasks.serve.headers import SecurityHeaders, swagger_page
+from covid_tasks.serve.inputs import BadInputError, Upload, check_request, decode_uploads
 from covid_tasks.serve.limits import BodySizeLimit
 from covid_tasks.serve.metrics import ServeMetrics
 from covid_tasks.serve.model_holder import ModelHolder, ServedModel
@@ -56,6 +64,7 @@ def create_app(settings: ServeSettings | None = None, holder: ModelHolder | None
     metrics = ServeMetrics()
     holder = holder or ModelHolder(settings, on_swap=metrics.swapped)
     limiter = anyio.CapacityLimiter(settings.inference_threads)
+    title = "COVID-19 chest X-ray classifier (research use only)"
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -65,49 +74,112 @@ def create_app(settings: ServeSettings | None = None, holder: ModelHolder | None
         finally:
             holder.stop()
 
-    app = FastAPI(title="COVID-19 chest X-ray classifier (research use only)", lifespan=lifespan,
-                  version="1", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title=title, lifespan=lifespan, version="1", docs_url=None, redoc_url=None)
     app.state.settings, app.state.holder, app.state.metrics = settings, holder, metrics
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_exception_handler(BadInputError, _bad_input)
     _routes(app, settings, holder, metrics, limiter)
+    if settings.docs:
+        app.add_api_route("/docs", lambda: swagger_page(title, app.openapi_url or "/openapi.json"),
+                          include_in_schema=False)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, paths=(PREDICT_PATH,))
     app.add_middleware(_Observe, metrics=metrics)
+    app.add_middleware(SecurityHeaders)
     return app
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer: ``detail`` says what was wrong in words (a list of problems for
+    a malformed query parameter, FastAPI's validation format)."""
+
+    detail: str | list[dict[str, Any]]
+
+
+def _predict_docs(settings: ServeSettings) -> dict[str, Any]:
+    """``/v1/predict``'s request body and error answers for the OpenAPI schema (the body is read
+    by hand, to enforce the limits before parsing, so FastAPI cannot infer it)."""
+    names, budget = inputs.accepted_names(), settings.max_request_pixels / 1e6
+    media = ", ".join(m for f in inputs.ACCEPTED_FORMATS for m in f.media_types)
+    body = {"type": "object", "required": ["file"], "properties": {"file": {
+        "type": "array", "minItems": 1, "maxItems": settings.max_files,
+        "items": {"type": "string", "format": "binary"},
+        "description": f"one or more chest X-rays ({names}); any field name is accepted"}}}
+    retry = {"Retry-After": {"description": "seconds to wait before asking again",
+                             "schema": {"type": "integer"}}}
+
+    def error(text: str, **extra: Any) -> dict[str, Any]:
+        return {"model": ErrorBody, "description": text, **extra}
+
+    return {
+        "openapi_extra": {"requestBody": {"required": True, "content": {"multipart/form-data": {
+            "schema": body, "encoding": {"file": {"contentType": media}}}}}},
+        "responses": {
+            400: error("an empty file, no file at all, or a malformed multipart body"),
+            413: error(f"too many files (over {settings.max_files}), a file over "
+                       f"{settings.max_file_bytes / 2**20:g} MiB, a body over "
+                       f"{settings.max_request_bytes / 2**20:g} MiB, an image over "
+                       f"{settings.max_pixels / 1e6:g} Mpx, or more than {budget:g} Mpx in all"),
+            415: error(f"not multipart/form-data, or a file that is not a {names} image"),
+            422: error("an image that does not decode, explain=true for a version without Grad-CAM, "
+                       "or a malformed query parameter"),
+            503: error("no model is loaded yet; ``detail`` says why", headers=retry),
+        },
+    }
+
+
+def render_page(settings: ServeSettings) -> str:
+    """``static/index.html`` with the accepted formats and limits filled in (one source for the
+    drop zone, the file picker and the page without JavaScript)."""
+    template = string.Template((STATIC / "index.html").read_text(encoding="utf-8"))
+    return template.substitute(accepted_names=html.escape(inputs.accepted_names()),
+                               accept=html.escape(inputs.accept_attribute()),
+                               max_files=settings.max_files)
 
 
 def _routes(app: FastAPI, settings: ServeSettings, holder: ModelHolder, metrics: ServeMetrics,
             limiter: anyio.CapacityLimiter) -> None:
-    @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+    page_html = render_page(settings)
+    retry_after = {"Retry-After": str(max(1, math.ceil(settings.poll_interval_s)))}
+    not_ready = {503: {"model": ErrorBody, "description": "no model loaded (``reason`` says why)",
+                       "headers": {"Retry-After": {"schema": {"type": "integer"}}}}}
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(page_html, headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         """The process is alive (says nothing about the model)."""
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "no model loaded; ``reason`` says why",
+                                         "headers": not_ready[503]["headers"]}})
     def readyz() -> JSONResponse:
-        """200 when a model is loaded, else 503; ``reason`` says why in words."""
+        """200 when a model is loaded, else 503 (with ``Retry-After``); ``reason`` says why in words."""
         status = holder.status()
-        return JSONResponse(status, status_code=200 if status["ready"] else 503)
+        if status["ready"]:
+            return JSONResponse(status)
+        return JSONResponse(status, status_code=503, headers=retry_after)
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", responses=not_ready)
     def model_info() -> dict[str, Any]:
-        """The version served: alias, run, gate metrics, data version, dates, threshold."""
-        return {**_served_or_503(holder).info, "status": holder.status()["reason"]}
+        """The version served: alias, run, gate metrics, what it was trained on (and whether it is
+        a demo), dates, threshold."""
+        return {**_served_or_503(holder, retry_after).info, "status": holder.status()["reason"]}
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
         return Response(metrics.render(holder.status()), media_type=metrics.content_type)
 
-    @app.post(PREDICT_PATH)
+    @app.post(PREDICT_PATH, **_predict_docs(settings))
     async def predict(request: Request, explain: bool = False) -> dict[str, Any]:
         """Classify the uploaded images (multipart, any field name, e.g. ``file``)."""
         started = time.perf_counter()
-        served = _served_or_503(holder)  # one version for the whole request
+        served = _served_or_503(holder, retry_after)  # one version for the whole request
         uploads = await _read_uploads(request, settings)
+        # Sizes, headers and the pixel budget before taking an inference slot: nothing is decoded.
+        await anyio.to_thread.run_sync(check_request, uploads, settings.max_file_bytes, settings.max_pixels,
+                                       settings.max_request_pixels)
         if explain and served.gradcam is None:
             raise BadInputError(422, f"explain=true is unavailable for version {served.version}: "
                                      f"{served.gradcam_error}")
@@ -119,10 +191,10 @@ def _routes(app: FastAPI, settings: ServeSettings, holder: ModelHolder, metrics:
         return result
 
 
-def _served_or_503(holder: ModelHolder) -> ServedModel:
+def _served_or_503(holder: ModelHolder, retry_after: dict[str, str]) -> ServedModel:
     served = holder.current
     if served is None:
-        raise HTTPException(503, holder.status()["reason"], headers={"Retry-After": "10"})
+        raise HTTPException(503, holder.status()["reason"], headers=retry_after)
     return served
 
 
@@ -132,7 +204,8 @@ async def _read_uploads(request: Request, settings: ServeSettings) -> list[Uploa
     Raises:
         BadInputError: not multipart (415), malformed (400), no file (400), too many files (413).
     """
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "multipart/form-data":  # media types are case-insensitive (RFC 9110)
         raise BadInputError(415, "send the images as multipart/form-data, e.g. "
                                  "curl -F file=@xray.jpg http://HOST:PORT/v1/predict")
     too_many = BadInputError(413, f"too many files: at most {settings.max_files} images per request")
@@ -145,7 +218,9 @@ async def _read_uploads(request: Request, settings: ServeSettings) -> list[Uploa
     try:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
-            raise BadInputError(400, "no image in the request: send one or more files as multipart "
+            fields = sorted({k for k, v in form.multi_items() if not isinstance(v, UploadFile)})
+            hint = f" (the fields {', '.join(fields)} have no filename, so are not files)" if fields else ""
+            raise BadInputError(400, f"no image in the request{hint}: send one or more files as multipart "
                                      "form fields (e.g. -F file=@xray.jpg)")
         if len(files) > settings.max_files:
             raise too_many
@@ -158,15 +233,16 @@ def classify(served: ServedModel, uploads: list[Upload], explain: bool, settings
              ) -> dict[str, Any]:
     """Decode, predict and (optionally) explain a request's images with one served version.
 
+    The uploads have passed :func:`covid_tasks.serve.inputs.check_request` (sizes, headers, pixels).
+
     Returns:
-        ``{"model": {...}, "predictions": [{"filename", "class", "prob_covid", "threshold",
-        "model_name", "model_version", "run_id"[, "heatmap_png", "heatmap_class"]}]}``.
+        ``{"model": {..., "demo"}, "n_images", "predictions": [{"filename", "class", "prob_covid",
+        "threshold", "model_name", "model_version", "run_id"[, "heatmap_png", "heatmap_class"]}]}``.
 
     Raises:
-        BadInputError: an upload fails a check or does not decode.
+        BadInputError: an upload does not decode (422).
     """
-    batch = decode_uploads(uploads, served.img_size, settings.max_file_bytes, settings.max_pixels,
-                           settings.inference_threads)
+    batch = decode_uploads(uploads, served.img_size, settings.max_pixels, settings.inference_threads)
     probs = served.predict(batch)
     positive = probs >= served.threshold
     out = []
@@ -179,7 +255,8 @@ def classify(served: ServedModel, uploads: list[Upload], explain: bool, settings
         _explain(served, batch, positive, out)
     model = {"name": served.name, "version": served.version, "run_id": served.run_id,
              "alias": served.info.get("alias"), "threshold": served.threshold,
-             "calibrated": served.calibrated, "img_size": served.img_size}
+             "calibrated": served.calibrated, "img_size": served.img_size,
+             "demo": (served.info.get("training_data") or {}).get("demo")}
     return {"model": model, "n_images": len(out), "predictions": out}
 
 

@@ -4,12 +4,18 @@ Each upload is checked in this order, and the first failure answers the whole re
 4xx (no partial answers):
 
 1. size: empty (400) or above ``max_file_bytes`` (413);
-2. header (Pillow reads only the header; nothing is decoded): not an image (415), a format the
-   training decoder does not read (415), or more than ``max_pixels`` pixels, a decompression
-   bomb (422);
-3. decoding with :func:`covid_tasks.images.load_image`, exactly as training, ``evaluate`` and
+2. header (Pillow reads only the header; nothing is decoded): not an image (415), a format not
+   in :data:`ACCEPTED_FORMATS` (415), or more than ``max_pixels`` pixels (413: a decompression
+   bomb, or an image far larger than any radiograph);
+3. the request's pixel budget: the sum of width x height over its images, from their headers,
+   above ``max_request_pixels`` (413). Decoding costs memory and time in proportion to the
+   pixels, not the bytes (a 47 KB 7000 x 7000 greyscale PNG takes about 1.1 GB and 3.7 s), so
+   these limits, not the byte limits, bound what one request can cost;
+4. decoding with :func:`covid_tasks.images.load_image`, exactly as training, ``evaluate`` and
    ``predict`` decode: any ``ValueError`` (truncated or corrupt data, files Pillow reads but
    TensorFlow does not, the decoder's own limits) answers 422.
+
+Steps 1-3 (:func:`check_request`) run before the request takes an inference slot.
 """
 
 from __future__ import annotations
@@ -25,8 +31,50 @@ from typing import Sequence
 
 import numpy as np
 
-#: Pillow format names of the files TensorFlow's decoders (and so training) read.
-DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF"})
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """One accepted file format.
+
+    Attributes:
+        name: the name people read ("JPEG").
+        pillow: the Pillow format names of such files (the header check).
+        media_types: MIME types, for the page's file picker.
+        extensions: file name endings, for the page's file picker.
+    """
+
+    name: str
+    pillow: tuple[str, ...]
+    media_types: tuple[str, ...]
+    extensions: tuple[str, ...]
+
+
+#: The formats the service accepts, in the order shown: the one list behind the header check,
+#: the 415 messages, the page (drop zone text, file picker) and the OpenAPI description. These are
+#: the files TensorFlow's decoders, and so training, read; a new format (DICOM, say) needs an
+#: entry here and a decoder in :func:`covid_tasks.images.load_image`.
+ACCEPTED_FORMATS: tuple[ImageFormat, ...] = (
+    ImageFormat("JPEG", ("JPEG", "MPO"), ("image/jpeg",), (".jpg", ".jpeg")),
+    ImageFormat("PNG", ("PNG",), ("image/png",), (".png",)),
+    ImageFormat("BMP", ("BMP",), ("image/bmp",), (".bmp",)),
+    ImageFormat("GIF", ("GIF",), ("image/gif",), (".gif",)),
+)
+
+
+def accepted_names() -> str:
+    """``"JPEG, PNG, BMP or GIF"``: the accepted formats in words."""
+    names = [f.name for f in ACCEPTED_FORMATS]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def accept_attribute() -> str:
+    """The ``accept`` attribute of a file input: every accepted MIME type and file ending."""
+    return ",".join([*(m for f in ACCEPTED_FORMATS for m in f.media_types),
+                     *(e for f in ACCEPTED_FORMATS for e in f.extensions)])
+
+
+def _decodable() -> frozenset[str]:
+    return frozenset(p for f in ACCEPTED_FORMATS for p in f.pillow)
 _TF_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
 
 
@@ -51,7 +99,8 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
     """Check size and header without decoding; return ``(format, width, height)``.
 
     Raises:
-        BadInputError: empty, too large, not an image, an unsupported format, or too many pixels.
+        BadInputError: empty (400), too large (413), not an image (415), an unsupported format
+            (415), or more than ``max_pixels`` pixels (413).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -67,37 +116,62 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
             with Image.open(io.BytesIO(upload.data)) as img:
                 fmt, (width, height) = img.format or "unknown", img.size
     except Image.DecompressionBombError as exc:  # Pillow's own, far higher limit
-        raise BadInputError(422, f"'{name}' is a decompression bomb ({exc}); the limit is "
-                                 f"{max_pixels / 1e6:.0f} Mpx") from None
+        raise BadInputError(413, f"'{name}' is a decompression bomb ({exc}); the limit is "
+                                 f"{max_pixels / 1e6:g} Mpx per image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise BadInputError(415, f"'{name}' is not an image; send a chest X-ray as JPEG or PNG") from None
-    if fmt not in DECODABLE_FORMATS:
-        raise BadInputError(415, f"'{name}' is a {fmt} image; send JPEG or PNG (also read: BMP, GIF)")
+        raise BadInputError(415, f"'{name}' is not an image; send a chest X-ray as "
+                                 f"{accepted_names()}") from None
+    if fmt not in _decodable():
+        raise BadInputError(415, f"'{name}' is a {fmt} image; send {accepted_names()}")
     if width * height > max_pixels:
-        raise BadInputError(422, f"'{name}' is {width} x {height} = {width * height / 1e6:.0f} Mpx; "
-                                 f"the limit is {max_pixels / 1e6:.0f} Mpx (a decompression bomb?)")
+        raise BadInputError(413, f"'{name}' is {width} x {height} = {width * height / 1e6:.1f} Mpx; "
+                                 f"the limit is {max_pixels / 1e6:g} Mpx per image (a decompression "
+                                 f"bomb?); send it downscaled")
     return fmt, width, height
 
 
-def decode_uploads(uploads: Sequence[Upload], img_size: int, max_file_bytes: int, max_pixels: int,
-                   threads: int = 2) -> np.ndarray:
-    """Check every upload, then decode all of them with :func:`covid_tasks.images.load_image`.
+def check_request(uploads: Sequence[Upload], max_file_bytes: int, max_pixels: int,
+                  max_request_pixels: int) -> int:
+    """Check every upload (:func:`check_upload`), then the request's pixel budget; nothing is decoded.
+
+    Args:
+        uploads: the files of one request.
+        max_file_bytes: per-file size limit.
+        max_pixels: per-image pixel limit (width x height).
+        max_request_pixels: the limit on the sum of width x height over the request's images.
+
+    Returns:
+        The request's pixels in all.
+
+    Raises:
+        BadInputError: the first upload that fails a check, or 413 for a request over the budget.
+    """
+    sizes = [check_upload(upload, max_file_bytes, max_pixels) for upload in uploads]
+    total = sum(width * height for _, width, height in sizes)
+    if total > max_request_pixels:
+        raise BadInputError(413, f"the {len(uploads)} images of this request have {total / 1e6:.1f} Mpx "
+                                 f"in all; the limit is {max_request_pixels / 1e6:g} Mpx per request "
+                                 f"(decoding costs memory and time per pixel): send fewer or smaller "
+                                 f"images, or several requests")
+    return total
+
+
+def decode_uploads(uploads: Sequence[Upload], img_size: int, max_pixels: int, threads: int = 2
+                   ) -> np.ndarray:
+    """Decode uploads that passed :func:`check_request` with :func:`covid_tasks.images.load_image`.
 
     Args:
         uploads: the files of one request.
         img_size: the model's input size.
-        max_file_bytes: per-file size limit.
-        max_pixels: per-image pixel limit.
+        max_pixels: per-image pixel limit (``load_image`` checks the header again).
         threads: parallel decoders.
 
     Returns:
         float32 ``(n, img_size, img_size, 3)`` raw 0..255 RGB, in upload order.
 
     Raises:
-        BadInputError: the first upload that fails a check or does not decode.
+        BadInputError: the first upload that does not decode (422).
     """
-    for upload in uploads:
-        check_upload(upload, max_file_bytes, max_pixels)
     with tempfile.TemporaryDirectory(prefix="covid-serve-") as tmp:
         paths = []
         for i, upload in enumerate(uploads):

@@ -6,10 +6,12 @@ keep using the current one; then one reference assignment swaps it in. A request
 reference once (:attr:`ModelHolder.current`) and uses that :class:`ServedModel` for decoding,
 predicting and explaining, so no request fails or mixes two versions during a swap.
 
-When the registry is unreachable the loaded version keeps serving and the failure is reported
-(:meth:`ModelHolder.status`). A version that cannot be used (missing files, wrong class order,
-no such version) is not retried until the alias moves; transient failures are retried at the
-next poll.
+When the registry is unreachable, or a local store is gone or broken (moved, deleted, replaced
+by a file that is not an MLflow store: :func:`covid_tasks.registry.store_problem`), the loaded
+version keeps serving and the failure is reported (:meth:`ModelHolder.status`). The registry URI
+is shown everywhere without its credentials (:func:`covid_tasks.config.redact_uri`). A version
+that cannot be used (missing files, wrong class order, no such version) is not retried until the
+alias moves; transient failures are retried at the next poll.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from covid_tasks.config import redact_uri
 from covid_tasks.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -151,8 +154,29 @@ def _model_info(settings: ServeSettings, version: Any, op: dict[str, Any], loade
         "gate": {k: tags[k] for k in GATE_TAGS if k in tags},
         "dataset_version": tags.get("dataset_version"), "backbone": tags.get("backbone"),
         "trained_at": _run_start(uri, version.run_id), "registered_at": _iso(version.creation_timestamp),
-        "description": version.description or None, "registry": uri,
+        "description": version.description or None, "registry": redact_uri(uri),
+        "training_data": training_data(tags),
     }
+
+
+def training_data(tags: dict[str, str]) -> dict[str, Any]:
+    """What the version was trained on, from the tags ``register`` writes (``training_data``, a
+    JSON object: images per split and label, dataset version, source, ``demo``).
+
+    Versions registered before that tag existed get what their other tags say, and ``demo`` is
+    then ``None`` (unknown).
+    """
+    import json
+
+    try:
+        data = json.loads(tags.get("training_data") or "{}")
+    except ValueError:
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    data.setdefault("dataset_version", tags.get("dataset_version"))
+    data["source"] = redact_uri(str(data.get("source") or tags.get("source_uri") or "")) or None
+    data.setdefault("demo", {"true": True, "false": False}.get(tags.get("demo", "")))
+    return data
 
 
 def _run_start(uri: str, run_id: str | None) -> str | None:
@@ -222,9 +246,13 @@ class ModelHolder:
 
     def refresh(self) -> None:
         """Look the alias up once; load and swap in a new version when it moved."""
-        from covid_tasks.registry import RegistryUnavailableError, alias_version
+        from covid_tasks.registry import RegistryUnavailableError, alias_version, store_problem
 
         s = self.settings
+        gone = store_problem(s.tracking_uri)  # a missing store is "no registry" here, not "no model"
+        if gone:
+            self._registry_failed(RegistryUnavailableError(gone))
+            return
         try:
             version = alias_version(s.model_name, s.alias, s.tracking_uri)
         except RegistryUnavailableError as exc:
@@ -243,12 +271,14 @@ class ModelHolder:
         self._load(version)
 
     def _registry_failed(self, exc: Exception) -> None:
+        error = redact_uri(str(exc))[:500]
         with self._lock:
             was = self._state["registry_reachable"]
-            self._state.update(registry_reachable=False, registry_error=str(exc)[:500], last_check=_now(),
+            self._state.update(registry_reachable=False, registry_error=error, last_check=_now(),
                                checks=self._state["checks"] + 1)
         if was is not False:
-            logger.warning("serve: registry unreachable (%s); %s", exc, self._serving_note())
+            logger.warning("serve: registry unreachable or unreadable (%s); %s; %s", error,
+                           self._serving_note(), retry_note(self.settings))
 
     def _serving_note(self) -> str:
         current = self._current
@@ -288,6 +318,7 @@ class ModelHolder:
             self._state["loading"] = None
 
     def _skip(self, number: str, why: str) -> None:
+        why = redact_uri(why)
         with self._lock:
             self._failed[number] = why[:1000]
         logger.error("serve: version %s cannot be served and is skipped until the alias moves: %s",
@@ -301,9 +332,9 @@ class ModelHolder:
             "ready": current is not None, "target": self.target,
             "model": None if current is None else {"name": current.name, "version": current.version,
                                                    "run_id": current.run_id},
-            "registry": {"uri": self.settings.tracking_uri, "reachable": state["registry_reachable"],
-                         "error": state["registry_error"], "last_check": state["last_check"],
-                         "last_success": state["last_success"]},
+            "registry": {"uri": redact_uri(self.settings.tracking_uri),
+                         "reachable": state["registry_reachable"], "error": state["registry_error"],
+                         "last_check": state["last_check"], "last_success": state["last_success"]},
             "alias_version": state["alias_version"], "loading": state["loading"],
             "failed_versions": failed,
         }
@@ -311,14 +342,24 @@ class ModelHolder:
         return out
 
 
+def retry_note(s: ServeSettings) -> str:
+    """What the service does about a registry it cannot read: it polls again."""
+    return f"retrying every {s.poll_interval_s:g} s in the background"
+
+
 def readiness_reason(s: ServeSettings, target: str, current: ServedModel | None, state: dict[str, Any],
                      failed: dict[str, str]) -> str:
-    """One sentence on the state: the ``reason`` of ``/readyz`` and the message of every 503."""
+    """One sentence on the state: the ``reason`` of ``/readyz`` and the message of every 503.
+
+    The registry URI appears without credentials.
+    """
     alias_version = state["alias_version"]
+    uri = redact_uri(s.tracking_uri)
     if current is not None:
         if state["registry_reachable"] is False:
-            return (f"serving version {current.version}; the registry at {s.tracking_uri} is unreachable "
-                    f"({state['registry_error']}), so alias moves are not seen until it is back")
+            return (f"serving version {current.version}; the registry at {uri} is unreachable "
+                    f"({state['registry_error']}): still serving version {current.version}, "
+                    f"{retry_note(s)}; alias moves are seen once it is back")
         if alias_version is None:
             return f"serving version {current.version}; {target} is no longer set in the registry"
         if alias_version != current.version:
@@ -328,13 +369,13 @@ def readiness_reason(s: ServeSettings, target: str, current: ServedModel | None,
                     f"{alias_version}, {state_of_new}")
         return f"serving version {current.version} ({target})"
     if state["checks"] == 0:
-        return f"starting: looking up {target} in the registry at {s.tracking_uri}"
+        return f"starting: looking up {target} in the registry at {uri}"
     if state["registry_reachable"] is False:
-        return (f"no model loaded: the registry at {s.tracking_uri} is unreachable "
-                f"({state['registry_error']})")
+        return (f"no model loaded: the registry at {uri} is unreachable "
+                f"({state['registry_error']}); {retry_note(s)}")
     if alias_version is None:
         return (f"no champion yet: no version of '{s.model_name}' carries the alias '{s.alias}' in the "
-                f"registry at {s.tracking_uri}; a pipeline run that passes the gate sets it (make run)")
+                f"registry at {uri}; a pipeline run that passes the gate sets it (make run)")
     if alias_version in failed:
         return f"no model loaded: version {alias_version} cannot be served: {failed[alias_version]}"
     return f"no model loaded yet: loading version {alias_version} of '{s.model_name}'"

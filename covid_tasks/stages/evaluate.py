@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, POSITIVE_INDEX, Config
+from covid_tasks.config import CHAMPION_ALIAS, CLASS_NAMES, POSITIVE_INDEX, Config, redact_uri
 from covid_tasks.layout import OPERATING_POINT, DataRoot, RunDir, load_splits
 from covid_tasks.metrics import BOOTSTRAP_RESAMPLES, binary_metrics, classification_report
 from covid_tasks.operating_point import THRESHOLD_RULE
@@ -110,7 +110,7 @@ def evaluate(cfg: Config, run_key: str) -> dict[str, Any]:
     source_path = require_file(run_dir.finetune_model, "finetune")
     logger.info("evaluate: %s min_sensitivity=%.3f min_specificity=%.3f gate_on=%s promotion_margin=%.3f "
                 "calibration=%s registry=%s", source_path, cfg.min_sensitivity, cfg.min_specificity,
-                cfg.gate_on, cfg.promotion_margin, cfg.calibration, cfg.tracking_uri)
+                cfg.gate_on, cfg.promotion_margin, cfg.calibration, redact_uri(cfg.tracking_uri))
     bound_mlflow_http()
     champion_entry = _champion_entry(cfg)  # before the slow part: an unreachable registry fails fast
     splits = load_splits(root)
@@ -382,7 +382,7 @@ def _champion_entry(cfg: Config) -> Any | None:
     entry = alias_version(cfg.model_name, CHAMPION_ALIAS, cfg.tracking_uri)
     if entry is None:
         logger.info("evaluate: no %s@%s in %s; the gate alone decides", cfg.model_name, CHAMPION_ALIAS,
-                    cfg.tracking_uri)
+                    redact_uri(cfg.tracking_uri))
     return entry
 
 

@@ -34,7 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from covid_tasks.config import CHALLENGER_ALIAS, CHAMPION_ALIAS, Config, class_indices, sqlite_path
+from covid_tasks.config import (
+    CHALLENGER_ALIAS,
+    CHAMPION_ALIAS,
+    Config,
+    class_indices,
+    redact_uri,
+    sqlite_path,
+)
 from covid_tasks.layout import (
     CHAMPION_PREDICTIONS,
     CLASS_INDICES,
@@ -97,8 +104,9 @@ def register(cfg: Config, run_key: str, *, context: dict[str, Any] | None = None
     metrics = read_json(require_file(run_dir.metrics, "evaluate"))
     content = _content(run_dir, metrics)
     tracking_uri = cfg.tracking_uri
-    logger.info("register: %s -> %s (passed=%s, decision=%s, content %s)", run_dir.path, tracking_uri,
-                metrics["passed"], metrics.get("decision"), content["content_id"][:12])
+    logger.info("register: %s -> %s (passed=%s, decision=%s, content %s)", run_dir.path,
+                redact_uri(tracking_uri), metrics["passed"], metrics.get("decision"),
+                content["content_id"][:12])
     bound_mlflow_http()
     try:
         return _register(root, cfg, run_dir, metrics, content, context or {})
@@ -152,7 +160,7 @@ def _register(root: DataRoot, cfg: Config, run_dir: RunDir, metrics: dict[str, A
         "alias": None, "aliases": [], "promoted": False, "decision": metrics.get("decision", "reject"),
         "champion_version": None, "model_uri": None, "passed": bool(metrics["passed"]),
         "reasons": metrics.get("reasons", []), "promotion_reasons": metrics.get("promotion_reasons", []),
-        "tracking_uri": tracking_uri, "promotion_rule": promotion.get("rule"),
+        "tracking_uri": redact_uri(tracking_uri), "promotion_rule": promotion.get("rule"),
         "content_id": content["content_id"], "model_id": None,
     }
     run = _find_run(client, experiment_id, run_key, content["content_id"])

@@ -190,6 +190,17 @@ def test_registered_version_carries_model_mapping_signature_and_tags(flow: dict[
     assert tags["promotion_rule"] == ev["promotion"]["rule"] and tags["shortcut_audit"] in ("ok", "warning")
 
 
+def test_version_records_what_it_was_trained_on(flow: dict[str, Any]) -> None:
+    run = flow["runs"]["run1_good"]
+    tags = flow["client"].get_model_version(MODEL, str(run["register"]["version"])).tags
+    trained_on = json.loads(tags["training_data"])
+    assert trained_on["images"] == 67 and trained_on["dataset_version"] == "ds-run1_good"
+    assert trained_on["splits"]["val"] == {"images": 24, "covid": 12, "non_covid": 12, "patients": 24}
+    assert tags["demo"] == str(trained_on["demo"]).lower()  # the default source, sample_data, from here
+    params = flow["client"].get_run(run["register"]["mlflow_run_id"]).data.params
+    assert params["training_images"] == "67" and params["demo"] == tags["demo"]
+
+
 def test_mlflow_run_holds_params_metrics_and_artifacts(flow: dict[str, Any]) -> None:
     client = flow["client"]
     reg = flow["runs"]["run2_worse"]["register"]

@@ -29,12 +29,7 @@ def browser() -> Iterator[Any]:
         pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver; .ci/run does it)")
     webdriver = pytest.importorskip("selenium.webdriver",
                                     reason="selenium is not installed (requirements-dev.txt)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1200,1000", "--disable-extensions", "--no-first-run"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver = _chrome(webdriver, javascript=True)
     driver.set_page_load_timeout(60)
     try:
         yield driver
@@ -91,3 +86,78 @@ def test_page_shows_the_service_s_message_for_a_bad_file(browser: Any, serve_sta
     text = browser.find_element(By.ID, "error").text
     assert "(415)" in text and "'notes.png' is not an image" in text
     assert not browser.find_element(By.ID, "result").is_displayed()
+
+
+def _chrome(webdriver: Any, javascript: bool) -> Any:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,1000", "--disable-extensions", "--no-first-run"):
+        options.add_argument(arg)
+    if not javascript:
+        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+
+
+@pytest.fixture(scope="module")
+def browser_without_javascript() -> Iterator[Any]:
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver; .ci/run does it)")
+    webdriver = pytest.importorskip("selenium.webdriver",
+                                    reason="selenium is not installed (requirements-dev.txt)")
+    driver = _chrome(webdriver, javascript=False)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_page_without_javascript_says_so_and_classifies_with_a_plain_form(
+        browser_without_javascript: Any, serve_stack: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser_without_javascript
+    driver.get(serve_stack.service.url + "/")
+    assert not driver.find_element(By.ID, "model-status").is_displayed()  # no endless "Looking up"
+    assert "Looking up the model" not in driver.find_element(By.TAG_NAME, "body").text
+    assert "JavaScript is off" in driver.find_element(By.ID, "no-js-model").text
+    assert not driver.find_element(By.ID, "upload").is_displayed()  # the drop zone needs JavaScript
+    form = driver.find_element(By.CSS_SELECTOR, "#plain-form form")
+    assert form.is_displayed()
+    image = SAMPLES[4]
+    form.find_element(By.NAME, "file").send_keys(str(image))
+    form.submit()
+    WebDriverWait(driver, 120).until(lambda d: '"predictions"' in d.find_element(By.TAG_NAME, "body").text)
+    answer = driver.find_element(By.TAG_NAME, "body").text
+    assert f'"filename":"{image.name}"' in answer.replace(" ", "") and '"model_version"' in answer
+
+
+def test_page_shows_what_the_model_was_trained_on_and_marks_a_demo(browser: Any, serve_stack: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    before = requests.get(f"{serve_stack.service.url}/readyz", timeout=5).json()["model"]["version"]
+    shown = {}
+    try:
+        for version in ("2", "1"):  # version 2 was trained on sample_data's file names: a demo
+            serve_stack.set_champion(version)
+            serve_stack.service.wait_for(lambda b, v=version: (b["model"] or {}).get("version") == v,
+                                         what=f"version {version} served")
+            browser.get(serve_stack.service.url + "/")
+            WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model-details").is_displayed())
+            demo = browser.find_element(By.ID, "model-demo")
+            training = browser.find_element(By.ID, "model-training").text
+            shown[version] = (demo.is_displayed(), demo.text, training)
+    finally:
+        serve_stack.set_champion(before)
+        serve_stack.service.wait_for(lambda b: (b["model"] or {}).get("version") == before,
+                                     what="champion back")
+    assert shown["2"][0]
+    assert shown["2"][1].startswith("Demo model: trained on a copy of the repository's sample_data/")
+    assert not shown["1"][0]
+    for version in ("1", "2"):
+        assert shown[version][2].startswith(
+            "67 images (train 8: 4 covid, val 24: 12 covid, test 35: 15 covid)")
+        assert f"dataset ds-serve_v{version}" in shown[version][2]

@@ -35,3 +35,17 @@ def test_mlflow_http_retries_are_bounded_unless_set() -> None:
     assert got["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == MLFLOW_HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
     assert int(got["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 2
     assert float(got["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]) <= 1
+
+
+def test_pixel_limits_and_docs_defaults_and_environment() -> None:
+    s = ServeSettings.from_env({"COVID_MLFLOW_TRACKING_URI": "http://x"})
+    assert s.max_pixels == 25_000_000 and s.max_request_pixels == 100_000_000 and s.docs is False
+    assert s.max_pixels >= 4000 * 5000  # a 4,000 x 5,000 px digital radiograph is admitted
+    s = ServeSettings.from_env({"COVID_MLFLOW_TRACKING_URI": "http://x", "COVID_SERVE_MAX_PIXELS": "1e6",
+                                "COVID_SERVE_MAX_REQUEST_PIXELS": "3000000", "COVID_SERVE_DOCS": "on"})
+    assert (s.max_pixels, s.max_request_pixels, s.docs) == (1_000_000, 3_000_000, True)
+    with pytest.raises(ValueError, match="COVID_SERVE_DOCS must be on or off"):
+        ServeSettings.from_env({"COVID_MLFLOW_TRACKING_URI": "http://x", "COVID_SERVE_DOCS": "maybe"})
+    with pytest.raises(ValueError, match="max_request_pixels must be positive"):
+        ServeSettings.from_env({"COVID_MLFLOW_TRACKING_URI": "http://x",
+                                "COVID_SERVE_MAX_REQUEST_PIXELS": "0"})

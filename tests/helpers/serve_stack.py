@@ -5,6 +5,7 @@
 1. registers two versions of :data:`MODEL` in the shared test ``mlflow server`` with the
    pipeline's own ``evaluate`` and ``register`` (EfficientNet-Lite0 with its bundled ImageNet
    weights at 64 px, two different heads, so every image has a different P(covid) per version);
+   version 2's images carry the file names of ``sample_data/``, so register marks it a demo;
 2. removes the ``champion`` alias, starts ``python -m covid_tasks.serve`` on a free loopback port
    and records what it answers while no version is champion;
 3. points ``champion`` at version 1 and waits until the service serves it.
@@ -36,7 +37,7 @@ IMG_SIZE = 64
 SAMPLES = sorted((REPO / "sample_data" / "images").glob("*.jpg"))
 #: Limits the service under test runs with (small, so the tests can exceed them cheaply).
 LIMITS = {"COVID_SERVE_MAX_FILES": "4", "COVID_SERVE_MAX_FILE_MB": "1", "COVID_SERVE_MAX_REQUEST_MB": "3",
-          "COVID_SERVE_MAX_PIXELS": "20000000"}
+          "COVID_SERVE_MAX_PIXELS": "20000000", "COVID_SERVE_MAX_REQUEST_PIXELS": "30000000"}
 POLL_S = "0.5"
 
 
@@ -166,13 +167,16 @@ def register_versions(root: Path, url: str, models: dict[str, Any]) -> dict[str,
     from covid_tasks.stages.evaluate import evaluate
     from covid_tasks.stages.register import register
 
-    data = tiny_run.make_data_root(root / "data")
+    roots = {"1": tiny_run.make_data_root(root / "data"),
+             "2": as_sample_names(tiny_run.make_data_root(root / "data_sample_names"))}
     client = MlflowClient(url, registry_uri=url)
     out = {}
     for version, model in models.items():
+        data = roots[version]
         cfg = Config(data_root=str(data), mlflow_tracking_uri=url, model_name=MODEL,
                      experiment_name="serve-test", batch_size=8, img_size=IMG_SIZE,
                      backbone="efficientnet_lite0", min_sensitivity=0.0, min_specificity=0.0,
+                     source_uri=str(data),
                      calibration="none")  # the served model is then exactly ``model`` (see expected)
         key = f"serve_v{version}"
         tiny_run.write_model_run(cfg, key, model)
@@ -183,6 +187,20 @@ def register_versions(root: Path, url: str, models: dict[str, Any]) -> dict[str,
         client.delete_registered_model_alias(MODEL, "champion")  # the next evaluate needs no champion
         out[version] = client.get_model_version(MODEL, version)
     return out
+
+
+def as_sample_names(data: Path) -> Path:
+    """Give a tiny data root's images the file names of ``sample_data/`` (a copy of the sample)."""
+    import pandas as pd
+
+    sample = pd.read_csv(REPO / "sample_data" / "metadata.csv", dtype=str, keep_default_na=False)
+    frame = pd.read_csv(data / "splits.csv", dtype=str, keep_default_na=False)
+    names = sorted(sample["filename"])[:len(frame)]
+    for old, new in zip(frame["filename"], names, strict=True):
+        (data / "raw" / "images" / old).rename(data / "raw" / "images" / new)
+    frame["filename"] = names
+    frame.to_csv(data / "splits.csv", index=False)
+    return data
 
 
 def build_stack(tmp_path_factory: Any) -> Stack:

@@ -33,7 +33,26 @@ async function loadModel() {
   $("model-gate").textContent = (gate.sensitivity || "?") + " / " + (gate.specificity || "?") +
     (gate.n_test ? " on " + gate.n_test + " test images" : "");
   $("model-trained").textContent = model.trained_at ? model.trained_at.replace("T", " ").slice(0, 16) + " UTC" : "unknown";
+  const data = model.training_data || {};
+  $("model-training").textContent = trainingText(data);
+  $("model-demo").textContent = data.demo ? "Demo model: " + (data.demo_reason || "trained on the sample data") +
+    ". Do not read anything into its answers." : "";
+  $("model-demo").hidden = !data.demo;
   $("model-details").hidden = false;
+}
+
+// "101 images (train 70: 35 covid, val 15: 8 covid, test 16: 8 covid); dataset 1a2b3c4d5e6f; source sample_data"
+function trainingText(data) {
+  const parts = [];
+  const splits = data.splits || {};
+  const names = Object.keys(splits);
+  if (names.length) {
+    const each = names.map((n) => n + " " + splits[n].images + ": " + splits[n].covid + " covid").join(", ");
+    parts.push(data.images + " images (" + each + ")");
+  }
+  if (data.dataset_version) parts.push("dataset " + String(data.dataset_version).slice(0, 12));
+  if (data.source) parts.push("source " + data.source);
+  return parts.length ? parts.join("; ") : "unknown (registered without a record of its data)";
 }
 
 function showResult(file, answer) {
@@ -85,6 +104,8 @@ async function classify(file) {
 
 function setUp() {
   const zone = $("drop-zone");
+  $("model-status").hidden = false;  // both stay hidden without JavaScript (the <noscript> parts show)
+  $("upload").hidden = false;
   $("file-input").addEventListener("change", (e) => { if (e.target.files.length) classify(e.target.files[0]); });
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("dragging"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
