@@ -40,13 +40,13 @@ logger = logging.getLogger(__name__)
 
 #: MLflow HTTP client limits set by the tasks and lookups unless the environment sets them (MLflow's
 #: defaults, 7 retries with factor 2 and 120 s per request, take minutes to give up): two retries
-#: about 1 s and 2 s apart, 15 s per request. A refused connection fails in about 3 s, a host that
+#: about 1 s and 2 s apart, 10 s per request. A refused connection fails in about 3 s, a host that
 #: drops packets in under 50 s.
 MLFLOW_HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
@@ -55,15 +55,21 @@ class RegistryUnavailableError(RuntimeError):
     """The MLflow registry could not be reached or refused a read (not "the model is absent")."""
 
 
-def bound_mlflow_http() -> dict[str, str]:
+def bound_mlflow_http(env: dict[str, str] | None = None) -> dict[str, str]:
     """Bound MLflow's HTTP retries and timeouts (``MLFLOW_HTTP_LIMITS``) where the environment does not.
+
+    The tasks and the inference service use the same limits; an operator's value is kept.
+
+    Args:
+        env: the environment to set (``os.environ`` by default).
 
     Returns:
         The limits in effect.
     """
+    env = os.environ if env is None else env
     for key, value in MLFLOW_HTTP_LIMITS.items():
-        os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in MLFLOW_HTTP_LIMITS}
+        env.setdefault(key, value)
+    return {key: env[key] for key in MLFLOW_HTTP_LIMITS}
 
 
 def unavailable(exc: BaseException, uri: str, doing: str) -> RegistryUnavailableError | None:

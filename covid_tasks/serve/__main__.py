@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from covid_tasks.config import redact_uri
+    from covid_tasks.registry import bound_mlflow_http
     from covid_tasks.serve.app import create_app
-    from covid_tasks.serve.settings import ServeSettings, bound_mlflow_http
+    from covid_tasks.serve.settings import ServeSettings
 
     try:
         settings = ServeSettings.from_env()

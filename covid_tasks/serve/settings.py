@@ -1,9 +1,9 @@
 """Settings of the inference service, read once from the environment at start.
 
 Every setting has a default except the registry URI. MLflow's own HTTP retry and timeout
-variables get short defaults here (only when unset), so a registry that is down costs the poller
-seconds, not the minutes MLflow's defaults would retry for. MLflow basic auth uses MLflow's
-standard ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, read by the MLflow client.
+variables get the pipeline's short defaults (:func:`covid_tasks.registry.bound_mlflow_http`,
+only when unset), so a registry that is down costs the poller seconds, not minutes. MLflow basic
+auth uses MLflow's standard ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,6 @@ from typing import Mapping
 
 from covid_tasks.config import CHAMPION_ALIAS, MODEL_NAME
 
-#: MLflow client settings applied when the environment does not set them (see module docstring).
-MLFLOW_HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
 _MB = 1024 * 1024
 #: Per-image pixel limit: a 4,000 x 5,000 px digital radiograph is 20 Mpx and the largest chest
 #: detectors (43 x 43 cm at 100 um) about 18.5 Mpx; 25 Mpx admits them with room to spare.
@@ -113,15 +107,3 @@ class ServeSettings:
             inference_threads=int(number("COVID_SERVE_INFERENCE_THREADS", cls.inference_threads)),
             docs=flag("COVID_SERVE_DOCS"),
         )
-
-
-def bound_mlflow_http(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Give MLflow's HTTP retry/timeout variables short defaults where they are unset.
-
-    Returns:
-        The values now in force.
-    """
-    env = os.environ if env is None else env
-    for key, value in MLFLOW_HTTP_DEFAULTS.items():
-        env.setdefault(key, value)
-    return {key: env[key] for key in MLFLOW_HTTP_DEFAULTS}

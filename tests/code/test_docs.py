@@ -108,3 +108,13 @@ def test_the_docs_site_builds_strictly(tmp_path: Path) -> None:
     out = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_documented_mlflow_http_limits_are_the_code_s() -> None:
+    """Every ``MLFLOW_HTTP_REQUEST_*=n`` the docs quote is the value the tasks and the service set."""
+    from covid_tasks.registry import MLFLOW_HTTP_LIMITS
+
+    quoted = [(page.name, name, value) for page in PAGES
+              for name, value in re.findall(r"(MLFLOW_HTTP_REQUEST_\w+)=([\d.]+)", page.read_text())]
+    assert quoted, "the docs quote the limits"
+    assert [q for q in quoted if MLFLOW_HTTP_LIMITS.get(q[1]) != q[2]] == []

@@ -110,13 +110,13 @@ def test_service_log_hides_the_password(monkeypatch: pytest.MonkeyPatch, caplog:
                                         ) -> None:
     import uvicorn
 
+    from covid_tasks.registry import MLFLOW_HTTP_LIMITS
     from covid_tasks.serve.__main__ import main
-    from covid_tasks.serve.settings import MLFLOW_HTTP_DEFAULTS
 
     uri = with_credentials(closed_port_uri())
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
     monkeypatch.setenv("COVID_MLFLOW_TRACKING_URI", uri)
-    for key, value in MLFLOW_HTTP_DEFAULTS.items():  # main sets them; restored afterwards
+    for key, value in MLFLOW_HTTP_LIMITS.items():  # main sets them; restored afterwards
         monkeypatch.setenv(key, value)
     with caplog.at_level(logging.INFO):
         assert main(["--port", "8999"]) == 0

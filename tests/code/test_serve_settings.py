@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from covid_tasks.serve.settings import MLFLOW_HTTP_DEFAULTS, ServeSettings, bound_mlflow_http
+from covid_tasks.registry import MLFLOW_HTTP_LIMITS, bound_mlflow_http
+from covid_tasks.serve.settings import ServeSettings
 
 
 def test_settings_from_the_environment() -> None:
@@ -32,7 +33,7 @@ def test_mlflow_http_retries_are_bounded_unless_set() -> None:
     env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
     got = bound_mlflow_http(env)
     assert got["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"  # an operator's value is kept
-    assert got["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == MLFLOW_HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert got["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == MLFLOW_HTTP_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
     assert int(got["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 2
     assert float(got["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]) <= 1
 
