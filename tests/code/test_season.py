@@ -1,0 +1,106 @@
+"""The season replay's parts on the sample data: weekly snapshots in row order, events that stay,
+faults that last one week, and how a week's outcome is named (the full replay is `make season`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import season  # noqa: E402
+import season_data as sd  # noqa: E402
+
+SAMPLE = REPO / "sample_data"
+
+
+def _rows(snapshot: Path) -> list[dict[str, str]]:
+    with open(snapshot / "metadata.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_plans_have_a_normal_week_after_every_fault() -> None:
+    for plan in (sd.full_plan(), sd.quick_plan()):
+        faults = [w.number for w in plan if w.fault]
+        assert faults and all(plan[n].fault is None for n in faults)  # the week after each is normal
+        assert [w.fraction for w in plan] == sorted(w.fraction for w in plan) and plan[-1].fraction == 1.0
+    full = sd.full_plan()
+    assert {w.fault for w in full if w.fault} == set(sd.FAULTS)
+    assert {w.event for w in full if w.event} == set(sd.EVENTS) and full[0].fraction == 0.4
+    assert sum(1 for w in sd.quick_plan() if w.fault) >= 2
+
+
+def test_snapshots_grow_in_row_order_and_events_stay(tmp_path: Path) -> None:
+    builder = sd.SnapshotBuilder(SAMPLE, tmp_path / "work", tmp_path / "data")
+    first, _ = builder.build(sd.Week(1, 0.5))
+    second, done = builder.build(sd.Week(2, 0.7, event="replace_image"))
+    a, b = _rows(first), _rows(second)
+    assert b[: len(a)] == a and len(b) > len(a)  # the first rows, in order, and more of them
+    name = done["event"]["filename"]
+    assert (second / "images" / name).read_bytes() != (SAMPLE / "images" / name).read_bytes()
+    _, removal = builder.build(sd.Week(3, 0.8, event="rows_removed"))
+    fourth, _ = builder.build(sd.Week(4, 0.9))
+    assert (fourth / "images" / name).read_bytes() == (second / "images" / name).read_bytes()  # stays
+    gone = set(removal["event"]["filenames"])
+    assert gone and not gone & {r["filename"] for r in _rows(fourth)}  # removed rows stay removed
+    assert len(_rows(fourth)) == round(len(builder.rows) * 0.9) - len(gone)
+
+
+def test_faults_last_one_week(tmp_path: Path) -> None:
+    builder = sd.SnapshotBuilder(SAMPLE, tmp_path / "work", tmp_path / "data")
+    renamed, _ = builder.build(sd.Week(1, 0.6, fault="schema_change"))
+    assert "finding" not in _rows(renamed)[0] and "diagnosis" in _rows(renamed)[0]
+    source, done = builder.build(sd.Week(2, 0.8, fault="one_class_source"))
+    new = [r for r in _rows(source) if r["url"].startswith(sd.NEW_SOURCE_URL)]
+    assert len(new) == done["fault_details"]["images"] > 0 and {r["finding"] for r in new} == {"COVID-19"}
+    assert len({r["patientid"] for r in new}) == len(new)
+    normal, _ = builder.build(sd.Week(3, 0.8))
+    assert "finding" in _rows(normal)[0] and not any(r["url"].startswith(sd.NEW_SOURCE_URL)
+                                                     for r in _rows(normal))
+    truncated, done = builder.build(sd.Week(4, 0.9, fault="truncated_images"))
+    for name in done["fault_details"]["truncated"]:
+        assert (truncated / "images" / name).stat().st_size < (SAMPLE / "images" / name).stat().st_size
+
+
+def test_near_duplicates_copy_the_pipeline_s_test_films(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(SAMPLE / "metadata.csv", newline="", encoding="utf-8") as fh:
+        meta = list(csv.DictReader(fh))
+    test_rows = [r for r in meta if r["modality"] == "X-ray"][:3]
+    (data / "labeled.csv").write_text("filename,patientid\n" + "".join(
+        f"{r['filename']},{r['patientid']}\n" for r in test_rows))
+    (data / "split_assignments.json").write_text(json.dumps({"patients": {r["patientid"]: "test"
+                                                                          for r in test_rows}}))
+    builder = sd.SnapshotBuilder(SAMPLE, tmp_path / "work", data)
+    snapshot, done = builder.build(sd.Week(1, 1.0, fault="near_duplicates_of_test"))
+    copies = done["fault_details"]["copies"]
+    assert copies and {c[0] for c in copies} <= {r["filename"] for r in test_rows}
+    from covid_tasks import near_duplicates as nd
+
+    for original, copy in copies:
+        distance = nd.hamming(nd.dhash_file(SAMPLE / "images" / original),
+                              nd.dhash_file(snapshot / "images" / copy))
+        assert distance <= nd.DEFAULT_MAX_DISTANCE
+    with pytest.raises(ValueError, match="no test film"):
+        sd.SnapshotBuilder(SAMPLE, tmp_path / "w2", tmp_path / "empty").build(
+            sd.Week(1, 1.0, fault="near_duplicates_of_test"))
+
+
+@pytest.mark.parametrize(("states", "checks", "registered", "expected"), [
+    ({"pull": "failed"}, {"verdict": "block"}, None, "blocked"),
+    ({"check_data": "failed"}, {"verdict": "block"}, None, "blocked"),
+    ({"relabel": "skipped", "check_new_data": "success"}, None, None, "skipped"),
+    ({"evaluate": "success", "register": "success"}, {"verdict": "ok"}, {"decision": "promote"}, "promote"),
+    ({"evaluate": "success", "register": "success"}, {"verdict": "warn"}, {"decision": "challenger"},
+     "challenger"),
+    ({"evaluate": "success", "register": "skipped"}, {"verdict": "ok"}, None, "reject"),
+    ({"train": "failed"}, {"verdict": "ok"}, None, "failed"),
+])
+def test_a_week_s_decision(states: dict, checks: dict | None, registered: dict | None, expected: str) -> None:
+    assert season.decision(states, checks, registered) == expected
