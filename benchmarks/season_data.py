@@ -154,14 +154,15 @@ class SnapshotBuilder:
         return {"renamed": {"finding": "diagnosis"}}
 
     def _label_noise(self, header: list[str], rows: Rows, extra: Extra) -> dict[str, Any]:
-        existing = self._pulled_names()
-        fi = self.col["finding"]
-        covid = [r for r in rows if "covid" in r[fi].lower() and r[self.col["filename"]] in existing
-                 and self._is_xray(r)]
-        flipped = covid[:: max(1, round(1 / NOISE_SHARE))][: max(1, round(len(covid) * NOISE_SHARE))]
-        for r in flipped:
-            r[fi] = "Pneumonia"
-        return {"flipped": len(flipped), "of_covid_rows": len(covid)}
+        """20% of the images the pipeline labels ``covid`` now get another finding (every row of each)."""
+        labelled = self._labelled("covid")
+        fi, fn = self.col["finding"], self.col["filename"]
+        names = sorted(n for n in labelled if any(r[fn] == n for r in rows))
+        flipped = set(names[:: max(1, round(1 / NOISE_SHARE))][: max(1, round(len(names) * NOISE_SHARE))])
+        for r in rows:
+            if r[fn] in flipped:
+                r[fi] = "Pneumonia"
+        return {"flipped": len(flipped), "of_covid_images": len(names)}
 
     def _one_class_source(self, header: list[str], rows: Rows, extra: Extra
                           ) -> dict[str, Any]:
@@ -226,6 +227,16 @@ class SnapshotBuilder:
             return set()
         objects = json.loads(manifest.read_text()).get("objects", {})
         return {k.removeprefix("images/") for k, v in objects.items() if v.get("status") == "ok"}
+
+    def _labelled(self, label: str) -> set[str]:
+        """The files the pipeline's last ``relabel`` labelled ``label``."""
+        import pandas as pd
+
+        labeled = self.data_root / "labeled.csv"
+        if not labeled.is_file():
+            return set()
+        frame = pd.read_csv(labeled, dtype=str, keep_default_na=False)
+        return set(frame.loc[frame["label"] == label, "filename"])
 
     def _test_files(self) -> set[str]:
         import pandas as pd

@@ -336,8 +336,10 @@ def _cross_split(pairs: Sequence[Any] | int | None, t: Thresholds) -> list[Anoma
         return []
     examples = [] if isinstance(pairs, int) else [list(p) for p in list(pairs)[:MAX_EXAMPLES]]
     return [Anomaly("cross_split_duplicates", WARN,
-                    f"{n} near-duplicate pair(s) of images sit in different splits "
-                    f"(limit {t.check_max_cross_split_duplicates})", {"n_pairs": n, "examples": examples})]
+                    f"{n} new image(s) are near-duplicates of held-out (val/test) films of other patients "
+                    f"(limit {t.check_max_cross_split_duplicates}); relabel linked them into those "
+                    "patients' split groups, so no film straddles two splits",
+                    {"n_pairs": n, "examples": examples})]
 
 
 def compare(current: Mapping[str, Any], baseline: Mapping[str, Any] | None,
