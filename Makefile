@@ -3,6 +3,7 @@
 #   make test  - install test tools and run the test suite
 #   make airflow - the Airflow UI on http://127.0.0.1:8080 (AIRFLOW_HOST, AIRFLOW_PORT change it)
 #   make stack / stack-down / stack-test - docker-compose.yaml's services as local processes (docs/deployment.md)
+#   make season [QUICK=1] - weekly retraining replayed through the scheduler (docs/season.md)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := $(CURDIR)/.venv
@@ -36,7 +37,7 @@ AIRFLOW_HOST ?= 127.0.0.1
 AIRFLOW_PORT ?= 8080
 AIRFLOW_URL_HOST := $(if $(filter 0.0.0.0 ::,$(AIRFLOW_HOST)),127.0.0.1,$(AIRFLOW_HOST))
 
-.PHONY: install install-dev install-stack run airflow-init airflow test lint bench clean stack stack-down stack-test
+.PHONY: install install-dev install-stack run airflow-init airflow test lint bench clean stack stack-down stack-test season
 
 # `make stack`: the compose topology as local processes; state, logs and credentials in STACK_HOME.
 STACK_HOME ?= $(CURDIR)/.stack
@@ -104,6 +105,11 @@ stack-test: install-dev install-stack
 lint: install-dev
 	$(PIP) install -q ruff==0.17.6
 	$(BIN)/ruff check dags covid_tasks tests stack docker
+
+# A season of weekly runs through the scheduler (docs/season.md): the full shared data set in 13
+# weeks (about an hour on 2 cores), or QUICK=1: the sample data in 5 weeks (about 10 minutes).
+season: install
+	$(BIN)/python benchmarks/season.py $(if $(QUICK),--quick,)
 
 bench: install-dev
 	$(BIN)/python benchmarks/pull_bench.py

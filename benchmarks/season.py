@@ -118,6 +118,7 @@ def week_row(airflow: LocalAirflow, run_id: str, run: dict[str, Any], week: seas
              done: dict[str, Any], data_root: Path, tracking_uri: str) -> dict[str, Any]:
     """What one week did, from the task states, their results and the files they wrote."""
     from covid_tasks.config import safe_run_key
+    from covid_tasks.run_outcome import decide
 
     states = airflow.task_states(run_id)
     run_dir = data_root / "runs" / safe_run_key(run_id)
@@ -138,7 +139,7 @@ def week_row(airflow: LocalAirflow, run_id: str, run: dict[str, Any], week: seas
         # a week with no new data keeps the version already checked
         "data_check": checks["verdict"] if checks else ("ok" if states.get("relabel") == "skipped" else ""),
         "data_check_anomalies": ";".join(a["code"] for a in (checks or {}).get("anomalies", [])),
-        "decision": decision(states, checks, airflow.xcom(run_id, "register")),
+        "decision": decide(states, (checks or {}).get("verdict"), airflow.xcom(run_id, "register")),
         "champion_version": _alias(tracking_uri, "champion"),
     }
     if metrics:
@@ -148,19 +149,6 @@ def week_row(airflow: LocalAirflow, run_id: str, run: dict[str, Any], week: seas
     row["version"] = registered.get("version") if registered.get("registered") else None
     row.update(disk(data_root))
     return row
-
-
-def decision(states: dict[str, str], checks: dict[str, Any] | None, registered: dict[str, Any] | None) -> str:
-    """``promote``, ``challenger``, ``reject``, ``blocked``, ``skipped`` or ``failed``."""
-    if checks and checks.get("verdict") == "block":
-        return "blocked"
-    if states.get("relabel") == "skipped":
-        return "skipped"  # check_new_data: nothing new arrived
-    if states.get("register") == "success":
-        return (registered or {}).get("decision") or "failed"
-    if states.get("register") == "skipped" and states.get("evaluate") == "success":
-        return "reject"
-    return "failed"
 
 
 def disk(data_root: Path) -> dict[str, float]:

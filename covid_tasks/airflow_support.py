@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from covid_tasks.config import Config, safe_run_key
+from covid_tasks.run_outcome import decision_event, gate_event
 
 logger = logging.getLogger(__name__)
 
@@ -162,54 +163,32 @@ def run_register(evaluated: dict[str, Any], dataset_version: str) -> dict[str, A
     return result
 
 
-def _pct(value: Any) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def run_outcome() -> dict[str, Any]:
+    """Name the run's outcome (``covid_tasks.run_outcome``) and publish it as an asset event.
 
+    Runs last, whatever happened before. A run that failed or was blocked fails this task too (with
+    the one-line summary), so the DAG run stays failed; otherwise the outcome (``promote``,
+    ``challenger``, ``reject`` or ``skipped``) is an event of the task's outlet asset and its XCom.
 
-def gate_event(evaluated: dict[str, Any], key: str) -> dict[str, Any]:
-    """The gate's verdict on one evaluation, as an asset event's ``extra`` (small, JSON)."""
-    passed = bool(evaluated.get("passed"))
-    reasons = list(evaluated.get("reasons") or [])
-    champion = evaluated.get("champion") or {}
-    summary = (f"gate {'passed' if passed else 'rejected'}: test sensitivity "
-               f"{_pct(evaluated.get('sensitivity'))} (min {evaluated.get('min_sensitivity')}), specificity "
-               f"{_pct(evaluated.get('specificity'))} (min {evaluated.get('min_specificity')})")
-    if reasons:
-        summary += ": " + "; ".join(reasons)
-    return {
-        "run_key": key, "gate": "passed" if passed else "rejected", "reasons": reasons,
-        "recommendation": evaluated.get("decision"), "summary": summary,
-        **{k: evaluated.get(k) for k in ("sensitivity", "specificity", "min_sensitivity", "min_specificity",
-                                         "threshold", "roc_auc", "n_test")},
-        "champion_version": champion.get("version"),
-    }
+    Raises:
+        AirflowFailException: the run failed or the data checks blocked it.
+    """
+    from airflow.sdk import get_current_context
+    from airflow.sdk.exceptions import AirflowFailException
 
+    from covid_tasks.run_outcome import outcome
 
-def decision_event(registered: dict[str, Any], evaluated: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The registry decision (``promoted``, ``challenger`` or ``rejected``) with a one-line summary."""
-    evaluated = evaluated or {}
-    champion = registered.get("champion_version")
-    if not registered.get("registered"):
-        decision = "rejected"
-        why = "; ".join(registered.get("reasons") or evaluated.get("reasons") or []) or "gate failed"
-        summary = (f"rejected by the gate ({why}); nothing registered, "
-                   + (f"champion stays version {champion}" if champion else "no champion yet"))
-    elif registered.get("promoted"):
-        decision = "promoted"
-        summary = f"version {registered.get('version')} registered and promoted to @champion"
-    else:
-        decision = "challenger"
-        why = "; ".join(registered.get("promotion_reasons") or []) or "not better than the champion"
-        summary = (f"version {registered.get('version')} registered as @challenger; champion stays "
-                   f"version {champion} ({why})")
-    return {
-        "decision": decision, "summary": summary, "version": registered.get("version"),
-        "aliases": registered.get("aliases") or [], "champion_version": champion,
-        "model_uri": registered.get("model_uri"), "mlflow_run_id": registered.get("mlflow_run_id"),
-        "reasons": registered.get("reasons") or [],
-        "promotion_reasons": registered.get("promotion_reasons") or [],
-        **{k: evaluated.get(k) for k in ("sensitivity", "specificity", "threshold")},
-    }
+    ctx = get_current_context()
+    ti = ctx["ti"]
+    states = ti.get_task_states(dag_id=ctx["dag"].dag_id, run_ids=[ctx["run_id"]]).get(ctx["run_id"], {})
+    result = outcome(task_config(ctx["params"]), run_key(ctx), states, ti.xcom_pull(task_ids="pull"),
+                     ti.xcom_pull(task_ids="register"))
+    logger.info("outcome: %s", result["summary"])
+    if result["decision"] in ("failed", "blocked"):
+        raise AirflowFailException(result["summary"])
+    for asset in ctx["task"].outlets:
+        ctx["outlet_events"][asset].extra = result
+    return result
 
 
 def task_config(params: dict[str, Any]) -> Config:

@@ -74,7 +74,7 @@ def _evaluate(r: dict[str, Any]) -> str:
 
 
 def _register(r: dict[str, Any]) -> str:
-    from covid_tasks.airflow_support import decision_event
+    from covid_tasks.run_outcome import decision_event
 
     return decision_event(r)["summary"]
 

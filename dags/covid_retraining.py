@@ -71,6 +71,8 @@ DEFAULTS = field_defaults()
 MODEL = Asset(name=MODEL_NAME)
 #: The gate's verdict on every evaluated model (passed or rejected, and why).
 EVALUATION = Asset(name="covid-xray-evaluation")
+#: Every run's outcome in one word and one line (promote, challenger, reject, skipped).
+RUN = Asset(name="covid-xray-run")
 log = logging.getLogger(__name__)
 
 
@@ -216,12 +218,20 @@ def covid_retraining() -> None:
 
         return run_register(evaluated, pulled["dataset_version"])
 
+    @task(trigger_rule="all_done", outlets=[RUN], retries=0)
+    def outcome() -> dict[str, Any]:
+        """The run's outcome in one word and one line (an asset event); fails when the run did."""
+        from covid_tasks.airflow_support import run_outcome
+
+        return run_outcome()
+
     pulled = pull()
     relabelled = relabel()
     check_new_data(pulled) >> relabelled
     evaluated = evaluate()
     relabelled >> check_data() >> split() >> train() >> finetune() >> evaluated
-    register(pulled, evaluated)
+    # No XCom arguments: the outcome reads them itself, so a skipped or failed upstream cannot stop it.
+    [pulled, register(pulled, evaluated)] >> outcome()
 
 
 covid_retraining()

@@ -13,7 +13,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import season  # noqa: E402
 import season_data as sd  # noqa: E402
 
 SAMPLE = REPO / "sample_data"
@@ -90,17 +89,3 @@ def test_near_duplicates_copy_the_pipeline_s_test_films(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no test film"):
         sd.SnapshotBuilder(SAMPLE, tmp_path / "w2", tmp_path / "empty").build(
             sd.Week(1, 1.0, fault="near_duplicates_of_test"))
-
-
-@pytest.mark.parametrize(("states", "checks", "registered", "expected"), [
-    ({"pull": "failed"}, {"verdict": "block"}, None, "blocked"),
-    ({"check_data": "failed"}, {"verdict": "block"}, None, "blocked"),
-    ({"relabel": "skipped", "check_new_data": "success"}, None, None, "skipped"),
-    ({"evaluate": "success", "register": "success"}, {"verdict": "ok"}, {"decision": "promote"}, "promote"),
-    ({"evaluate": "success", "register": "success"}, {"verdict": "warn"}, {"decision": "challenger"},
-     "challenger"),
-    ({"evaluate": "success", "register": "skipped"}, {"verdict": "ok"}, None, "reject"),
-    ({"train": "failed"}, {"verdict": "ok"}, None, "failed"),
-])
-def test_a_week_s_decision(states: dict, checks: dict | None, registered: dict | None, expected: str) -> None:
-    assert season.decision(states, checks, registered) == expected
