@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, meta = replay(source, work, plan, conf, args.week_timeout)
         champions = score_champions(work, rows)
         write_results(out, rows, champions, {**meta, "source": str(source), "conf": conf,
-                                              "plan": [w.__dict__ for w in plan]})
+                                              "commit": _commit(), "plan": [w.__dict__ for w in plan]})
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -212,6 +212,13 @@ def _csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> No
         writer = csv.writer(fh)
         writer.writerow(columns)
         writer.writerows([[cell(r.get(c)) for c in columns] for r in rows])
+
+
+def _commit() -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def _stop(signum: int, frame: object) -> None:

@@ -76,7 +76,8 @@ def _number(value: Any) -> float:
 
 
 def timeline_figure(entries: list[dict[str, Any]], target: Path, title: str = "Weekly retraining") -> str:
-    """Dataset size, test ROC AUC (95% interval), sensitivity/specificity and each week's decision.
+    """Dataset size and data-check verdict, test ROC AUC (95% interval), sensitivity/specificity, and
+    each week's decision with the champion after it.
 
     Args:
         entries: history lines (or the season's weeks), in order; ``week`` or ``logical_date``
@@ -94,31 +95,33 @@ def timeline_figure(entries: list[dict[str, Any]], target: Path, title: str = "W
     plt = pyplot()
     x = np.arange(1, len(entries) + 1)
     labels = [str(e.get("week") or (e.get("logical_date") or e["run_key"])[:10]) for e in entries]
-    fig, (size, auc, rates) = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True,
-                                           gridspec_kw={"height_ratios": [1, 1.4, 1.2]})
-    size.bar(x, [_number(e.get("n_labelled")) for e in entries], color="C0", alpha=0.6)
+    fig, (size, auc, rates, strip) = plt.subplots(4, 1, figsize=(8.5, 8.5), sharex=True,
+                                                  gridspec_kw={"height_ratios": [1, 1.3, 1.1, 0.6]})
+    checks = {"ok": "C2", "warn": "C1", "block": "C3"}
+    size.bar(x, [_number(e.get("n_labelled")) for e in entries],
+             color=[checks.get(str(e.get("data_check")), "lightgrey") for e in entries], alpha=0.75)
     size.set(ylabel="labelled images", title=title)
+    size.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.75, label=f"data check {v}")
+                         for v, c in checks.items()], fontsize=7, loc="upper left")
     roc = np.array([_number(e.get("roc_auc")) for e in entries])
     ci = np.array([(e.get("roc_auc_ci95") or [None, None]) for e in entries], dtype=float)
-    auc.errorbar(x, roc, yerr=[roc - ci[:, 0], ci[:, 1] - roc], fmt="o-", color="C0", capsize=3,
+    auc.errorbar(x, roc, yerr=[roc - ci[:, 0], ci[:, 1] - roc], fmt="o", color="C0", capsize=3,
                  label="test ROC AUC, 95% CI")
+    auc.axhline(0.5, ls=":", color="grey")
+    auc.set(ylim=(0, 1.02), ylabel="ROC AUC")
+    auc.legend(loc="lower left", fontsize=7)
+    rates.plot(x, [_number(e.get("sensitivity")) for e in entries], "o", label="sensitivity")
+    rates.plot(x, [_number(e.get("specificity")) for e in entries], "s", label="specificity")
+    rates.set(ylim=(-0.02, 1.05), ylabel="test rate at\nthe threshold")
+    rates.legend(loc="lower left", fontsize=7)
     for xi, e in zip(x, entries, strict=True):
         decision = e.get("decision") or "failed"
-        auc.annotate(decision + (f" v{e['version']}" if e.get("version") else ""), (xi, 0.32), ha="center",
-                     fontsize=7, rotation=90, color=_COLOURS.get(decision, "black"))
-        if e.get("data_check") in ("warn", "block"):
-            auc.plot(xi, 0.98, marker="v" if e["data_check"] == "block" else "^", color="C3")
-    auc.axhline(0.5, ls=":", color="grey")
-    auc.set(ylim=(0.3, 1.0), ylabel="ROC AUC")
-    auc.legend(loc="lower right", fontsize=7)
-    rates.plot(x, [_number(e.get("sensitivity")) for e in entries], "o-", label="sensitivity")
-    rates.plot(x, [_number(e.get("specificity")) for e in entries], "s-", label="specificity")
-    champion = [_number(e.get("champion_version")) for e in entries]
-    twin = rates.twinx()
-    twin.step(x, champion, where="mid", color="grey", alpha=0.7, label="champion version")
-    twin.set_ylabel("champion version", color="grey")
-    rates.set(ylim=(0, 1.05), ylabel="test rate", xticks=x)
-    rates.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
-    rates.legend(loc="lower left", fontsize=7)
+        strip.text(xi, 0.7, decision + (f"\nv{e['version']}" if e.get("version") else ""), ha="center",
+                   va="center", fontsize=7, color=_COLOURS.get(decision, "black"))
+        champion = e.get("champion_version")
+        strip.text(xi, 0.15, f"champion v{champion}" if champion else "no champion", ha="center",
+                   va="center", fontsize=6, color="grey")
+    strip.set(ylim=(0, 1), yticks=[], xticks=x, ylabel="decision")
+    strip.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
     fig.tight_layout()
     return save_figure(fig, target)
