@@ -16,6 +16,7 @@ turns a task's context into plain stage inputs and the stage's outcome into Airf
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -102,6 +103,23 @@ def fail_fast(step: str) -> Iterator[None]:
         raise AirflowFailException(f"{step}: {type(exc).__name__}: {exc} [not retried: {why}]") from exc
 
 
+def quiet_mlflow_logging() -> None:
+    """Let MLflow's log records reach Airflow's task log at their own level.
+
+    MLflow gives its loggers a handler of their own that writes to stderr, and Airflow files every
+    stderr line of a task as an ERROR: "Created version '2' of model ..." showed up red. With
+    ``MLFLOW_CONFIGURE_LOGGING=false`` (set before MLflow is imported in the task process) and its
+    handlers dropped if it was imported already, MLflow's records propagate to the task's logger.
+    """
+    import sys
+
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    if "mlflow" in sys.modules:
+        mlflow_logger = logging.getLogger("mlflow")
+        mlflow_logger.handlers = []
+        mlflow_logger.propagate = True
+
+
 def run_stage(step: str, **extra: Any) -> dict[str, Any]:
     """Run one pipeline stage for the current Airflow task and return its strict-JSON result.
 
@@ -116,6 +134,7 @@ def run_stage(step: str, **extra: Any) -> dict[str, Any]:
     from covid_tasks.stages import run
     from covid_tasks.storage import jsonable
 
+    quiet_mlflow_logging()
     ctx = get_current_context()
     with fail_fast(step):
         cfg = task_config(ctx["params"])

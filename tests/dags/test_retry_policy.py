@@ -18,6 +18,8 @@ import pytest
 
 from covid_tasks.airflow_support import classify
 
+REPO = Path(__file__).resolve().parents[2]
+
 BIN = Path(sys.executable).parent
 
 
@@ -143,3 +145,31 @@ def test_permanent_errors_fail_in_one_try_transient_ones_are_retried(
     tries = {p.name: len(p.read_text()) for p in counts.iterdir()}
     assert tries == {"bad_param": 1, "missing_input": 1, "registry_down": 3, "surprise": 3}, log[-6000:]
     assert "not retried: bad configuration or data" in log
+
+
+def test_mlflow_s_own_messages_keep_their_level_in_a_task_log() -> None:
+    """MLflow writes its INFO lines to stderr through a handler of its own, and Airflow files a task's
+    stderr as ERROR; after quiet_mlflow_logging they reach the root logger as INFO, not stderr."""
+    code = (
+        "import io, logging, sys\n"
+        "from covid_tasks.airflow_support import quiet_mlflow_logging\n"
+        "records = []\n"
+        "class Keep(logging.Handler):\n"
+        "    def emit(self, r): records.append((r.levelname, r.getMessage()))\n"
+        "logging.getLogger().addHandler(Keep()); logging.getLogger().setLevel(logging.INFO)\n"
+        "if sys.argv[1] == 'quiet': quiet_mlflow_logging()\n"
+        "import mlflow\n"
+        "sys.stderr = io.StringIO()\n"
+        "logging.getLogger('mlflow.tracking._model_registry.fluent').info('Created version 2 of model m.')\n"
+        "print(records, repr(sys.stderr.getvalue()), file=sys.stdout)\n"
+    )
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_CONFIGURE_LOGGING"}
+    loud = subprocess.run([sys.executable, "-c", code, "loud"], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+    quiet = subprocess.run([sys.executable, "-c", code, "quiet"], capture_output=True, text=True, env=env,
+                           cwd=REPO, timeout=120)
+    assert "Created version 2" in loud.stdout and "[]" in loud.stdout  # MLflow's default: stderr only
+    assert "('INFO', 'Created version 2 of model m.')" in quiet.stdout
+    assert "''" in quiet.stdout  # nothing on stderr
