@@ -61,20 +61,17 @@ def summary(cfg: Config) -> tuple[str, dict[str, Any]]:
         if cal:
             lines.append(f"  calibration {cal.get('method')}: test ECE {_fmt(cal.get('ece_before'))} -> "
                          f"{_fmt(cal.get('ece_after'))}")
+    found = {}
     for alias in (CHAMPION_ALIAS, CHALLENGER_ALIAS):
         try:
-            mv = alias_version(cfg.model_name, alias, cfg.tracking_uri)
+            found[alias] = alias_version(cfg.model_name, alias, cfg.tracking_uri)
         except RegistryUnavailableError as exc:
-            mv = None
-            lines.append(f"Registry unavailable: {exc}")
+            found[alias] = None
+            if not any(line.startswith("Registry unavailable") for line in lines):
+                lines.append(f"Registry unavailable: {exc}")
+        mv = found[alias]
         result[f"{alias}_version"] = int(mv.version) if mv is not None else None
-        if mv is None:
-            lines.append(f"Registered: no {cfg.model_name}@{alias} in {uri}")
-        else:
-            tags = mv.tags or {}
-            lines.append(f"Registered: {cfg.model_name} version {mv.version} is @{alias} "
-                         f"(sensitivity {tags.get('sensitivity')}, specificity {tags.get('specificity')}, "
-                         f"run {tags.get('run_key')})")
+    lines += _registered_lines(cfg.model_name, uri, found)
     sample = next(iter(sorted(root.images.glob("*"))), None)
     if result.get(f"{CHAMPION_ALIAS}_version") is None:
         lines += [
@@ -100,3 +97,23 @@ def _credentials_note(shown: str, uri: str) -> list[str]:
     if shown == uri:
         return []
     return ["(credentials hidden as ***: pass them as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"]
+
+
+def _registered_lines(name: str, uri: str, found: dict[str, Any]) -> list[str]:
+    """One ``Registered:`` line per version, naming every alias it carries (one line when the
+    champion is also the challenger, as after a promotion)."""
+    lines, shown = [], set()
+    for alias, mv in found.items():
+        if mv is None:
+            lines.append(f"Registered: no {name}@{alias} in {uri}")
+            continue
+        if str(mv.version) in shown:
+            continue
+        shown.add(str(mv.version))
+        aliases = " and ".join(f"@{a}" for a, other in found.items()
+                               if other is not None and str(other.version) == str(mv.version))
+        tags = mv.tags or {}
+        lines.append(f"Registered: {name} version {mv.version} is {aliases} (sensitivity "
+                     f"{tags.get('sensitivity')}, specificity {tags.get('specificity')}, "
+                     f"run {tags.get('run_key')})")
+    return lines
