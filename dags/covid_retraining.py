@@ -1,57 +1,30 @@
 """
 ### COVID-19 chest X-ray classifier: weekly retraining
 
-Each run takes the newest chest X-rays and `metadata.csv` (the layout of the public
-ieee8023 covid-chestxray-dataset) and, step by step:
+Each run takes the newest chest X-rays and `metadata.csv` (the ieee8023 covid-chestxray-dataset
+layout) from `source_uri` and: **pull**s what is new into `<data_root>/raw/`; **check_new_data**
+skips the rest when nothing changed (unless **force**); **relabel**s rows into `covid` /
+`non_covid`; **check_data** compares the labelled set with the last version that passed and fails
+the run on a blocking anomaly; **split**s by patient; **train**s the head and **finetune**s the
+backbone (queue and pool `gpu`); **evaluate**s on test against the gate and the champion;
+**register**s a passing model as `challenger` and promotes it to `champion` when it is
+non-inferior; **outcome** says in one line what the run did (an event of the asset
+`covid-xray-run`: promote, challenger, reject, skipped; it fails when the run failed or was
+blocked). Each Param's description is in the form; the full reference is docs/pipeline.md.
 
-1. **pull**: copies new and changed files from the source into `<data_root>/raw/` (incremental);
-2. **check_new_data**: skips the rest when nothing changed, unless **force** is on;
-3. **relabel**: keeps X-ray PA/AP views (AP Supine as a per-class fallback), drops `todo`,
-   `Unknown` and CT; COVID-19 findings become `covid`, all others `non_covid` (`labeled.csv`);
-4. **split**: train/val/test, stratified by label, grouped by patient, stable week to week;
-5. **train**: the head on a frozen ImageNet backbone (queue and pool `gpu`);
-6. **finetune**: all layers unfrozen (BatchNorm frozen), class weights, lr 1e-5,
-   best-epoch checkpoint and early stopping (queue and pool `gpu`);
-7. **evaluate**: calibration and threshold fitted on val; sensitivity and specificity on test,
-   COVID positive; the current champion is scored on the same test images; a shortcut audit
-   scores test with the lungs hidden; the gate's verdict (passed or rejected, and why) is an
-   event of the asset `covid-xray-evaluation`;
-8. **register**: logs the run to MLflow; a model that passes the gate becomes a new version of
-   `covid-xray-classifier` with the alias `challenger`, and takes the alias `champion` that
-   services read only when a paired bootstrap shows it non-inferior to the champion within
-   **promotion_margin**; the decision (promoted or challenger) is an event of the asset
-   `covid-xray-classifier`. **A rejected model ends `register` as skipped** (the reason is in its
-   log and XCom); the run still succeeds.
+**Quick run that registers a demo model** (what `make run` does: 224 px, 2 fine-tuning epochs, a
+lowered gate, force on; a few minutes on a CPU), paste as the run's JSON configuration:
 
-Outputs of a run land in `<data_root>/runs/<run id>/` (models, plots, `metrics.json`,
-`predictions.csv`); the registry holds the passing models.
+    {"img_size": 224, "finetune_epochs": 2, "batch_size": 16, "min_sensitivity": 0.5, "min_specificity": 0.0, "force": true}
 
-**Schedule:** Sundays 00:00 UTC, one run at a time. Unpausing never starts a run for a week that
-has already begun; after a pause across a Sunday, the latest missed week runs at once.
-**Failures:** errors no retry can fix (a bad Param, missing weights or inputs, an empty data set or
-class, a corrupt file) fail the task at once; S3 or MLflow outages are retried.
+**With the form's defaults** a run trains the default recipe (224 px, linear-probe head, 5
+fine-tuning epochs; about 10 minutes on 2 CPU cores for the full public data set) and gates at
+0.80 / 0.70. Right after `make run`, on unchanged data and with **force** off, it trains nothing:
+`check_new_data` skips the rest and `outcome` says so.
 
-#### Params
-Defaults are those of `covid_tasks.config.Config`; a Param overrides the `COVID_<FIELD>` variable.
-
-- **source_uri**: `s3://bucket/prefix`, `file:///path` or a folder; empty uses `COVID_SOURCE_URI`.
-- **min_sensitivity** / **min_specificity**: the gate on the test split (0..1).
-- **gate_on**: `point` (the test estimates) or `lower_bound` (their 95% Wilson lower bounds).
-- **promotion_margin**: non-inferiority margin: promote when the lower 95% bound of challenger minus
-  champion in ROC AUC, sensitivity and specificity is at least minus this.
-- **shortcut_blocks_promotion**: a shortcut-audit warning also blocks promotion.
-- **epochs** / **finetune_epochs**: epochs of the frozen and the unfrozen phase.
-- **img_size** / **batch_size**: square input size in pixels and images per batch (per GPU).
-- **backbone**: `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`, `resnet50` or
-  `mobilenet_v3_small`.
-- **weights**: `imagenet` (for the EfficientNet-Lite backbones the bundled copy, no download; the
-  others download it or read the Keras cache), `bundled` (EfficientNet-Lite only), `none`, or a
-  weights file path.
-- **multiscale** / **lung_gate** / **head** / **finetune_top_blocks**: the recipe (see
-  docs/model-quality.md): mid-level features pooled with the top ones; everything outside the lungs
-  greyed out by a frozen segmenter inside the model; the head fitted as an L2 logistic regression
-  (`probe`) or with Adam (`adam`); fine-tune the whole backbone (0) or its last n blocks.
-- **force**: retrain even when the pull found nothing new.
+**Schedule:** Sundays 00:00 UTC, one run at a time; unpausing never starts a run for a week that
+has already begun. **Failures:** errors no retry can fix fail the task at once; S3 or MLflow
+outages are retried.
 """
 
 from __future__ import annotations

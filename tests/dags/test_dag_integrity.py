@@ -48,7 +48,7 @@ def test_schedule_and_run_settings(dag):
     assert dag.catchup is False
     assert (dag.timetable.expression, str(dag.timetable.timezone)) == ("0 0 * * 0", "UTC")
     assert dag.tags and {"covid", "retraining"} <= set(dag.tags)
-    assert dag.doc_md and "min_sensitivity" in dag.doc_md and "weights" in dag.doc_md
+    assert dag.doc_md and "docs/pipeline.md" in dag.doc_md and "outcome" in dag.doc_md
 
 
 def test_task_chain(dag):
@@ -171,3 +171,24 @@ def test_make_run_prints_every_param(dag):
     from covid_tasks.run_report import PARAMS
 
     assert set(PARAMS) == set(dag.params)
+
+
+def _make_run_conf() -> dict:
+    """``RUN_CONF`` of the Makefile (what ``make run`` runs with)."""
+    import json
+    import re
+
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    return json.loads(re.search(r"^RUN_CONF \?= (\{.*\})$", text, flags=re.M).group(1))
+
+
+def test_the_quick_run_preset_is_make_run_s_conf(dag):
+    """The DAG docs and docs/pipeline.md offer exactly make run's configuration as the quick run."""
+    import json
+    import re
+
+    conf = _make_run_conf()
+    assert conf["force"] is True and conf["min_sensitivity"] <= 0.5
+    for text in (dag.doc_md, (REPO / "docs" / "pipeline.md").read_text()):
+        quoted = [json.loads(m) for m in re.findall(r'(\{"img_size".*?\})', text)]
+        assert conf in quoted
