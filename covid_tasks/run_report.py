@@ -23,8 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from covid_tasks.run_outcome import TASKS
+
 DAG_ID = "covid_retraining"
-ORDER = ("pull", "check_new_data", "relabel", "split", "train", "finetune", "evaluate", "register")
+ORDER = (*TASKS, "outcome")
 #: The DAG's Params, in the order ``make run`` prints them (a DAG test checks they match).
 PARAMS = ("source_uri", "backbone", "weights", "multiscale", "lung_gate", "head", "img_size", "batch_size",
           "epochs", "finetune_epochs", "finetune_top_blocks", "min_sensitivity", "min_specificity", "gate_on",
@@ -79,8 +81,18 @@ def _register(r: dict[str, Any]) -> str:
     return decision_event(r)["summary"]
 
 
-FORMATTERS = {"pull": _pull, "relabel": _relabel, "split": _split, "train": _training,
-              "finetune": _training, "evaluate": _evaluate, "register": _register}
+def _check_data(r: dict[str, Any]) -> str:
+    anomalies = r.get("anomalies") or []
+    return f"data checks {r.get('verdict')}" + (f": {', '.join(anomalies)}" if anomalies else ", no anomaly")
+
+
+def _outcome(r: dict[str, Any]) -> str:
+    return f"{r.get('decision')}: {r.get('summary')}"
+
+
+FORMATTERS = {"pull": _pull, "relabel": _relabel, "check_data": _check_data, "split": _split,
+              "train": _training, "finetune": _training, "evaluate": _evaluate, "register": _register,
+              "outcome": _outcome}
 
 
 def key_result(task_id: str, result: Any) -> str:

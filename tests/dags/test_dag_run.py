@@ -130,10 +130,13 @@ def test_make_run_report_has_one_line_per_task(env, first_run):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    tasks = ["pull", "check_new_data", "relabel", "split", "train", "finetune", "evaluate", "register"]
+    tasks = ["pull", "check_new_data", "relabel", "check_data", "split", "train", "finetune", "evaluate",
+             "register", "outcome"]
     assert [line.split()[0] for line in lines[:-1]] == tasks, out.stdout
     assert all(line.split()[1] == "success" and line.split()[2].endswith("s") for line in lines[:-1])
-    assert "registered and promoted to @champion" in lines[-2]
+    assert "data checks ok" in lines[3]
+    assert "registered and promoted to @champion" in lines[-3]
+    assert "promote: version 1 registered and promoted to @champion" in lines[-2]
     assert lines[-1].startswith("DAG run manual__") and ": success in " in lines[-1]
 
 
