@@ -288,15 +288,23 @@ def _problems(cfg: Config) -> list[str]:
     for name in ("retain_runs", "archive_after_weeks"):
         if getattr(cfg, name) < 0:
             errors.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in CHECK_SHARES:
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            errors.append(f"{name} must be within [0, 1], got {getattr(cfg, name)}")
-    for name in ("check_source_label_jump", "check_max_cross_split_duplicates",
-                 "check_new_finding_min_images", "check_intensity_psi"):
-        if getattr(cfg, name) < 0:
-            errors.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    errors += threshold_problems({n: getattr(cfg, n) for n in field_names() if n.startswith("check_")})
     if cfg.calibration not in CALIBRATION_METHODS:
         errors.append(f"calibration must be one of {CALIBRATION_METHODS}, got {cfg.calibration!r}")
+    return errors
+
+
+def threshold_problems(values: Mapping[str, Any]) -> list[str]:
+    """The data checks' thresholds (``check_*``): shares within [0, 1], counts and the PSI >= 0.
+
+    ``Config`` and :class:`covid_tasks.data_checks.Thresholds` both validate with it.
+    """
+    errors = []
+    for name, value in sorted(values.items()):
+        if name in CHECK_SHARES and not 0.0 <= value <= 1.0:
+            errors.append(f"{name} must be within [0, 1], got {value}")
+        elif name not in CHECK_SHARES and value < 0:
+            errors.append(f"{name} must be >= 0, got {value}")
     return errors
 
 

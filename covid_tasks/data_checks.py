@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from covid_tasks.config import CLASS_NAMES, METADATA_COLUMNS, POSITIVE_CLASS
+from covid_tasks.config import CLASS_NAMES, METADATA_COLUMNS, POSITIVE_CLASS, threshold_problems
 from covid_tasks.data_statistics import (
     PSI_BINS,
     metadata_schema,
@@ -97,17 +97,9 @@ class Thresholds:
     check_new_finding_min_images: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("check_max_label_change_share", "check_min_class_share_kept",
-                     "check_max_invalid_row_share", "check_source_purity"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be within 0..1, got {value}")
-        for name in ("check_source_label_jump", "check_max_cross_split_duplicates",
-                     "check_new_finding_min_images"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.check_intensity_psi < 0:
-            raise ValueError(f"check_intensity_psi must be >= 0, got {self.check_intensity_psi}")
+        errors = threshold_problems(dataclasses.asdict(self))
+        if errors:
+            raise ValueError("; ".join(errors))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "Thresholds":

@@ -272,22 +272,11 @@ def near_duplicate_groups(hashes: Mapping[str, HashLike],
     Raises:
         ValueError: as :func:`near_duplicate_pairs`.
     """
-    parent: dict[str, str] = {}
+    from covid_tasks.groups import group_members, link_groups
 
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b, _ in near_duplicate_pairs(hashes, max_distance):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[str, set[str]] = {}
-    for key in parent:
-        groups.setdefault(find(key), set()).add(key)
+    pairs = near_duplicate_pairs(hashes, max_distance)
+    keys = {key for a, b, _ in pairs for key in (a, b)}
+    groups = {g: set(m) for g, m in group_members(link_groups(keys, [(a, b) for a, b, _ in pairs])).items()}
     return sorted(groups.values(), key=min)
 
 

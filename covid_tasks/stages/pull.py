@@ -256,29 +256,6 @@ def _report_schema_change(root: DataRoot, run_key: str, message: str) -> None:
     history.record(root, run_key=run_dir.key, data_check=BLOCK, decision="blocked")
 
 
-# ----------------------------------------------------------------------------------- metadata
-def _baseline_columns(root: DataRoot) -> list[str] | None:
-    """The metadata columns of the last dataset version that passed the data checks, if any."""
-    if not root.checks_baseline.is_file():
-        return None
-    schema = read_json(root.checks_baseline).get("schema") or {}
-    return list(schema.get("columns") or []) or None
-
-
-def _report_schema_change(root: DataRoot, run_key: str, message: str) -> None:
-    """The run's ``data_checks.json`` for a schema change found by pull: verdict ``block``."""
-    from covid_tasks.data_checks import BLOCK, Anomaly, report
-
-    run_dir = root.run(run_key)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    found = report([Anomaly("schema_change", BLOCK, message, {"stage": "pull"})], None, None)
-    write_json(run_dir.data_checks, found)
-    logger.error("pull: %s", found["summary"])
-    from covid_tasks import history
-
-    history.record(root, run_key=run_dir.key, data_check=BLOCK, decision="blocked")
-
-
 def _check_metadata(path: Path, uri: str, baseline_columns: list[str] | None = None) -> None:
     """Parse ``metadata.csv`` once; fail naming the required columns it lacks, or if it has no row.
 

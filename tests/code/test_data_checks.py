@@ -381,7 +381,7 @@ def test_thresholds_from_mapping() -> None:
     assert t.check_min_class_share_kept == dc.Thresholds().check_min_class_share_kept
     with pytest.raises(ValueError, match="unknown"):
         dc.Thresholds.from_mapping({"check_intensity": 0.3})
-    with pytest.raises(ValueError, match="within 0..1"):
+    with pytest.raises(ValueError, match=r"within \[0, 1\]"):
         dc.Thresholds(check_max_label_change_share=1.5)
     with pytest.raises(ValueError, match=">= 0"):
         dc.Thresholds(check_source_label_jump=-1)
@@ -415,3 +415,12 @@ def test_statistics_lists_images_over_pillows_pixel_limit(world: World, base_row
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 60,000 pixels: over twice the limit
     st = stats(world, rows)
     assert "huge.png" in st["unreadable"]
+
+
+def test_the_thresholds_defaults_are_the_config_s() -> None:
+    """The pipeline builds Thresholds from Config; a caller without a Config gets the same values."""
+    from covid_tasks.config import field_defaults
+
+    defaults = field_defaults()
+    assert {f: getattr(dc.Thresholds(), f) for f in dc.Thresholds.__dataclass_fields__} == {
+        f: defaults[f] for f in dc.Thresholds.__dataclass_fields__}
