@@ -53,10 +53,12 @@ def full_plan() -> list[Week]:
     """13 weeks: 12 growth steps from 40% to 100% in row order, the events, and five faults, each
     followed by a normal week (the injected change gone again)."""
     steps = [0.40 + i * 0.60 / 11 for i in range(12)]
-    layout = [(None, None), ("replace_image", None), (None, "schema_change"), ("finding_corrected", None),
-              (None, "label_noise"), ("rows_removed", None), ("no_change", None), (None, "one_class_source"),
-              (None, None), (None, "near_duplicates_of_test"), (None, None), (None, "truncated_images"),
-              (None, None)]
+    # The finding correction comes late: the first 'todo' / 'Pneumonia' X-ray rows are at 68% of the
+    # June 2020 metadata, so only from week 9 on has one been pulled in an earlier week.
+    layout = [(None, None), ("replace_image", None), (None, "schema_change"), ("rows_removed", None),
+              (None, "label_noise"), (None, None), ("no_change", None), (None, "one_class_source"),
+              (None, None), (None, "near_duplicates_of_test"), ("finding_corrected", None),
+              (None, "truncated_images"), (None, None)]
     weeks, step = [], 0
     for number, (event, fault) in enumerate(layout, 1):
         if event != "no_change" and number > 1:
@@ -123,11 +125,15 @@ class SnapshotBuilder:
             name = self.rows[i][self.col["filename"]]
             self.replaced[name] = _reencode(self.source / "images" / name, quality=88)
             return {"event": event, "filename": name}
-        if event == "finding_corrected":
+        if event == "finding_corrected":  # a row pulled in an earlier week, any X-ray view
             wanted = ("todo", "Pneumonia")
-            pick = next((i for i in candidates if self.rows[i][self.col["finding"]].strip() in wanted), None)
+            pulled = self._pulled_names()
+            pick = next((i for i in range(count) if i not in self.removed
+                         and self.rows[i][self.col["finding"]].strip() in wanted
+                         and self.rows[i][self.col["modality"]].strip() == "X-ray"
+                         and self.rows[i][self.col["filename"]] in pulled), None)
             if pick is None:
-                raise ValueError("no 'todo' or 'Pneumonia' X-ray row to correct in the weeks so far")
+                raise ValueError("no 'todo' or 'Pneumonia' X-ray row pulled in an earlier week to correct")
             before = self.rows[pick][self.col["finding"]]
             self.corrected.add(pick)
             return {"event": event, "filename": self.rows[pick][self.col["filename"]], "from": before,

@@ -89,3 +89,28 @@ def test_near_duplicates_copy_the_pipeline_s_test_films(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no test film"):
         sd.SnapshotBuilder(SAMPLE, tmp_path / "w2", tmp_path / "empty").build(
             sd.Week(1, 1.0, fault="near_duplicates_of_test"))
+
+
+def test_a_finding_corrected_is_one_pulled_in_an_earlier_week(tmp_path: Path) -> None:
+    """The correction touches a 'todo' row the pipeline already holds, and it stays corrected."""
+    source = tmp_path / "source"
+    (source / "images").mkdir(parents=True)
+    header = ["patientid", "finding", "view", "modality", "folder", "filename", "url"]
+    rows = [[f"p{i}", "todo" if i in (1, 3) else "COVID-19", "PA", "X-ray", "images", f"f{i}.png", ""]
+            for i in range(6)]
+    for r in rows:
+        (source / "images" / r[5]).write_bytes(b"x")
+    with open(source / "metadata.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *rows])
+    data = tmp_path / "data"
+    builder = sd.SnapshotBuilder(source, tmp_path / "work", data)
+    with pytest.raises(ValueError, match="pulled in an earlier week"):
+        builder.build(sd.Week(1, 1.0, event="finding_corrected"))  # nothing pulled yet
+    (data / "raw").mkdir(parents=True)
+    (data / "raw" / "manifest.json").write_text(json.dumps({"objects": {
+        "images/f0.png": {"status": "ok"}, "images/f3.png": {"status": "ok"}}}))
+    snapshot, done = builder.build(sd.Week(2, 1.0, event="finding_corrected"))
+    assert done["event"]["filename"] == "f3.png" and done["event"]["from"] == "todo"
+    later, _ = builder.build(sd.Week(3, 1.0))
+    assert {r["filename"]: r["finding"] for r in _rows(later)}["f3.png"] == "COVID-19"
+    assert {r["filename"]: r["finding"] for r in _rows(later)}["f1.png"] == "todo"
