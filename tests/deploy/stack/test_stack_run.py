@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from urllib.request import quote
 
 import pytest
 
@@ -37,7 +38,8 @@ CONF = {"img_size": 32, "epochs": 1, "finetune_epochs": 1, "batch_size": 16,
         "backbone": "mobilenet_v3_small", "weights": "none",
         "min_sensitivity": 0.0, "min_specificity": 0.0}
 GPU_TASKS = {"train", "finetune"}
-ALL_TASKS = {"pull", "check_new_data", "relabel", "split", "train", "finetune", "evaluate", "register"}
+ALL_TASKS = {"pull", "check_new_data", "relabel", "check_data", "split", "train", "finetune", "evaluate",
+             "register", "outcome"}
 RUN_TIMEOUT_S = 900
 
 
@@ -195,7 +197,11 @@ def test_a_second_unforced_run_stops_after_pull(api, settings, faulty_run):
     states = {t: ti["state"] for t, ti in api.tis(DAG, run_id).items()}
     assert run["state"] == "success", states
     assert states["pull"] == "success" and states["check_new_data"] == "success", states
-    assert {states[t] for t in ALL_TASKS - {"pull", "check_new_data"}} == {"skipped"}, states
+    assert {states[t] for t in ALL_TASKS - {"pull", "check_new_data", "outcome"}} == {"skipped"}, states
+    assert states["outcome"] == "success", states  # it says why: "skipped: no new or changed data ..."
+    outcome = api.call("GET", f"/dags/{DAG}/dagRuns/{quote(run_id, safe='')}/taskInstances/outcome/"
+                       "xcomEntries/return_value?deserialize=true&stringify=false")["value"]
+    assert outcome["decision"] == "skipped" and "no new or changed data" in outcome["summary"], outcome
     client = _mlflow_client(settings, "MLFLOW_VIEWER_USER", "MLFLOW_VIEWER_PASSWORD")
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
 
