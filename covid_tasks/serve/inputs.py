@@ -4,9 +4,13 @@ Each upload is checked in this order, and the first failure answers the whole re
 4xx (no partial answers):
 
 1. size: empty (400) or above ``max_file_bytes`` (413);
-2. header (Pillow reads only the header; nothing is decoded): not an image (415), a format the
-   training decoder does not read (415), or more than ``max_pixels`` pixels, a decompression
-   bomb (422);
+2. header (Pillow, or for DICOM pydicom, reads only the header; nothing is decoded): not an image
+   (415), a format the training decoder does not read (415), or more than ``max_pixels`` pixels,
+   a decompression bomb (422). DICOM is recognised by content (``DICM`` at byte 128), whatever
+   the part's type or name; a part declared DICOM (``application/dicom``, ``.dcm``) that is not
+   a DICOM Part 10 file answers 415. A DICOM header the decoder refuses answers 415 for a
+   non-image object or an unsupported encoding (``not_image``, ``unsupported``) and 422 for a
+   broken file (``truncated``, ``undecodable``), with the reason;
 3. decoding with :func:`covid_tasks.images.load_image`, exactly as training, ``evaluate`` and
    ``predict`` decode: any ``ValueError`` (truncated or corrupt data, files Pillow reads but
    TensorFlow does not, the decoder's own limits) answers 422.
@@ -25,8 +29,15 @@ from typing import Sequence
 
 import numpy as np
 
-#: Pillow format names of the files TensorFlow's decoders (and so training) read.
-DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF"})
+from covid_tasks.images import FORMATS, IMAGE_FORMATS, is_dicom
+
+#: Pillow format names of the files TensorFlow's decoders (and so training) read (MPO: a JPEG).
+DECODABLE_FORMATS = frozenset(IMAGE_FORMATS) - {"DICOM"} | {"MPO"}
+#: What the service takes, in words: "JPEG, PNG, DICOM, BMP or GIF".
+FORMATS_TEXT = f"{', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]}"
+#: The page's file picker filter: every format's media type and extensions.
+ACCEPT = ",".join(item for media, exts in FORMATS.values() for item in (media, *exts))
+_DICOM_MEDIA, _DICOM_EXTENSIONS = FORMATS["DICOM"]
 _TF_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
 
 
@@ -41,10 +52,22 @@ class BadInputError(ValueError):
 
 @dataclass(frozen=True)
 class Upload:
-    """One uploaded file: the client's file name and its bytes."""
+    """One uploaded file: the client's file name, its bytes and the part's declared media type."""
 
     filename: str
     data: bytes
+    content_type: str = ""
+
+    @property
+    def dicom(self) -> bool:
+        """A DICOM Part 10 file, by content."""
+        return is_dicom(self.data) if len(self.data) >= 132 else False
+
+    @property
+    def declared_dicom(self) -> bool:
+        """Declared DICOM by media type or file name, whatever its content."""
+        return (self.content_type.split(";")[0].strip().lower() == _DICOM_MEDIA
+                or self.filename.lower().endswith(_DICOM_EXTENSIONS))
 
 
 def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[str, int, int]:
@@ -61,6 +84,8 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
     if len(upload.data) > max_file_bytes:
         raise BadInputError(413, f"'{name}' is {len(upload.data) / 2**20:.1f} MiB; the limit is "
                                  f"{max_file_bytes / 2**20:.0f} MiB per file")
+    if upload.dicom or upload.declared_dicom:
+        return _check_dicom(upload, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -70,13 +95,33 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
         raise BadInputError(422, f"'{name}' is a decompression bomb ({exc}); the limit is "
                                  f"{max_pixels / 1e6:.0f} Mpx") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise BadInputError(415, f"'{name}' is not an image; send a chest X-ray as JPEG or PNG") from None
+        raise BadInputError(415, f"'{name}' is not an image; send a chest X-ray as {FORMATS_TEXT}") from None
     if fmt not in DECODABLE_FORMATS:
-        raise BadInputError(415, f"'{name}' is a {fmt} image; send JPEG or PNG (also read: BMP, GIF)")
+        raise BadInputError(415, f"'{name}' is a {fmt} image; send {FORMATS_TEXT}")
     if width * height > max_pixels:
         raise BadInputError(422, f"'{name}' is {width} x {height} = {width * height / 1e6:.0f} Mpx; "
                                  f"the limit is {max_pixels / 1e6:.0f} Mpx (a decompression bomb?)")
     return fmt, width, height
+
+
+def _check_dicom(upload: Upload, max_pixels: int) -> tuple[str, int, int]:
+    """:func:`check_upload` for a DICOM part: its header only, every refusal with its reason."""
+    from covid_tasks.dicom import DicomError, DicomTooLargeError, dicom_size
+
+    name = upload.filename
+    if not upload.dicom:
+        raise BadInputError(415, f"'{name}' is declared DICOM but is not a DICOM Part 10 file (no 'DICM' "
+                                 "at byte 128); send the file as the PACS exports it")
+    try:
+        width, height = dicom_size(upload.data, max_pixels)
+    except DicomTooLargeError as exc:
+        pixels = exc.width * exc.height
+        raise BadInputError(422, f"'{name}' is {exc.width} x {exc.height} = {pixels / 1e6:.0f} Mpx; the "
+                                 f"limit is {max_pixels / 1e6:.0f} Mpx (a decompression bomb?)") from None
+    except DicomError as exc:
+        status = 415 if exc.reason in ("not_image", "unsupported") else 422
+        raise BadInputError(status, f"'{name}' is a DICOM file the model cannot use: {exc}") from None
+    return "DICOM", width, height
 
 
 def decode_uploads(uploads: Sequence[Upload], img_size: int, max_file_bytes: int, max_pixels: int,

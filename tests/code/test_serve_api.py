@@ -174,7 +174,7 @@ BAD_UPLOADS = {
     "decompression bomb": ("bomb.png", lambda: _bomb_png(30000, 30000), 422,
                            "bomb (Image size (900000000 pixels)"),
     "over the pixel limit": ("wide.png", lambda: _bomb_png(5000, 5000), 422, "25 Mpx; the limit is 20 Mpx"),
-    "tiff": ("scan.tif", _tiff, 415, "is a TIFF image; send JPEG or PNG"),
+    "tiff": ("scan.tif", _tiff, 415, "is a TIFF image; send JPEG, PNG, DICOM"),
     "file over 1 MiB": ("big.jpg", lambda: SAMPLES[0].read_bytes() + b"\0" * 1_100_000, 413,
                         "1 MiB per file"),
     "empty file": ("empty.jpg", lambda: b"", 400, "is empty"),
