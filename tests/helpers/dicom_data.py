@@ -112,22 +112,25 @@ def dicom_source(dst: Path, blank: tuple[str, ...] = ("view", "modality"), limit
     return dst
 
 
-def phi_hits(roots: Iterable[Path], skip: Iterable[Path] = ()) -> list[str]:
-    """Every file under ``roots`` (except under ``skip``) holding a :data:`PHI_MARKERS` string.
+def phi_hits(roots: Iterable[Path], inputs: Iterable[Path] = ()) -> list[str]:
+    """Every file under ``roots`` holding a :data:`PHI_MARKERS` string, except the input films.
 
     Args:
         roots: folders (or files) to search, binary files included.
-        skip: folders whose files are the inputs themselves (pulled DICOM files).
+        inputs: folders of the pulled films themselves (``raw/images``, ``quarantine``); their
+            files, and hard links to them elsewhere (``split/``), are not searched.
 
     Returns:
         ``"<path>: <marker>"`` for each hit; empty when nothing leaked.
     """
-    skipped = [Path(s).resolve() for s in skip]
+    same = {(st.st_dev, st.st_ino) for folder in inputs if Path(folder).is_dir()
+            for st in (p.stat() for p in Path(folder).rglob("*") if p.is_file())}
     hits = []
     for root in roots:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for path in files:
-            if any(path.resolve().is_relative_to(s) for s in skipped):
+            st = path.stat()
+            if (st.st_dev, st.st_ino) in same:
                 continue
             data = path.read_bytes()
             hits += [f"{path}: {m}" for m in PHI_MARKERS
