@@ -112,7 +112,7 @@ def image_size(source: str | Path | bytes, max_pixels: int | None = MAX_IMAGE_PI
         ValueError: not one of these formats, or the header is truncated or invalid.
     """
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-    if _long_enough(source) and is_dicom(source):
+    if is_dicom(source):
         return _dicom_call(name, "dicom_size", source, max_pixels)
     try:
         if isinstance(source, (bytes, bytearray)):
@@ -132,11 +132,6 @@ def image_size(source: str | Path | bytes, max_pixels: int | None = MAX_IMAGE_PI
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(name, width, height, max_pixels)
     return width, height
-
-
-def _long_enough(source: str | Path | bytes) -> bool:
-    """Whether ``source`` can hold DICOM's magic (a path is checked when it is opened)."""
-    return not isinstance(source, (bytes, bytearray)) or len(source) >= _DICOM_MAGIC_AT + 4
 
 
 def _dicom_call(name: str, function: str, *args: Any) -> Any:
@@ -161,12 +156,12 @@ def _dicom_rgb(contents: Any) -> Any:
 def decode_full(contents: Any) -> Any:
     """Decode an image at its own size with the training pipeline's decoder (no resize).
 
-    Args:
-        contents: the encoded file's bytes (a string tensor or ``bytes``).
-
     JPEG and PNG are tested first and stay pure TensorFlow ops; DICOM (``DICM`` at byte 128) goes
     through :func:`covid_tasks.dicom.decode_dicom` in a ``tf.numpy_function``, without a pixel
     limit of its own: callers check the header first (:func:`image_size`).
+
+    Args:
+        contents: the encoded file's bytes (a string tensor or ``bytes``).
 
     Returns:
         A float32 ``(height, width, 3)`` RGB tensor in 0..255 (16-bit PNGs scaled, not rounded).
@@ -314,7 +309,7 @@ def load_image_bytes(contents: bytes, img_size: int, max_pixels: int | None = MA
     """
     import tensorflow as tf
 
-    if len(contents) >= _DICOM_MAGIC_AT + 4 and is_dicom(contents):
+    if is_dicom(contents):
         # decoded here rather than in the graph, for the refusal's own error; then the same resize
         rgb = _dicom_call(name, "decode_dicom", contents, max_pixels)
         return tf.cast(_resized(tf.constant(rgb, tf.float32), img_size), tf.float32).numpy()
@@ -343,7 +338,7 @@ def decode_failure(contents: bytes) -> str | None:
     """
     import tensorflow as tf
 
-    if len(contents) >= _DICOM_MAGIC_AT + 4 and is_dicom(contents):
+    if is_dicom(contents):
         from covid_tasks.dicom import DicomError, decode_dicom
 
         try:
@@ -374,13 +369,13 @@ def validate_image(path: str | Path, min_side: int, max_pixels: int) -> str | No
     a file only Pillow reads (an RLE-compressed BMP), or a BMP/GIF whose pixels TensorFlow reads
     differently (a colour palette read as grey levels), is refused.
 
+    A DICOM file (by content) is checked on its header and decoded with :mod:`covid_tasks.dicom`,
+    the decoder training uses for it; its refusals keep their reasons.
+
     Args:
         path: the file to check.
         min_side: the smallest accepted width and height, in pixels.
         max_pixels: the largest accepted width times height.
-
-    A DICOM file (by content) is checked on its header and decoded with :mod:`covid_tasks.dicom`,
-    the decoder training uses for it; its refusals keep their reasons.
 
     Returns:
         ``None`` when the image is usable, else a short reason: ``empty``, ``undecodable``,

@@ -61,7 +61,7 @@ class Upload:
     @property
     def dicom(self) -> bool:
         """A DICOM Part 10 file, by content."""
-        return is_dicom(self.data) if len(self.data) >= 132 else False
+        return is_dicom(self.data)
 
     @property
     def declared_dicom(self) -> bool:
