@@ -7,8 +7,9 @@ Each upload is checked in this order, and the first failure answers the whole re
 2. header (Pillow, or for DICOM pydicom, reads only the header; nothing is decoded): not an image
    (415), a format the training decoder does not read (415), or more than ``max_pixels`` pixels,
    a decompression bomb (422). DICOM is recognised by content (``DICM`` at byte 128), whatever
-   the part's type or name; a part declared DICOM (``application/dicom``, ``.dcm``) that is not
-   a DICOM Part 10 file answers 415. A DICOM header the decoder refuses answers 415 for a
+   the part's type or name (a JPEG sent as ``application/dicom`` is read as a JPEG); a part
+   declared DICOM (``application/dicom``, ``.dcm``) that is no image at all answers 415 saying it
+   is not a DICOM Part 10 file. A DICOM header the decoder refuses answers 415 for a
    non-image object or an unsupported encoding (``not_image``, ``unsupported``) and 422 for a
    broken file (``truncated``, ``undecodable``), with the reason;
 3. decoding with :func:`covid_tasks.images.load_image`, exactly as training, ``evaluate`` and
@@ -84,7 +85,7 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
     if len(upload.data) > max_file_bytes:
         raise BadInputError(413, f"'{name}' is {len(upload.data) / 2**20:.1f} MiB; the limit is "
                                  f"{max_file_bytes / 2**20:.0f} MiB per file")
-    if upload.dicom or upload.declared_dicom:
+    if upload.dicom:
         return _check_dicom(upload, max_pixels)
     try:
         with warnings.catch_warnings():
@@ -95,6 +96,9 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
         raise BadInputError(422, f"'{name}' is a decompression bomb ({exc}); the limit is "
                                  f"{max_pixels / 1e6:.0f} Mpx") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        if upload.declared_dicom:
+            raise BadInputError(415, f"'{name}' is declared DICOM but is not a DICOM Part 10 file (no "
+                                     "'DICM' at byte 128); send the file as the PACS exports it") from None
         raise BadInputError(415, f"'{name}' is not an image; send a chest X-ray as {FORMATS_TEXT}") from None
     if fmt not in DECODABLE_FORMATS:
         raise BadInputError(415, f"'{name}' is a {fmt} image; send {FORMATS_TEXT}")
@@ -109,9 +113,6 @@ def _check_dicom(upload: Upload, max_pixels: int) -> tuple[str, int, int]:
     from covid_tasks.dicom import DicomError, DicomTooLargeError, dicom_size
 
     name = upload.filename
-    if not upload.dicom:
-        raise BadInputError(415, f"'{name}' is declared DICOM but is not a DICOM Part 10 file (no 'DICM' "
-                                 "at byte 128); send the file as the PACS exports it")
     try:
         width, height = dicom_size(upload.data, max_pixels)
     except DicomTooLargeError as exc:

@@ -23,7 +23,7 @@ from PIL import Image
 from covid_tasks.images import FORMATS
 from tests.helpers.dicom_data import ROTATION, SAMPLE, grey_of, phi_for, phi_in_text
 from tests.helpers.dicom_files import bomb_dicom, film_dicom
-from tests.helpers.serve_stack import IMG_SIZE
+from tests.helpers.serve_stack import IMG_SIZE, SAMPLES
 
 pytestmark = pytest.mark.mlflow_server
 logger = logging.getLogger(__name__)
@@ -92,6 +92,14 @@ def test_bad_dicom_files_answer_4xx_with_the_reason(serve_stack: Any, film: np.n
     assert f"'{name}'" in response.json()["detail"] and words in response.json()["detail"], response.text
     alive = _post(serve_stack, [("film.dcm", film_dicom(film), "application/dicom")])
     assert alive.status_code == 200, alive.text  # the service keeps serving
+
+
+def test_a_jpeg_declared_dicom_is_read_by_its_content(serve_stack: Any) -> None:
+    response = _post(serve_stack, [("scan.dcm", SAMPLES[0].read_bytes(), "application/dicom")])
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["prob_covid"] == pytest.approx(
+        _post(serve_stack, [("scan.jpg", SAMPLES[0].read_bytes(), "image/jpeg")]).json()["predictions"][0][
+            "prob_covid"], abs=1e-6)
 
 
 def test_explain_returns_the_windowed_film_for_dicom_only(serve_stack: Any, film: np.ndarray,
