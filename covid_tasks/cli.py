@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         if step == "pull":
             p.add_argument("--source", help="source URI: s3://bucket/prefix, file:///path or a folder")
     p = sub.add_parser("predict", help="classify image files")
-    p.add_argument("images", nargs="+", help="image files (JPEG or PNG)")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG or DICOM; also BMP, GIF)")
     p.add_argument("--model", default="models:/covid-xray-classifier@champion",
                    help="a models:/ URI or a .keras file (default: the registered champion)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $COVID_MLFLOW_TRACKING_URI)")

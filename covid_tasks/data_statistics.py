@@ -116,14 +116,22 @@ def _image_figures(path: Path) -> dict[str, Any]:
     import numpy as np
     from PIL import Image
 
+    from covid_tasks.dicom import decode_dicom, dicom_size, is_dicom
     from covid_tasks.near_duplicates import grey_image
 
-    with Image.open(path) as img:
-        width, height = img.size
-        img.draft("L", (INTENSITY_SIZE, INTENSITY_SIZE))  # JPEG: decode at 1/2..1/8 scale
-        small = grey_image(img)
+    if is_dicom(path):  # display grey levels, as training sees them (a DicomError is a ValueError)
+        limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+        width, height = dicom_size(path, limit)
+        small = Image.fromarray(decode_dicom(path.read_bytes(), limit)[..., 0], mode="L")
         small.thumbnail((INTENSITY_SIZE, INTENSITY_SIZE), Image.Resampling.BILINEAR)
         levels = np.asarray(small, dtype=np.float64)
+    else:
+        with Image.open(path) as img:
+            width, height = img.size
+            img.draft("L", (INTENSITY_SIZE, INTENSITY_SIZE))  # JPEG: decode at 1/2..1/8 scale
+            small = grey_image(img)
+            small.thumbnail((INTENSITY_SIZE, INTENSITY_SIZE), Image.Resampling.BILINEAR)
+            levels = np.asarray(small, dtype=np.float64)
     return {"width": int(width), "height": int(height), "mean": round(float(levels.mean()), 3),
             "std": round(float(levels.std()), 3)}
 

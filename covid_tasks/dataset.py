@@ -2,8 +2,9 @@
 
 Labels come from the explicit class list ``CLASS_NAMES`` (index 0 ``non_covid``, 1 ``covid``),
 never from folder or row order. Images are decoded with :mod:`covid_tasks.images` (the one
-decoder), after every file's header has been checked against ``cfg.max_image_pixels``; a file
-that fails the check or fails to decode is named and skipped (training) or refused (evaluation).
+decoder; DICOM films too, recognised by content), after every file's header has been checked
+against ``cfg.max_image_pixels``; a file that fails the check or fails to decode is named and
+skipped (training) or refused (evaluation).
 
 Decoded images are cached as uint8 (4x smaller than float32) between epochs: in memory when the
 set fits under ``memory_limit`` bytes, else in a file cache under ``<data_root>/cache/`` named by
@@ -26,14 +27,14 @@ from typing import IO, Any
 
 from covid_tasks.augment import augment
 from covid_tasks.config import CLASS_NAMES, Config
-from covid_tasks.images import decode_full, decode_uint8, decoder_message, image_size
+from covid_tasks.images import decode_failure, decode_uint8, image_size
 
 logger = logging.getLogger(__name__)
 
 #: Above this many decoded bytes (uint8) a data set is cached on disk instead of in memory.
 MEMORY_CACHE_LIMIT = 2 * 1024**3
-#: Bump when decoding changes, so file caches written by older code are not read.
-CACHE_VERSION = 2
+#: Bump when decoding changes, so file caches written by older code are not read (3: DICOM).
+CACHE_VERSION = 3
 #: File caches not used for this long are removed when a new one is made.
 CACHE_MAX_AGE_S = 14 * 24 * 3600
 #: How many unusable files a log line or an error message names (the count is always complete).
@@ -203,13 +204,11 @@ def _decoded(paths: list[str], labels: Any, img_size: int, skip: bool) -> Any:
 
 def _decode_error(path: str) -> str:
     """Why ``path`` does not decode, as the decoder says it (eagerly, outside ``tf.data``)."""
-    import tensorflow as tf
-
     try:
-        decode_full(tf.io.read_file(path))
-    except (tf.errors.OpError, ValueError) as exc:
-        return decoder_message(exc)
-    return "failed inside the input pipeline"  # pragma: no cover - a transient read error
+        why = decode_failure(Path(path).read_bytes())
+    except OSError as exc:  # pragma: no cover - a transient read error
+        return str(exc)
+    return why or "failed inside the input pipeline"  # pragma: no cover - a transient read error
 
 
 def _cache_key(paths: list[str], labels: Any, img_size: int) -> str:

@@ -2,9 +2,12 @@
 
 One decoder for every stage: ``pull`` validates with it, the training and evaluation pipeline
 (:mod:`covid_tasks.dataset`), ``predict`` and the inference service decode with it. JPEG and PNG
-(grey, grey+alpha, RGB, RGBA, palette, 8 or 16 bits), BMP and GIF all become RGB, resized to the
-model's input size and rounded to whole 0..255 values, so every caller sees the same pixels.
-JPEGs decode exactly as libjpeg's default (and Pillow) does.
+(grey, grey+alpha, RGB, RGBA, palette, 8 or 16 bits), DICOM films, BMP and GIF all become RGB,
+resized to the model's input size and rounded to whole 0..255 values, so every caller sees the
+same pixels. JPEGs decode exactly as libjpeg's default (and Pillow) does. DICOM is recognised by
+content (``DICM`` at byte 128), never by file name, and decoded by :mod:`covid_tasks.dicom`
+(modality LUT, VOI LUT or window, MONOCHROME1 inverted) to 0..255 grey before the same resize;
+inside ``tf.data`` that one branch is a ``tf.numpy_function``, the others stay TensorFlow ops.
 
 One pixel limit (``Config.max_image_pixels``, default :data:`~covid_tasks.config.MAX_IMAGE_PIXELS`,
 50 Mpx) applies before any pixel is decoded: width and height are read from the file's header
@@ -18,17 +21,28 @@ import logging
 import re
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from covid_tasks.config import MAX_IMAGE_PIXELS
+from covid_tasks.image_headers import header_size
 
 logger = logging.getLogger(__name__)
 
-#: The formats the decoder reads (``tf.io.decode_jpeg``, ``decode_png``, ``decode_image``).
-IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")
+#: Every format the decoder reads: its media type and file name extensions. The one list: the
+#: inference service's accepted types and its page's file picker and text come from it.
+FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "JPEG": ("image/jpeg", (".jpg", ".jpeg")),
+    "PNG": ("image/png", (".png",)),
+    "DICOM": ("application/dicom", (".dcm", ".dicom")),
+    "BMP": ("image/bmp", (".bmp",)),
+    "GIF": ("image/gif", (".gif",)),
+}
+#: The formats' names, in :data:`FORMATS`' order.
+IMAGE_FORMATS = tuple(FORMATS)
+#: Those TensorFlow decodes with its own ops (and Pillow checks in :func:`validate_image`).
+_PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "GIF")
+_DICOM_MAGIC_AT = 128
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-#: JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size.
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 class ImageTooLargeError(ValueError):
@@ -47,8 +61,42 @@ class ImageTooLargeError(ValueError):
         self.path, self.width, self.height, self.max_pixels = path, width, height, max_pixels
 
 
+class UnusableImageError(ValueError):
+    """A DICOM file the decoder refuses, with the reason ``pull`` quarantines it under.
+
+    Attributes:
+        reason: ``empty``, ``truncated``, ``undecodable``, ``unsupported`` or ``not_image``
+            (docs/dicom.md); the message reads ``"<name> is not a decodable image: <reason>: ..."``.
+    """
+
+    def __init__(self, name: str, reason: str, message: str) -> None:
+        super().__init__(f"{name} is not a decodable image: {message}")
+        self.reason = reason
+
+
+def is_dicom(source: str | Path | bytes) -> bool:
+    """Whether a file or its bytes is a DICOM Part 10 file (``DICM`` at byte 128), by content.
+
+    Args:
+        source: a file path, or the file's bytes.
+
+    Returns:
+        ``True`` for DICOM; the decoder reads it with :mod:`covid_tasks.dicom`.
+
+    Raises:
+        FileNotFoundError: ``source`` is a path that does not exist.
+    """
+    from covid_tasks.dicom import is_dicom as dicom_magic
+
+    return dicom_magic(source)
+
+
 def image_size(source: str | Path | bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """Width and height of a JPEG, PNG, BMP or GIF, read from its header without decoding any pixel.
+    """Width and height of a JPEG, PNG, DICOM, BMP or GIF, read from its header without decoding any pixel.
+
+    A DICOM header is also checked for everything the decoder refuses (no pixel data, colour,
+    several frames, an unsupported transfer syntax...), so a file this accepts is one it decodes
+    unless its pixel data is corrupt.
 
     Args:
         source: a file path, or the file's bytes.
@@ -60,15 +108,21 @@ def image_size(source: str | Path | bytes, max_pixels: int | None = MAX_IMAGE_PI
     Raises:
         FileNotFoundError: the file does not exist.
         ImageTooLargeError: width x height exceeds ``max_pixels``.
+        UnusableImageError: a DICOM file the decoder refuses (a ``ValueError``).
         ValueError: not one of these formats, or the header is truncated or invalid.
     """
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    if is_dicom(source):
+        return _dicom_call(name, "dicom_size", source, max_pixels)
     try:
         if isinstance(source, (bytes, bytearray)):
-            width, height = _header_size(io.BytesIO(source))
+            size = header_size(io.BytesIO(source))
         else:
             with open(source, "rb") as fh:
-                width, height = _header_size(fh)
+                size = header_size(fh)
+        if size is None:
+            raise ValueError(f"not a {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} image")
+        width, height = size
     except (struct.error, EOFError) as exc:
         raise ValueError(f"{name} is not a decodable image: its header is truncated ({exc})") from None
     except ValueError as exc:
@@ -80,56 +134,31 @@ def image_size(source: str | Path | bytes, max_pixels: int | None = MAX_IMAGE_PI
     return width, height
 
 
-def _header_size(fh: BinaryIO) -> tuple[int, int]:
-    """``(width, height)`` from the header at the start of ``fh``; ValueError for other formats."""
-    def read(n: int) -> bytes:
-        data = fh.read(n)
-        if len(data) != n:
-            raise EOFError("unexpected end of file")
-        return data
+def _dicom_call(name: str, function: str, *args: Any) -> Any:
+    """Call ``covid_tasks.dicom.<function>(*args)``; its refusals become this module's errors."""
+    from covid_tasks import dicom
 
-    head = fh.read(8)
-    if not head:
-        raise ValueError("the file is empty")
-    if head.startswith(_PNG_SIGNATURE):
-        length, kind = struct.unpack(">I4s", read(8))
-        if kind != b"IHDR" or length < 8:
-            raise ValueError("PNG without an IHDR chunk first")
-        return struct.unpack(">II", read(8))
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return struct.unpack("<HH", head[6:8] + read(2))
-    if head[:2] == b"BM":
-        fh.seek(14)
-        (dib,) = struct.unpack("<I", read(4))
-        if dib == 12:  # BITMAPCOREHEADER: 16-bit sizes
-            return struct.unpack("<HH", read(4))
-        width, height = struct.unpack("<ii", read(8))
-        return width, abs(height)  # a negative height means top-down rows
-    if head[:2] == b"\xff\xd8":
-        fh.seek(2)
-        while True:
-            byte = read(1)
-            while byte != b"\xff":  # libjpeg skips stray bytes between segments
-                byte = read(1)
-            while byte == b"\xff":  # fill bytes
-                byte = read(1)
-            marker = byte[0]
-            if marker == 0x01 or 0xD0 <= marker <= 0xD8:
-                continue  # standalone markers: no length
-            if marker in (0xD9, 0xDA):
-                raise ValueError("JPEG without a frame header before its image data")
-            (length,) = struct.unpack(">H", read(2))
-            if marker in _JPEG_SOF:
-                _precision, height, width = struct.unpack(">BHH", read(5))
-                return width, height
-            if length < 2:
-                raise ValueError("JPEG segment with an invalid length")
-            fh.seek(length - 2, io.SEEK_CUR)
-    raise ValueError(f"not a {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} image")
+    try:
+        return getattr(dicom, function)(*args)
+    except dicom.DicomTooLargeError as exc:
+        raise ImageTooLargeError(name, exc.width, exc.height, exc.max_pixels) from None
+    except dicom.DicomError as exc:
+        raise UnusableImageError(name, exc.reason, str(exc)) from None
+
+
+def _dicom_rgb(contents: Any) -> Any:
+    """``tf.numpy_function`` body: DICOM bytes -> uint8 ``(rows, columns, 3)`` (limit checked before)."""
+    from covid_tasks.dicom import decode_dicom
+
+    return decode_dicom(bytes(contents), None)
 
 
 def decode_full(contents: Any) -> Any:
     """Decode an image at its own size with the training pipeline's decoder (no resize).
+
+    JPEG and PNG are tested first and stay pure TensorFlow ops; DICOM (``DICM`` at byte 128) goes
+    through :func:`covid_tasks.dicom.decode_dicom` in a ``tf.numpy_function``, without a pixel
+    limit of its own: callers check the header first (:func:`image_size`).
 
     Args:
         contents: the encoded file's bytes (a string tensor or ``bytes``).
@@ -138,16 +167,28 @@ def decode_full(contents: Any) -> Any:
         A float32 ``(height, width, 3)`` RGB tensor in 0..255 (16-bit PNGs scaled, not rounded).
 
     Raises:
-        tensorflow.errors.InvalidArgumentError: the decoder cannot read the bytes.
+        tensorflow.errors.InvalidArgumentError: the decoder cannot read the bytes (a DICOM
+            refusal included: its message holds the reason).
     """
     import tensorflow as tf
 
     def png() -> Any:
         return tf.cast(_png(contents), tf.float32) * (255.0 / 65535.0)
 
+    def dicom() -> Any:
+        rgb = tf.numpy_function(_dicom_rgb, [contents], tf.uint8, stateful=False, name="decode_dicom")
+        rgb.set_shape((None, None, 3))
+        return tf.cast(rgb, tf.float32)
+
+    def dicom_or_other() -> Any:
+        long_enough = tf.strings.length(contents) >= _DICOM_MAGIC_AT + 4
+        magic = tf.cond(long_enough, lambda: tf.strings.substr(contents, _DICOM_MAGIC_AT, 4) == b"DICM",
+                        lambda: tf.constant(False))
+        return tf.cond(magic, dicom, lambda: tf.cast(_other(contents), tf.float32))
+
     is_png = tf.equal(tf.strings.substr(contents, 0, 8), _PNG_SIGNATURE)
     return tf.cond(tf.io.is_jpeg(contents), lambda: tf.cast(_jpeg(contents), tf.float32),
-                   lambda: tf.cond(is_png, png, lambda: tf.cast(_other(contents), tf.float32)))
+                   lambda: tf.cond(is_png, png, dicom_or_other))
 
 
 def decode_native(contents: bytes) -> Any:
@@ -193,16 +234,21 @@ def _other(contents: Any) -> Any:  # BMP, GIF: 8 bits only
 
 def decode_uint8(contents: Any, img_size: int) -> Any:
     """Decode and resize to ``(img_size, img_size, 3)`` uint8 (bilinear, antialiased, rounded)."""
+    return _resized(decode_full(contents), img_size)
+
+
+def _resized(img: Any, img_size: int) -> Any:
+    """A float32 0..255 image resized to ``(img_size, img_size, 3)`` uint8: bilinear, antialiased, rounded."""
     import tensorflow as tf
 
-    img = tf.image.resize(decode_full(contents), (img_size, img_size), method="bilinear", antialias=True)
+    img = tf.image.resize(img, (img_size, img_size), method="bilinear", antialias=True)
     img = tf.cast(tf.round(tf.clip_by_value(img, 0.0, 255.0)), tf.uint8)
     img.set_shape((img_size, img_size, 3))
     return img
 
 
 def decode_image(contents: Any, img_size: int) -> Any:
-    """Decode JPEG/PNG bytes to a float32 ``(img_size, img_size, 3)`` RGB tensor of whole 0..255 values.
+    """Decode image bytes to a float32 ``(img_size, img_size, 3)`` RGB tensor of whole 0..255 values.
 
     Args:
         contents: the encoded file's bytes (a string tensor).
@@ -223,7 +269,7 @@ def load_image(path: str | Path, img_size: int, max_pixels: int | None = MAX_IMA
     declaring a huge image) is refused before any memory is allocated for its pixels.
 
     Args:
-        path: a JPEG, PNG, BMP or GIF file.
+        path: a JPEG, PNG, DICOM, BMP or GIF file.
         img_size: output height and width.
         max_pixels: the most pixels (width x height) accepted; ``None`` for no limit.
 
@@ -233,6 +279,7 @@ def load_image(path: str | Path, img_size: int, max_pixels: int | None = MAX_IMA
     Raises:
         FileNotFoundError: the file does not exist.
         ImageTooLargeError: the image has more than ``max_pixels`` pixels (a ``ValueError``).
+        UnusableImageError: a DICOM file the decoder refuses, with its reason (a ``ValueError``).
         ValueError: the file is not a decodable image.
     """
     p = Path(path)
@@ -257,10 +304,15 @@ def load_image_bytes(contents: bytes, img_size: int, max_pixels: int | None = MA
 
     Raises:
         ImageTooLargeError: the image has more than ``max_pixels`` pixels (a ``ValueError``).
+        UnusableImageError: a DICOM file the decoder refuses, with its reason (a ``ValueError``).
         ValueError: the bytes are not a decodable image.
     """
     import tensorflow as tf
 
+    if is_dicom(contents):
+        # decoded here rather than in the graph, for the refusal's own error; then the same resize
+        rgb = _dicom_call(name, "decode_dicom", contents, max_pixels)
+        return tf.cast(_resized(tf.constant(rgb, tf.float32), img_size), tf.float32).numpy()
     try:
         image_size(contents, max_pixels)
     except ImageTooLargeError as exc:
@@ -271,6 +323,34 @@ def load_image_bytes(contents: bytes, img_size: int, max_pixels: int | None = MA
         return decode_image(tf.constant(contents), img_size).numpy()
     except tf.errors.InvalidArgumentError as exc:
         raise ValueError(f"{name} is not a decodable image: {decoder_message(exc)}") from exc
+
+
+def decode_failure(contents: bytes) -> str | None:
+    """Why the training pipeline's decoder cannot decode ``contents``, or ``None`` when it can.
+
+    Decodes eagerly, outside ``tf.data``, to name a file the pipeline lost (:mod:`covid_tasks.dataset`).
+
+    Args:
+        contents: the encoded file.
+
+    Returns:
+        The decoder's message (a DICOM refusal as ``"<reason>: ..."``), or ``None``.
+    """
+    import tensorflow as tf
+
+    if is_dicom(contents):
+        from covid_tasks.dicom import DicomError, decode_dicom
+
+        try:
+            decode_dicom(contents, None)
+        except DicomError as exc:
+            return str(exc)
+        return None
+    try:
+        decode_full(tf.constant(contents))
+    except (tf.errors.OpError, ValueError) as exc:
+        return decoder_message(exc)
+    return None
 
 
 def decoder_message(exc: BaseException) -> str:
@@ -289,6 +369,9 @@ def validate_image(path: str | Path, min_side: int, max_pixels: int) -> str | No
     a file only Pillow reads (an RLE-compressed BMP), or a BMP/GIF whose pixels TensorFlow reads
     differently (a colour palette read as grey levels), is refused.
 
+    A DICOM file (by content) is checked on its header and decoded with :mod:`covid_tasks.dicom`,
+    the decoder training uses for it; its refusals keep their reasons.
+
     Args:
         path: the file to check.
         min_side: the smallest accepted width and height, in pixels.
@@ -296,13 +379,16 @@ def validate_image(path: str | Path, min_side: int, max_pixels: int) -> str | No
 
     Returns:
         ``None`` when the image is usable, else a short reason: ``empty``, ``undecodable``,
-        ``truncated``, ``too_small`` or ``pixel_limit``, followed by details.
+        ``truncated``, ``too_small`` or ``pixel_limit`` (and for DICOM ``unsupported`` or
+        ``not_image``), followed by details.
     """
     from PIL import Image
 
     p = Path(path)
     if p.stat().st_size == 0:
         return "empty: 0 bytes"
+    if is_dicom(p):
+        return _dicom_reason(p, min_side, max_pixels)
     try:
         width, height = image_size(p, max_pixels)
     except ImageTooLargeError as exc:
@@ -313,12 +399,12 @@ def validate_image(path: str | Path, min_side: int, max_pixels: int) -> str | No
     if min(width, height) < min_side:
         return f"too_small: {width}x{height}, smaller side under {min_side} px"
     try:
-        with Image.open(p, formats=IMAGE_FORMATS) as im:
+        with Image.open(p, formats=_PILLOW_FORMATS) as im:
             fmt = im.format or "image"
             if im.size != (width, height):
                 return f"undecodable: header sizes disagree ({im.size[0]}x{im.size[1]} vs {width}x{height})"
             im.verify()
-        with Image.open(p, formats=IMAGE_FORMATS) as im:
+        with Image.open(p, formats=_PILLOW_FORMATS) as im:
             im.load()
     except Image.DecompressionBombError as exc:
         return f"pixel_limit: {exc}"
@@ -330,6 +416,21 @@ def validate_image(path: str | Path, min_side: int, max_pixels: int) -> str | No
     if reason is None:
         logger.debug("pull: %s is a valid %s %dx%d", p.name, fmt, width, height)
     return reason
+
+
+def _dicom_reason(path: Path, min_side: int, max_pixels: int) -> str | None:
+    """:func:`validate_image` for a DICOM file: the header's refusals, the size, then a full decode."""
+    from covid_tasks.dicom import DicomError, decode_dicom, dicom_size
+
+    try:
+        width, height = dicom_size(path, max_pixels)
+        if min(width, height) < min_side:
+            return f"too_small: {width}x{height}, smaller side under {min_side} px"
+        decode_dicom(path.read_bytes(), max_pixels)
+    except DicomError as exc:
+        return str(exc)[:200]
+    logger.debug("pull: %s is a valid DICOM film %dx%d", path.name, width, height)
+    return None
 
 
 def _training_decoder_reason(path: Path, fmt: str) -> str | None:
@@ -344,7 +445,7 @@ def _training_decoder_reason(path: Path, fmt: str) -> str | None:
         return f"undecodable: TensorFlow, the decoder training uses, cannot read this {fmt}: " \
                f"{decoder_message(exc)[:160]}"
     if fmt in ("BMP", "GIF"):  # 8-bit: both decoders must give the same RGB pixels
-        with Image.open(path, formats=IMAGE_FORMATS) as im:
+        with Image.open(path, formats=_PILLOW_FORMATS) as im:
             expected = np.asarray(im.convert("RGB"))
         if pixels.shape != expected.shape or not np.array_equal(pixels.numpy(), expected):
             return (f"undecodable: TensorFlow, the decoder training uses, reads this {fmt} "

@@ -108,10 +108,13 @@ def dhash_array(array: "np.ndarray") -> int:
 
 
 def dhash_file(path: str | Path) -> int:
-    """The hash of an image file, decoded with Pillow.
+    """The hash of an image file, decoded with Pillow (a DICOM film with :mod:`covid_tasks.dicom`).
+
+    A DICOM film is hashed on its display grey levels (window, MONOCHROME1 inverted), so it hashes
+    like the PNG of the same film; Pillow's decompression-bomb limit applies to it too.
 
     Args:
-        path: a JPEG, PNG, BMP or GIF file.
+        path: a JPEG, PNG, BMP, GIF or DICOM file.
 
     Returns:
         The hash as an int.
@@ -125,6 +128,15 @@ def dhash_file(path: str | Path) -> int:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image {p} not found")
+    from covid_tasks.dicom import DicomError, decode_dicom, dicom_size, is_dicom
+
+    if is_dicom(p):
+        limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None  # Pillow's error threshold
+        try:
+            dicom_size(p, limit)
+            return dhash_array(decode_dicom(p.read_bytes(), limit)[..., 0])
+        except DicomError as exc:
+            raise ValueError(f"{p} is not a decodable image: {exc}") from None
     try:
         with Image.open(p) as img:
             img.load()

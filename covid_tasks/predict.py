@@ -40,7 +40,7 @@ def predict(images: Sequence[str | Path], model: str, tracking_uri: str | None =
     """Classify each image; covid when P(covid) >= the model's operating threshold.
 
     Args:
-        images: JPEG or PNG files.
+        images: JPEG, PNG or DICOM files (DICOM recognised by content; also BMP, GIF).
         model: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/...`` or a
             ``.keras`` file.
         tracking_uri: MLflow tracking URI for registered models.

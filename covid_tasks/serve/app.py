@@ -2,9 +2,10 @@
 
 Endpoints (see docs/serving.md for examples):
 
-* ``POST /v1/predict[?explain=true]``: one or more image files (multipart); per image the class,
-  P(covid), the threshold, and the model name, version and run id that answered; with
-  ``explain=true`` a Grad-CAM heat map (PNG, base64).
+* ``POST /v1/predict[?explain=true]``: one or more image files (multipart: JPEG, PNG, DICOM, ...);
+  per image the class, P(covid), the threshold, and the model name, version and run id that
+  answered; with ``explain=true`` a Grad-CAM heat map (PNG, base64) and, for a DICOM film, the
+  windowed image the model saw (``image_png``), which a browser cannot draw from the DICOM file.
 * ``GET /v1/model``: the version served, its alias, gate metrics, data version and dates.
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (a model is loaded; why not, if not).
 * ``GET /metrics``: Prometheus text.
@@ -224,7 +225,8 @@ async def _read_uploads(request: Request, settings: ServeSettings) -> list[Uploa
                                      "form fields (e.g. -F file=@xray.jpg)")
         if len(files) > settings.max_files:
             raise too_many
-        return [Upload(f.filename or f"file {i + 1}", await f.read()) for i, f in enumerate(files)]
+        return [Upload(f.filename or f"file {i + 1}", await f.read(), f.content_type or "")
+                for i, f in enumerate(files)]
     finally:
         await form.close()
 
@@ -237,7 +239,9 @@ def classify(served: ServedModel, uploads: list[Upload], explain: bool, settings
 
     Returns:
         ``{"model": {..., "demo"}, "n_images", "predictions": [{"filename", "class", "prob_covid",
-        "threshold", "model_name", "model_version", "run_id"[, "heatmap_png", "heatmap_class"]}]}``.
+        "threshold", "model_name", "model_version", "run_id"[, "heatmap_png", "heatmap_class"
+        [, "image_png"]]}]}``; ``image_png`` (DICOM uploads with ``explain``) is the windowed image
+        the model took.
 
     Raises:
         BadInputError: an upload does not decode (422).
@@ -252,7 +256,7 @@ def classify(served: ServedModel, uploads: list[Upload], explain: bool, settings
                     "prob_covid": float(p), "threshold": served.threshold, "model_name": served.name,
                     "model_version": served.version, "run_id": served.run_id})
     if explain:
-        _explain(served, batch, positive, out)
+        _explain(served, batch, positive, out, uploads)
     model = {"name": served.name, "version": served.version, "run_id": served.run_id,
              "alias": served.info.get("alias"), "threshold": served.threshold,
              "calibrated": served.calibrated, "img_size": served.img_size,
@@ -260,13 +264,18 @@ def classify(served: ServedModel, uploads: list[Upload], explain: bool, settings
     return {"model": model, "n_images": len(out), "predictions": out}
 
 
-def _explain(served: ServedModel, batch: Any, positive: Any, out: list[dict[str, Any]]) -> None:
+def _explain(served: ServedModel, batch: Any, positive: Any, out: list[dict[str, Any]],
+             uploads: list[Upload]) -> None:
+    import numpy as np
+
     from covid_tasks.serve.gradcam import colorize, png_base64
 
     cams = served.gradcam(batch, positive)
-    for item, cam in zip(out, cams, strict=True):
+    for item, cam, image, upload in zip(out, cams, batch, uploads, strict=True):
         item["heatmap_png"] = png_base64(colorize(cam, served.img_size))
         item["heatmap_class"] = item["class"]
+        if upload.dicom:  # a browser cannot draw DICOM: the windowed film, as the model took it
+            item["image_png"] = png_base64(np.clip(np.rint(image), 0, 255).astype("uint8"))
 
 
 async def _bad_input(_: Request, exc: Exception) -> JSONResponse:

@@ -4,9 +4,15 @@ Each upload is checked in this order, and the first failure answers the whole re
 4xx (no partial answers):
 
 1. size: empty (400) or above ``max_file_bytes`` (413);
-2. header (Pillow reads only the header; nothing is decoded): not an image (415), a format not
-   in :data:`ACCEPTED_FORMATS` (415), or more than ``max_pixels`` pixels (413: a decompression
-   bomb, or an image far larger than any radiograph);
+2. header (Pillow, or for DICOM pydicom, reads only the header; nothing is decoded): not an image
+   (415), a format not in :data:`ACCEPTED_FORMATS` (415), or more than ``max_pixels`` pixels (413:
+   a decompression bomb, or an image far larger than any radiograph). DICOM is recognised by
+   content (``DICM`` at byte 128), whatever the part's type or name (a JPEG sent as
+   ``application/dicom`` is read as a JPEG); a part declared DICOM (``application/dicom``,
+   ``.dcm``) that is no image at all answers 415 saying it is not a DICOM Part 10 file; a DICOM header
+   the decoder refuses answers 415 for a non-image object or an unsupported encoding
+   (``not_image``, ``unsupported``) and 422 for a broken file (``truncated``, ``undecodable``),
+   with the reason;
 3. the request's pixel budget: the sum of width x height over its images, from their headers,
    above ``max_request_pixels`` (413). Decoding costs memory and time in proportion to the
    pixels, not the bytes (a 47 KB 7000 x 7000 greyscale PNG takes about 1.1 GB and 3.7 s), so
@@ -31,6 +37,8 @@ from typing import Sequence
 
 import numpy as np
 
+from covid_tasks.images import FORMATS, is_dicom
+
 
 @dataclass(frozen=True)
 class ImageFormat:
@@ -49,16 +57,16 @@ class ImageFormat:
     extensions: tuple[str, ...]
 
 
+#: Pillow's names of each format's files (the header check); Pillow reads no DICOM header, which
+#: :mod:`covid_tasks.dicom` checks instead.
+_PILLOW_NAMES = {"JPEG": ("JPEG", "MPO"), "DICOM": ()}
 #: The formats the service accepts, in the order shown: the one list behind the header check,
-#: the 415 messages, the page (drop zone text, file picker) and the OpenAPI description. These are
-#: the files TensorFlow's decoders, and so training, read; a new format (DICOM, say) needs an
-#: entry here and a decoder in :func:`covid_tasks.images.load_image`.
-ACCEPTED_FORMATS: tuple[ImageFormat, ...] = (
-    ImageFormat("JPEG", ("JPEG", "MPO"), ("image/jpeg",), (".jpg", ".jpeg")),
-    ImageFormat("PNG", ("PNG",), ("image/png",), (".png",)),
-    ImageFormat("BMP", ("BMP",), ("image/bmp",), (".bmp",)),
-    ImageFormat("GIF", ("GIF",), ("image/gif",), (".gif",)),
-)
+#: the 415 messages, the page (drop zone text, file picker) and the OpenAPI description. It is
+#: :data:`covid_tasks.images.FORMATS`, the formats the one decoder (and so training) reads.
+ACCEPTED_FORMATS: tuple[ImageFormat, ...] = tuple(
+    ImageFormat(name, _PILLOW_NAMES.get(name, (name,)), (media,), extensions)
+    for name, (media, extensions) in FORMATS.items())
+_DICOM_MEDIA, _DICOM_EXTENSIONS = FORMATS["DICOM"]
 
 
 def accepted_names() -> str:
@@ -89,10 +97,22 @@ class BadInputError(ValueError):
 
 @dataclass(frozen=True)
 class Upload:
-    """One uploaded file: the client's file name and its bytes."""
+    """One uploaded file: the client's file name, its bytes and the part's declared media type."""
 
     filename: str
     data: bytes
+    content_type: str = ""
+
+    @property
+    def dicom(self) -> bool:
+        """A DICOM Part 10 file, by content."""
+        return is_dicom(self.data)
+
+    @property
+    def declared_dicom(self) -> bool:
+        """Declared DICOM by media type or file name, whatever its content."""
+        return (self.content_type.split(";")[0].strip().lower() == _DICOM_MEDIA
+                or self.filename.lower().endswith(_DICOM_EXTENSIONS))
 
 
 def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[str, int, int]:
@@ -110,6 +130,8 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
     if len(upload.data) > max_file_bytes:
         raise BadInputError(413, f"'{name}' is {len(upload.data) / 2**20:.1f} MiB; the limit is "
                                  f"{max_file_bytes / 2**20:.0f} MiB per file")
+    if upload.dicom:
+        return _check_dicom(upload, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -119,6 +141,9 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
         raise BadInputError(413, f"'{name}' is a decompression bomb ({exc}); the limit is "
                                  f"{max_pixels / 1e6:g} Mpx per image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        if upload.declared_dicom:
+            raise BadInputError(415, f"'{name}' is declared DICOM but is not a DICOM Part 10 file (no "
+                                     "'DICM' at byte 128); send the file as the PACS exports it") from None
         raise BadInputError(415, f"'{name}' is not an image; send a chest X-ray as "
                                  f"{accepted_names()}") from None
     if fmt not in _decodable():
@@ -128,6 +153,24 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
                                  f"the limit is {max_pixels / 1e6:g} Mpx per image (a decompression "
                                  f"bomb?); send it downscaled")
     return fmt, width, height
+
+
+def _check_dicom(upload: Upload, max_pixels: int) -> tuple[str, int, int]:
+    """:func:`check_upload` for a DICOM part: its header only, every refusal with its reason."""
+    from covid_tasks.dicom import DicomError, DicomTooLargeError, dicom_size
+
+    name = upload.filename
+    try:
+        width, height = dicom_size(upload.data, max_pixels)
+    except DicomTooLargeError as exc:
+        pixels = exc.width * exc.height
+        raise BadInputError(413, f"'{name}' is {exc.width} x {exc.height} = {pixels / 1e6:.1f} Mpx; the "
+                                 f"limit is {max_pixels / 1e6:g} Mpx per image (a decompression bomb?); "
+                                 "send it downscaled") from None
+    except DicomError as exc:
+        status = 415 if exc.reason in ("not_image", "unsupported") else 422
+        raise BadInputError(status, f"'{name}' is a DICOM file the model cannot use: {exc}") from None
+    return "DICOM", width, height
 
 
 def check_request(uploads: Sequence[Upload], max_file_bytes: int, max_pixels: int,

@@ -12,6 +12,10 @@ byte-identical copy under a second name is dropped, and patients are linked into
 image, or a near-identical film (perceptual hashes within ``cfg.near_duplicate_distance`` bits,
 :mod:`covid_tasks.near_duplicates`). ``split`` keeps each group in one split, so one film never
 sits in two splits.
+
+DICOM images fill the cells the CSV leaves empty (:data:`HEADER_RULE`): ``view`` and ``modality``
+from the header (ViewPosition, Modality), ``patientid`` with the header's one-way patient hash;
+rows whose images share a header patient hash are linked. The report counts the filled cells.
 """
 
 from __future__ import annotations
@@ -69,6 +73,11 @@ RULES: tuple[tuple[str, str], ...] = (
                             " min_images_per_class PA/AP images; a class below it keeps them"),
 )
 REASONS = tuple(reason for reason, _ in RULES)
+#: How a DICOM image's header fills a row, before the rules apply (docs/dicom.md).
+HEADER_RULE = ("a filled CSV cell wins; an empty view or modality cell of a row whose image is DICOM takes"
+               " the header's ViewPosition (0018,5101) or Modality (0008,0060; CR, DX -> X-ray), an empty"
+               " patientid its one-way patient hash (dcm-...); rows whose images share a patient hash are"
+               " linked into one split group; the label always comes from the CSV's finding")
 
 
 @dataclass
@@ -106,11 +115,13 @@ def relabel(cfg: Config, run_key: str) -> dict[str, Any]:
 
     Returns:
         ``{"labeled_csv", "n_images", "n_patients", "n_groups", "class_counts", "dropped",
-        "fallback_used", "primary_counts", "covid_like_unmatched", "report"}``: ``class_counts``
+        "fallback_used", "primary_counts", "covid_like_unmatched", "near_duplicate_pairs",
+        "from_header", "report"}``: ``class_counts``
         and ``primary_counts`` (PA/AP images, which decide the fallback) map each class to an
         image count, ``dropped`` maps every reason of ``RULES`` to a row count, ``fallback_used``
         each class to a bool, ``covid_like_unmatched`` counts the distinct findings that look
-        like COVID-19 but are not labelled ``covid`` (each one is logged as a warning). The
+        like COVID-19 but are not labelled ``covid`` (each one is logged as a warning),
+        ``from_header`` the cells DICOM headers filled per column (:data:`HEADER_RULE`). The
         report (``relabel_report.json``) lists every distinct finding with its label and counts.
 
     Raises:
@@ -123,12 +134,13 @@ def relabel(cfg: Config, run_key: str) -> dict[str, Any]:
     logger.info("relabel: reading %s (views=%s, fallback=%s, min_images_per_class=%d)", meta_path,
                 list(cfg.views), list(cfg.fallback_views), cfg.min_images_per_class)
     header, rows = read_metadata(meta_path)
+    from_header = _fill_from_headers(rows, root.images)
     drops = _Drops()
     candidates, file_patients = _apply_row_rules(rows, _Views.of(cfg), root.images, drops)
     unique = _one_row_per_image(candidates, root.images, drops)
     kept, primary_counts, fallback_used = _apply_fallback(unique, cfg, drops)
     near = _near_duplicates(candidates, root, cfg.near_duplicate_distance)
-    groups = _link_patients(kept, candidates, file_patients, near)
+    groups = _link_patients(kept, candidates, file_patients, near, from_header.pop("links"))
 
     class_counts = {c: sum(1 for r in kept if r["label"] == c) for c in CLASS_NAMES}
     if any(n == 0 for n in class_counts.values()):
@@ -142,7 +154,7 @@ def relabel(cfg: Config, run_key: str) -> dict[str, Any]:
     write_csv(root.labeled, pd.DataFrame(table, columns=list(LABELED_COLUMNS)))
     report = _report(cfg, root, meta_path, header, rows, kept, drops, groups, file_patients,
                      {"class_counts": class_counts, "primary_counts": primary_counts,
-                      "fallback_used": fallback_used, "near_duplicates": near})
+                      "fallback_used": fallback_used, "near_duplicates": near, "from_header": from_header})
     write_json(root.relabel_report, report)
     result = {
         "labeled_csv": str(root.labeled),
@@ -155,10 +167,57 @@ def relabel(cfg: Config, run_key: str) -> dict[str, Any]:
         "primary_counts": primary_counts,
         "covid_like_unmatched": len(report["covid_like_unmatched"]),
         "near_duplicate_pairs": len(near["pairs"]),
+        "from_header": from_header["filled"],
         "report": str(root.relabel_report),
     }
     logger.info("relabel: done %s", json.dumps(result))
     return result
+
+
+def _fill_from_headers(rows: list[dict[str, Any]], images: Path) -> dict[str, Any]:
+    """Fill the empty ``view``, ``modality`` and ``patientid`` cells of rows whose image is DICOM.
+
+    Only the header is read (no pixel); a header that cannot be read fills nothing (pull has
+    quarantined such files already). Patient IDs are only ever seen as their one-way hash.
+
+    Returns:
+        ``{"rule", "dicom_images", "filled": {"view", "modality", "patientid"}, "links"}``:
+        ``links`` are the sets of patients whose images share a header patient hash.
+    """
+    from covid_tasks.dicom import DicomError, header_metadata, is_dicom
+
+    facts: dict[str, dict[str, Any] | None] = {}
+    filled = dict.fromkeys(("view", "modality", "patientid"), 0)
+    for row in rows:
+        name = row["filename"]
+        if row["malformed"] or not _is_safe(name):
+            continue
+        if name not in facts:
+            facts[name] = None
+            path = images / name
+            try:
+                if path.is_file() and is_dicom(path):
+                    facts[name] = header_metadata(path)
+            except (DicomError, OSError) as exc:
+                logger.warning("relabel: the DICOM header of %s cannot be read (%s); the CSV alone counts",
+                               name, exc)
+        meta = facts[name]
+        for column, key in (("view", "view"), ("modality", "modality"), ("patientid", "patient_hash")):
+            if meta and not row[column] and meta[key]:
+                row[column] = meta[key]
+                filled[column] += 1
+    by_hash: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        meta = facts.get(row["filename"])
+        if meta and meta["patient_hash"] and row["patientid"] and not row["malformed"]:
+            by_hash[meta["patient_hash"]].add(row["patientid"])
+    links = [pids for pids in by_hash.values() if len(pids) > 1]
+    dicom_images = sum(1 for meta in facts.values() if meta)
+    if dicom_images:
+        logger.info("relabel: %d DICOM image(s); header cells filled %s; %d patient-hash link(s)",
+                    dicom_images, filled, len(links))
+    return {"rule": HEADER_RULE, "dicom_images": dicom_images, "filled": filled,
+            "linked_by_patient_hash": len(links), "links": links}
 
 
 def _apply_row_rules(rows: list[dict[str, Any]], views: _Views, images: Path, drops: _Drops
@@ -283,12 +342,15 @@ def _near_duplicates(candidates: list[dict[str, Any]], root: DataRoot, max_dista
 
 
 def _link_patients(kept: list[dict[str, Any]], candidates: list[dict[str, Any]],
-                   file_patients: dict[str, set[str]], near: dict[str, Any]) -> dict[str, str]:
-    """Set each kept row's ``group_id``: patients sharing a file name (any trusted row), an image or a film.
+                   file_patients: dict[str, set[str]], near: dict[str, Any],
+                   header_links: list[set[str]]) -> dict[str, str]:
+    """Set each kept row's ``group_id``: patients sharing a file name (any trusted row), an image, a
+    film or a DICOM header's patient hash.
 
     Sorts ``kept`` by group, patient and file name; returns ``{patient: group}``.
     """
     links: list[Iterable[str]] = [pids for pids in file_patients.values() if len(pids) > 1]
+    links += header_links
     by_digest: dict[str, set[str]] = defaultdict(set)
     for row in candidates:
         by_digest[row["sha256"]].add(row["patientid"])

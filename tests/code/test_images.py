@@ -113,9 +113,9 @@ def test_image_size_reads_the_header_only(contents: bytes, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("contents, match", [
-    (b"", "empty"), (png_header(9, 9)[:20], "truncated"), (b"GIF8", "not a JPEG, PNG, BMP or GIF"),
+    (b"", "empty"), (png_header(9, 9)[:20], "truncated"), (b"GIF8", "not a JPEG, PNG, DICOM, BMP or GIF"),
     (b"\xff\xd8\xff\xd9", "without a frame"),
-    (_encoded("TIFF"), "not a JPEG, PNG, BMP or GIF"), (png_header(0, 5), "0x5"),
+    (_encoded("TIFF"), "not a JPEG, PNG, DICOM, BMP or GIF"), (png_header(0, 5), "0x5"),
 ], ids=["empty", "cut-png", "cut-gif", "jpeg-no-frame", "tiff", "zero-width"])
 def test_image_size_refuses_what_the_decoder_cannot_read(contents: bytes, match: str) -> None:
     with pytest.raises(ValueError, match=match):

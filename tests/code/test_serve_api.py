@@ -175,7 +175,7 @@ BAD_UPLOADS = {
                            "bomb (Image size (900000000 pixels)"),
     "over the pixel limit": ("wide.png", lambda: _bomb_png(5000, 5000), 413,
                              "25.0 Mpx; the limit is 20 Mpx per image"),
-    "tiff": ("scan.tif", _tiff, 415, "is a TIFF image; send JPEG, PNG, BMP or GIF"),
+    "tiff": ("scan.tif", _tiff, 415, "is a TIFF image; send JPEG, PNG, DICOM, BMP or GIF"),
     "file over 1 MiB": ("big.jpg", lambda: SAMPLES[0].read_bytes() + b"\0" * 1_100_000, 413,
                         "1 MiB per file"),
     "empty file": ("empty.jpg", lambda: b"", 400, "is empty"),

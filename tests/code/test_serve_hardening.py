@@ -106,7 +106,7 @@ def test_not_ready_answers_say_when_to_ask_again(serve_stack: Any) -> None:
 # --------------------------------------------------------------------------- the page (item 9)
 def test_the_page_lists_the_accepted_formats_and_works_without_javascript(serve_stack: Any) -> None:
     page = requests.get(f"{serve_stack.service.url}/", timeout=10).text
-    assert "choose a file (JPEG, PNG, BMP or GIF)" in page and "(JPEG or PNG)" not in page
+    assert "choose a file (JPEG, PNG, DICOM, BMP or GIF)" in page and "(JPEG or PNG)" not in page
     form = "".join(re.findall(r"<noscript>(.*?)</noscript>", page, flags=re.S))
     assert 'action="/v1/predict"' in form and 'method="post"' in form
     assert 'enctype="multipart/form-data"' in form and 'name="file"' in form
@@ -114,7 +114,7 @@ def test_the_page_lists_the_accepted_formats_and_works_without_javascript(serve_
 
     from covid_tasks.serve.inputs import ACCEPTED_FORMATS, accept_attribute, accepted_names
 
-    assert accepted_names() == "JPEG, PNG, BMP or GIF"
+    assert accepted_names() == "JPEG, PNG, DICOM, BMP or GIF"
     for fmt in ACCEPTED_FORMATS:
         assert all(m in accept_attribute() for m in fmt.media_types + fmt.extensions)
     assert page.count(f'accept="{accept_attribute()}"') == 2  # the drop zone and the plain form
@@ -176,15 +176,15 @@ def test_swagger_ui_when_turned_on_gets_its_own_policy(monkeypatch: pytest.Monke
 def test_the_accepted_formats_come_from_one_list(monkeypatch: pytest.MonkeyPatch) -> None:
     from covid_tasks.serve import inputs
 
-    dicom = inputs.ImageFormat("DICOM", ("DCM",), ("application/dicom",), (".dcm",))
-    monkeypatch.setattr(inputs, "ACCEPTED_FORMATS", (*inputs.ACCEPTED_FORMATS, dicom))
+    tiff = inputs.ImageFormat("TIFF", ("TIFF",), ("image/tiff",), (".tif",))
+    monkeypatch.setattr(inputs, "ACCEPTED_FORMATS", (*inputs.ACCEPTED_FORMATS, tiff))
     client = _app()
     page = client.get("/").text
-    assert "choose a file (JPEG, PNG, BMP, GIF or DICOM)" in page and "application/dicom" in page
-    assert page.count(".dcm") == 2
+    assert "choose a file (JPEG, PNG, DICOM, BMP, GIF or TIFF)" in page and "image/tiff" in page
+    assert page.count(".tif") == 2
     spec = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]
-    assert "DICOM" in spec["responses"]["415"]["description"]
-    assert "application/dicom" in spec["requestBody"]["content"]["multipart/form-data"]["encoding"]["file"][
+    assert "TIFF" in spec["responses"]["415"]["description"]
+    assert "image/tiff" in spec["requestBody"]["content"]["multipart/form-data"]["encoding"]["file"][
         "contentType"]
-    with pytest.raises(inputs.BadInputError, match="as JPEG, PNG, BMP, GIF or DICOM"):
+    with pytest.raises(inputs.BadInputError, match="as JPEG, PNG, DICOM, BMP, GIF or TIFF"):
         inputs.check_upload(inputs.Upload("notes.txt", b"text"), 10**6, 10**6)

@@ -69,6 +69,8 @@ function showResult(file, answer) {
   $("result-run").textContent = item.run_id || "?";
   $("result-latency").textContent = answer.latency_ms.toFixed(0);
   $("result-file").textContent = file.name;
+  // a DICOM film comes back windowed (image_png): the browser cannot draw the file itself
+  $("xray").src = item.image_png ? "data:image/png;base64," + item.image_png : URL.createObjectURL(file);
   const heat = $("heatmap");
   if (item.heatmap_png) {
     heat.src = "data:image/png;base64," + item.heatmap_png;
@@ -84,7 +86,6 @@ async function classify(file) {
   showError("");
   $("result").hidden = true;
   $("busy").hidden = false;
-  $("xray").src = URL.createObjectURL(file);
   const form = new FormData();
   form.append("file", file, file.name);
   try {
