@@ -59,7 +59,7 @@ def check_data(cfg: Config, run_key: str) -> dict[str, Any]:
     root = DataRoot.of(cfg)
     run_dir = root.run(run_key)
     labeled = pd.read_csv(require_file(root.labeled, "relabel"), dtype=str, keep_default_na=False)
-    metadata = data_checks.read_metadata(require_file(root.metadata, "pull"))
+    metadata = with_header_cells(data_checks.read_metadata(require_file(root.metadata, "pull")), root)
     baseline = _read(root.checks_baseline)
     previous = _read(root.checks_latest) or baseline
     logger.info("check_data: %d labelled images against the baseline of %s images", len(labeled),
@@ -89,6 +89,21 @@ def check_data(cfg: Config, run_key: str) -> dict[str, Any]:
         raise DataChecksBlocked(f"{report['summary']} (nothing is trained or registered; the baseline "
                                 f"stays the last version that passed; report {run_dir.data_checks})")
     return result
+
+
+def with_header_cells(metadata: Any, root: DataRoot) -> Any:
+    """The metadata with the empty ``patientid`` cells ``relabel`` filled from DICOM headers.
+
+    A site may leave ``patientid`` empty and let each film's header supply it (as a one-way hash,
+    see docs/dicom.md); the schema check must not count those rows as invalid.
+    """
+    filled = ((_read(root.relabel_report) or {}).get("from_header") or {}).get("patient_of_file") or {}
+    if not filled or "patientid" not in metadata.columns or "filename" not in metadata.columns:
+        return metadata
+    out = metadata.copy()
+    empty = out["patientid"].astype(str).str.strip() == ""
+    out.loc[empty, "patientid"] = out.loc[empty, "filename"].map(filled).fillna("")
+    return out
 
 
 def held_out_duplicates(root: DataRoot, labeled: Any) -> list[tuple[str, str, int]]:

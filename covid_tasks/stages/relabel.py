@@ -181,13 +181,16 @@ def _fill_from_headers(rows: list[dict[str, Any]], images: Path) -> dict[str, An
     quarantined such files already). Patient IDs are only ever seen as their one-way hash.
 
     Returns:
-        ``{"rule", "dicom_images", "filled": {"view", "modality", "patientid"}, "links"}``:
-        ``links`` are the sets of patients whose images share a header patient hash.
+        ``{"rule", "dicom_images", "filled": {"view", "modality", "patientid"},
+        "patient_of_file", "links"}``: ``patient_of_file`` maps each file whose empty patient cell
+        the header filled to that (hashed) patient; ``links`` are the sets of patients whose
+        images share a header patient hash.
     """
     from covid_tasks.dicom import DicomError, header_metadata, is_dicom
 
     facts: dict[str, dict[str, Any] | None] = {}
     filled = dict.fromkeys(("view", "modality", "patientid"), 0)
+    patients: dict[str, str] = {}  # file -> the header's patient hash, where it filled the cell
     for row in rows:
         name = row["filename"]
         if row["malformed"] or not _is_safe(name):
@@ -206,6 +209,8 @@ def _fill_from_headers(rows: list[dict[str, Any]], images: Path) -> dict[str, An
             if meta and not row[column] and meta[key]:
                 row[column] = meta[key]
                 filled[column] += 1
+                if column == "patientid":
+                    patients[name] = meta[key]
     by_hash: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         meta = facts.get(row["filename"])
@@ -217,7 +222,7 @@ def _fill_from_headers(rows: list[dict[str, Any]], images: Path) -> dict[str, An
         logger.info("relabel: %d DICOM image(s); header cells filled %s; %d patient-hash link(s)",
                     dicom_images, filled, len(links))
     return {"rule": HEADER_RULE, "dicom_images": dicom_images, "filled": filled,
-            "linked_by_patient_hash": len(links), "links": links}
+            "linked_by_patient_hash": len(links), "patient_of_file": patients, "links": links}
 
 
 def _apply_row_rules(rows: list[dict[str, Any]], views: _Views, images: Path, drops: _Drops

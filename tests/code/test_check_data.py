@@ -97,3 +97,26 @@ def test_new_films_that_copy_held_out_films_are_named(tmp_path: Path) -> None:
     labeled = pd.DataFrame({"filename": ["t.jpg", "t2.jpg", "copy.jpg", "tr.jpg", "copy2.jpg"],
                             "patientid": ["p_test", "p_test", "p_new", "p_train", "p_new2"]})
     assert held_out_duplicates(root, labeled) == [("t.jpg", "copy.jpg", 2)]
+
+
+def test_patient_ids_filled_from_dicom_headers_are_not_invalid_rows(tmp_path: Path) -> None:
+    """A DICOM export whose metadata.csv leaves patientid (and view, modality) empty: the headers
+    supply them in relabel, and the data checks do not count those rows as invalid."""
+    from tests.helpers.dicom_data import dicom_source
+
+    source = dicom_source(tmp_path / "dicom", blank=("view", "modality", "patientid"), limit=40)
+    cfg = Config(data_root=str(tmp_path / "data"), min_images_per_class=0, source_uri=str(source))
+    pull(cfg, "w1")
+    relabel(cfg, "w1")
+    result = check_data(cfg, "w1")
+    report = json.loads(DataRoot.of(cfg).run("w1").data_checks.read_text())
+    assert result["verdict"] == "ok", report["summary"]
+    import pandas as pd
+
+    from covid_tasks import data_checks
+
+    raw = data_checks.read_metadata(DataRoot.of(cfg).metadata)
+    assert (raw["patientid"] == "").all()  # the control: every row would fail the schema's check
+    assert data_checks.schema_summary(raw)["invalid_rows"] == len(raw)
+    labeled = pd.read_csv(DataRoot.of(cfg).labeled, dtype=str, keep_default_na=False)
+    assert labeled["patientid"].str.startswith("dcm-").all()
