@@ -59,7 +59,7 @@ def test_no_patient_data_in_any_output(tmp_path: Path, caplog: pytest.LogCapture
     import pydicom
 
     from covid_tasks.predict import predict
-    from covid_tasks.serve.inputs import BadInputError, Upload, decode_uploads
+    from covid_tasks.serve.inputs import BadInputError, Upload, check_request, decode_uploads
     from covid_tasks.stages.pull import pull
     from covid_tasks.stages.relabel import relabel
     from covid_tasks.stages.split import split
@@ -83,13 +83,16 @@ def test_no_patient_data_in_any_output(tmp_path: Path, caplog: pytest.LogCapture
             films = sorted((root / "raw" / "images").glob("*.dcm"))[:3]
             results.append(predict([str(p) for p in films], str(model)))
             uploads = [Upload(p.name, p.read_bytes(), "application/dicom") for p in films]
-            assert decode_uploads(uploads, 32, 2**24, 50_000_000).shape == (3, 32, 32, 3)
+            check_request(uploads, 2**24, 50_000_000, 10**9)
+            assert decode_uploads(uploads, 32, 50_000_000).shape == (3, 32, 32, 3)
             sr = film_dicom(grey_of(next((SAMPLE / "images").glob("*.jpg"))), patient=phi_for("sr"),
                             extra={"SOPClassUID": SR_SOP})
             refusals = []
             for name, data in (("cut.dcm", (src / "images" / "cut.dcm").read_bytes()), ("sr.dcm", sr)):
                 with pytest.raises(BadInputError) as info:
-                    decode_uploads([Upload(name, data, "application/dicom")], 32, 2**24, 50_000_000)
+                    upload = Upload(name, data, "application/dicom")
+                    check_request([upload], 2**24, 50_000_000, 10**9)
+                    decode_uploads([upload], 32, 50_000_000)
                 refusals.append(f"{info.value.status} {info.value.message}")
     finally:
         pydicom.config.debug(False)
