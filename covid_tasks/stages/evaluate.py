@@ -39,7 +39,15 @@ from covid_tasks.metrics import BOOTSTRAP_RESAMPLES, binary_metrics, classificat
 from covid_tasks.operating_point import THRESHOLD_RULE
 from covid_tasks.promotion import gate
 from covid_tasks.stats import fmt
-from covid_tasks.storage import file_sha256, jsonable, require_file, write_bytes_atomic, write_csv, write_json
+from covid_tasks.storage import (
+    file_sha256,
+    jsonable,
+    read_json,
+    require_file,
+    write_bytes_atomic,
+    write_csv,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +165,7 @@ def evaluate(cfg: Config, run_key: str) -> dict[str, Any]:
         "source_model_path": str(source_path),
         "operating_point_path": str(run_dir.operating_point),
         "img_size": cfg.img_size,
+        "probe": read_json(run_dir.probe) if run_dir.probe.is_file() else None,  # train's probe head
     }
     metrics["plots"] = _write_outputs(run_dir, metrics, fitted, scored, test, y_test, champion_prob)
     write_json(run_dir.metrics, metrics)
@@ -282,8 +291,6 @@ def _decide(cfg: Config, m: dict[str, Any], test: Any, y_test: Any, scored: _Sco
 
 def _data_check(run_dir: RunDir) -> dict[str, Any]:
     """This run's data-check verdict and summary (``unchecked`` when check_data did not run)."""
-    from covid_tasks.storage import read_json
-
     if not run_dir.data_checks.is_file():
         return {"verdict": "unchecked", "summary": "no data_checks.json in the run folder"}
     report = read_json(run_dir.data_checks)

@@ -94,3 +94,20 @@ def test_a_saved_fine_tuning_configuration_reruns_its_own_recipe_whatever_the_de
     assert new.lung_segmenter == "/tmp/seg.weights.h5"
     with pytest.raises(ValueError, match="unknown fine-tuning option"):
         cv_finetune.fold_config(cv_run.parse("ft-lite0-224-none-huge"), Path("/tmp/x"), args)
+
+
+def test_the_saved_probe_results_searched_the_benchmark_s_pinned_c_grid() -> None:
+    """The pipeline's grid grew below 0.001; the benchmark keeps the grid its saved results used."""
+    import cv_probe
+
+    from covid_tasks import training
+
+    chosen = set()
+    for path in sorted(RESULTS.glob("probe-*/predictions.csv")):
+        chosen |= set(pd.read_csv(path, usecols=["c"])["c"].round(12))
+    assert chosen and chosen <= set(cv_probe.C_GRID)
+    assert set(cv_probe.C_GRID) < set(training.PROBE_C_GRID) and min(training.PROBE_C_GRID) < 0.001
+    pipeline = training.PROBE_C_GRID
+    with cv_probe.saved_probe_grid():  # what the ft-*-probe folds' train stage searches
+        assert training.PROBE_C_GRID == cv_probe.C_GRID
+    assert training.PROBE_C_GRID == pipeline
