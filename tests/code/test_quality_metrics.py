@@ -111,3 +111,26 @@ def test_the_saved_probe_results_searched_the_benchmark_s_pinned_c_grid() -> Non
     with cv_probe.saved_probe_grid():  # what the ft-*-probe folds' train stage searches
         assert training.PROBE_C_GRID == cv_probe.C_GRID
     assert training.PROBE_C_GRID == pipeline
+
+
+def test_within_source_and_subgroup_figures_of_pooled_predictions() -> None:
+    """A model that only knows the source: high pooled AUC, 0.5 within sources; subgroups are sklearn's."""
+    labels = np.array([1] * 30 + [0] * 10 + [1] * 10 + [0] * 30)
+    source = np.where(np.arange(80) < 40, "a.org", "b.org")
+    preds = _preds(np.where(source == "a.org", 0.9, 0.2), labels)
+    images = pd.DataFrame({"filename": [f"{i}.jpg" for i in range(80)], "source": source,
+                           "finding": np.where(labels == 1, "COVID-19",
+                                               np.where(np.arange(80) % 2 == 0, "No Finding", "Pneumonia")),
+                           "view": np.where(np.arange(80) % 3 == 0, "AP", "PA")})
+    s = cv_metrics.summarise(preds, rounds=200, images=images)
+    assert s["roc_auc"] > 0.7 and s["within_source_auc"] == pytest.approx(0.5)
+    assert s["within_source_sources"] == 2 and s["within_source_n"] == 80
+    assert s["source_auc"]["a.org"] == {"auc": 0.5, "n_covid": 30, "n_non_covid": 10}
+    one = preds[preds["repeat"] == 0].sort_values("filename").merge(images, on="filename")
+    y = (one["label"] == "covid").to_numpy()
+    for name, keep in (("covid_vs_no_finding", y | (one["finding"] == "No Finding").to_numpy()),
+                       ("view_ap", (one["view"] == "AP").to_numpy())):
+        got = s["subgroup_auc"][name]
+        assert got["auc"] == pytest.approx(roc_auc_score(y[keep], one["prob_covid"][keep]))
+        assert (got["n_covid"], got["n_non_covid"]) == (int(y[keep].sum()), int((~y[keep]).sum()))
+    assert "within-source" in cv_metrics.subgroup_table([{"name": "x", "summary": s}]).splitlines()[0]
