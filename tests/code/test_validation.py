@@ -56,7 +56,8 @@ def _expected(model_path: Path, paths: list[Path]) -> np.ndarray:
     from covid_tasks.images import load_image
 
     model = keras.saving.load_model(model_path)
-    return model.predict(np.stack([load_image(p, int(model.input_shape[1])) for p in paths]), verbose=0).ravel()
+    size = int(model.input_shape[1])
+    return model.predict(np.stack([load_image(p, size) for p in paths]), verbose=0).ravel()
 
 
 def _ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
@@ -70,7 +71,8 @@ def _ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
     return total
 
 
-def test_figures_agree_with_scikit_learn_and_bad_rows_and_files_are_listed(evaluated: dict[str, Any]) -> None:
+def test_figures_agree_with_scikit_learn_and_bad_rows_and_files_are_listed(evaluated: dict[str, Any]
+                                                                          ) -> None:
     from covid_tasks.registry import load_keras_file
     from covid_tasks.validation import validate
 
@@ -112,7 +114,8 @@ def test_figures_agree_with_scikit_learn_and_bad_rows_and_files_are_listed(evalu
                        ("../elsewhere/a.png", "path leaves the CSV's folder"),
                        (test["image"][0], "duplicate row")}
     files = {s["image"]: s["reason"] for s in result["skipped_files"]}
-    assert files["films/missing.png"] == "file not found" and files["films/notes.png"].startswith("cannot decode")
+    assert files["films/missing.png"] == "file not found"
+    assert files["films/notes.png"].startswith("cannot decode")
     lines = {s["image"]: s["line"] for s in result["skipped_rows"] + result["skipped_files"]}
     assert lines["films/missing.png"] == 2 + 35  # the header is line 1
 
@@ -128,16 +131,18 @@ def test_a_one_class_csv_gives_nan_auc_and_a_note(evaluated: dict[str, Any]) -> 
     assert math.isnan(result["roc_auc"]) and math.isnan(result["specificity"])
     assert not math.isnan(result["sensitivity"])
     assert any("no non_covid film" in note for note in result["notes"])
-    assert list(result["by_source"]) == ["unspecified"] and "roc_auc" not in result["by_source"]["unspecified"]
+    assert list(result["by_source"]) == ["unspecified"]
+    assert "roc_auc" not in result["by_source"]["unspecified"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run([sys.executable, "-m", "covid_tasks", "validate", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
-                                                                  "TF_CPP_MIN_LOG_LEVEL": "2"})
+                          text=True, cwd=REPO, timeout=300, env=env)
 
 
-def test_cli_prints_figures_and_json_and_refuses_an_empty_or_headerless_csv(evaluated: dict[str, Any]) -> None:
+def test_cli_prints_figures_and_json_and_refuses_an_empty_or_headerless_csv(evaluated: dict[str, Any]
+                                                                           ) -> None:
     films = evaluated["films"]
     out = _cli("--labels", str(films / "covid_only.csv"), "--model", str(evaluated["model"]), "--json")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -202,8 +207,9 @@ def test_log_records_the_validation_against_the_version_and_its_model_card(regis
     listed = {f.path for f in client.list_artifacts(run.info.run_id, "external_validation")}
     assert {f"external_validation/{n}" for n in ("reliability.png", "roc_curve.png", "scores.csv",
                                                  "validation.json")} <= listed
-    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="external_validation",
-                                                     tracking_uri=url, dst_path=str(tmp_path)))
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, tracking_uri=url,
+                                                     artifact_path="external_validation",
+                                                     dst_path=str(tmp_path)))
     assert (local / "roc_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     scores = pd.read_csv(local / "scores.csv")
     assert roc_auc_score(scores["label"] == "covid", scores["prob_covid"]) == pytest.approx(result["roc_auc"])
