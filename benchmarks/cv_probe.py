@@ -23,27 +23,28 @@ import numpy as np
 import pandas as pd
 
 from covid_tasks.operating_point import highest_threshold_reaching
+from covid_tasks.training import PROBE_C_GRID
 
-#: The C grid every saved ``benchmarks/results/probe-*`` run searched: the pipeline's probe grid
-#: (``covid_tasks.training.PROBE_C_GRID``) before it reached below 0.001. Pinned here so a rerun of a
-#: saved configuration reproduces its predictions; the pipeline's grid now also tries 1e-5 to 3e-4,
-#: and a benchmark searching it would give other predictions wherever a fold chose 0.001 (1 to 7 of
-#: the 10 folds per configuration), so new results would need new names. ``test_quality_metrics``
-#: checks that every saved C is in this grid and that the grid is part of the pipeline's.
-C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+# The pipeline's probe head searches the same grid. It also extends it downwards when the best C
+# sits on its lower edge with an inner AUC above 0.5 and still rising (covid_tasks.training
+# .search_probe_c); the benchmark does not, so a rerun of a saved configuration reproduces its
+# predictions (folds that chose 0.001, 1 to 7 of 10 per configuration, might otherwise move).
+# ``test_quality_metrics`` checks that every saved C is in this grid.
+C_GRID = PROBE_C_GRID
 
 
 @contextlib.contextmanager
-def saved_probe_grid() -> Iterator[None]:
-    """Let the pipeline's ``train`` stage search :data:`C_GRID` (``ft-*-probe`` folds, as saved)."""
+def saved_probe_search() -> Iterator[None]:
+    """Let the pipeline's ``train`` stage search the grid only, as the saved ``ft-*-probe`` folds did."""
     from covid_tasks import training
 
-    pipeline = training.PROBE_C_GRID
-    training.PROBE_C_GRID = C_GRID
+    extension = training.PROBE_C_EXTENSION
+    training.PROBE_C_EXTENSION = ()
     try:
         yield
     finally:
-        training.PROBE_C_GRID = pipeline
+        training.PROBE_C_EXTENSION = extension
+
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -39,6 +40,7 @@ RECIPE_FIELDS = ("backbone", "weights", "img_size", "lung_gate", "multiscale", "
                  "learning_rate", "finetune_epochs", "finetune_learning_rate", "finetune_top_blocks",
                  "finetune_schedule", "augment_strength", "batch_size", "calibration", "seed",
                  "min_sensitivity", "min_specificity", "gate_on", "promotion_margin")
+_SPECIAL = re.compile(r"[\\|<>*_`\[\]]")
 TEST_FIGURES = ("roc_auc", "pr_auc", "sensitivity", "specificity", "ppv", "npv", "accuracy")
 INTENDED_USE = (
     "Research and engineering of a weekly retraining process for a COVID-19 vs non-COVID chest X-ray "
@@ -146,12 +148,14 @@ def external_validations(tags: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def _cell(value: Any) -> str:
-    """A value as Markdown table text: one line, ``|`` escaped, NaN and missing as ``n/a``."""
+    """A value as Markdown text: one line, with Markdown's punctuation (backslash, pipe, angle
+    brackets, asterisk, underscore, backtick, square brackets) backslash-escaped, so any CommonMark
+    renderer shows it as plain text (no HTML, no broken table); NaN and missing as ``n/a``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, float):
         return f"{value:.3f}"
-    return " ".join(str(value).split()).replace("|", "\\|")
+    return _SPECIAL.sub(r"\\\g<0>", " ".join(str(value).split()))
 
 
 def _ci(value: Any, ci: Any) -> str:

@@ -96,8 +96,8 @@ def test_a_saved_fine_tuning_configuration_reruns_its_own_recipe_whatever_the_de
         cv_finetune.fold_config(cv_run.parse("ft-lite0-224-none-huge"), Path("/tmp/x"), args)
 
 
-def test_the_saved_probe_results_searched_the_benchmark_s_pinned_c_grid() -> None:
-    """The pipeline's grid grew below 0.001; the benchmark keeps the grid its saved results used."""
+def test_the_saved_probe_results_searched_the_grid_the_benchmark_searches() -> None:
+    """The pipeline extends its grid below 0.001 at a rising edge; the benchmark keeps the plain grid."""
     import cv_probe
 
     from covid_tasks import training
@@ -105,12 +105,14 @@ def test_the_saved_probe_results_searched_the_benchmark_s_pinned_c_grid() -> Non
     chosen = set()
     for path in sorted(RESULTS.glob("probe-*/predictions.csv")):
         chosen |= set(pd.read_csv(path, usecols=["c"])["c"].round(12))
-    assert chosen and chosen <= set(cv_probe.C_GRID)
-    assert set(cv_probe.C_GRID) < set(training.PROBE_C_GRID) and min(training.PROBE_C_GRID) < 0.001
-    pipeline = training.PROBE_C_GRID
-    with cv_probe.saved_probe_grid():  # what the ft-*-probe folds' train stage searches
-        assert training.PROBE_C_GRID == cv_probe.C_GRID
-    assert training.PROBE_C_GRID == pipeline
+    assert chosen and chosen <= set(cv_probe.C_GRID) == set(training.PROBE_C_GRID)
+    extension = training.PROBE_C_EXTENSION
+    assert extension and max(extension) < min(training.PROBE_C_GRID)
+    with cv_probe.saved_probe_search():  # what the ft-*-probe folds' train stage searches
+        assert training.PROBE_C_EXTENSION == ()
+        scores, _ = training.search_probe_c(lambda c: (0.6 - c, None))  # rising to the lower edge
+        assert sorted(scores) == sorted(training.PROBE_C_GRID)
+    assert training.PROBE_C_EXTENSION == extension
 
 
 def test_within_source_and_subgroup_figures_of_pooled_predictions() -> None:
