@@ -301,13 +301,15 @@ def _log_probe(probe: ProbeFit) -> None:
     logger.info("train: linear-probe head, C=%g, inner CV AUC %.3f [%.3f, %.3f] (by C: %s)", probe.c,
                 probe.inner_auc, *probe.inner_auc_ci95, probe.inner_auc_by_c)
     if probe.c_at_edge:
+        why = ("not searched further: its inner AUC is not above chance" if probe.inner_auc <= 0.5
+               else "the best C may lie beyond")
         logger.warning("train: the probe's C=%g sits on the %s edge of the C values tried (%s), its inner "
-                       "AUC still rising towards it: the best C may lie beyond", probe.c, probe.c_at_edge,
-                       ", ".join(probe.inner_auc_by_c))
+                       "AUC still rising towards it; %s", probe.c, probe.c_at_edge,
+                       ", ".join(probe.inner_auc_by_c), why)
     if not probe.signal:
-        logger.warning("train: the probe head shows no signal before fine-tuning: inner CV AUC %.3f, 95%% "
-                       "interval [%.3f, %.3f] reaches 0.5 (%+.3f from chance)", probe.inner_auc,
-                       *probe.inner_auc_ci95, probe.inner_auc - 0.5)
+        logger.warning("train: the probe head shows no signal before fine-tuning: inner CV AUC %.3f "
+                       "(%+.3f from chance), 95%% interval [%.3f, %.3f] not above 0.5", probe.inner_auc,
+                       probe.inner_auc - 0.5, *probe.inner_auc_ci95)
 
 
 def finetune_schedule(cfg: Config, n_train: int) -> Any:
