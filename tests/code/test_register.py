@@ -481,3 +481,28 @@ def test_the_card_escapes_table_separators_and_renders_without_optional_facts() 
     assert "| a\\|b \\<script\\> | 1 | 0 |" in text and "| x\\|y\\.csv |" not in text
     assert "| x\\|y.csv |" in text
     assert "0.750 [0.500, 1.000]" in text and "ROC AUC within sources: n/a" in text
+
+
+def test_the_service_s_history_reads_the_lineage_from_either_store(flow: dict[str, Any]) -> None:
+    """/v1/history's source: every version in order, its tags parsed, versions as str on both stores."""
+    from covid_tasks.serve.registry_views import RegistryViews, lineage
+    from covid_tasks.serve.settings import ServeSettings
+
+    settings = ServeSettings(tracking_uri=flow["url"], model_name=MODEL, poll_interval_s=3600)
+    found = lineage(settings)
+    numbers = [v["version"] for v in found["versions"]]
+    assert numbers == sorted(numbers, key=int) and all(isinstance(n, str) for n in numbers)
+    assert found["champion"] == _aliases(flow["client"])["champion"]
+    first = found["versions"][0]
+    tags = flow["client"].get_model_version(MODEL, "1").tags
+    assert first["roc_auc"] == pytest.approx(float(tags["roc_auc"]))
+    ci = [float(x) for x in tags["roc_auc_ci95"].strip("[]").split(",")]
+    assert first["roc_auc_ci95"] == pytest.approx(ci)
+    assert first["training_images"] == 67 and first["dataset_version"] == "ds-run1_good"
+    assert first["decision"] == tags["decision"] and first["data_check"] == tags["data_check"]
+    champion = next(v for v in found["versions"] if v["champion_now"])
+    assert champion["version"] == found["champion"] and "champion" in champion["aliases"]
+    views = RegistryViews(settings, clock=lambda: 0.0)
+    assert views.history() == found and views.history() is views.history()  # cached for the poll interval
+    missing = lineage(ServeSettings(tracking_uri=flow["url"], model_name="no-such-model"))
+    assert missing["versions"] == [] and missing["champion"] is None

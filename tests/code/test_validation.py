@@ -104,6 +104,11 @@ def test_figures_agree_with_scikit_learn_and_bad_rows_and_files_are_listed(evalu
     assert result["sensitivity"] == pytest.approx(predicted[y == 1].mean())
     assert result["specificity"] == pytest.approx((~predicted[y == 0]).mean())
     assert result["ece"] == pytest.approx(_ece(y, prob.astype(float)), abs=1e-6)  # float32 scores
+    # The test split's films scored by validate give the figures evaluate recorded for them.
+    recorded = json.loads((evaluated["model"].parent / "metrics.json").read_text())
+    for key in ("roc_auc", "sensitivity", "specificity"):
+        assert result[key] == pytest.approx(recorded[key], abs=1e-9), key
+    assert result["ece"] == pytest.approx(recorded["calibration"]["ece_after"], abs=1e-6)
     a = (test["source"] == "hospital_a").to_numpy()
     assert result["by_source"]["hospital_a"]["roc_auc"] == pytest.approx(roc_auc_score(y[a], prob[a]))
     assert result["by_source"]["hospital_b"]["n"] == int((~a).sum())
@@ -143,7 +148,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_prints_figures_and_json_and_refuses_an_empty_or_headerless_csv(evaluated: dict[str, Any]
                                                                            ) -> None:
-    films = evaluated["films"]
+    films, test = evaluated["films"], evaluated["test"]
+    test[test["label"] == "covid"][["image", "label"]].to_csv(films / "covid_only.csv", index=False)
     out = _cli("--labels", str(films / "covid_only.csv"), "--model", str(evaluated["model"]), "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     text, last = out.stdout.rsplit("\n", 2)[0], out.stdout.strip().splitlines()[-1]
