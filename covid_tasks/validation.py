@@ -135,20 +135,30 @@ def score_films(films: list[LabelledFilm], loaded: Any
 
     from covid_tasks.images import load_image
 
-    kept, arrays, skipped = [], [], []
+    kept: list[LabelledFilm] = []
+    skipped: list[dict[str, Any]] = []
+    probs: list[Any] = []
+    batch: list[Any] = []
+
+    def flush() -> None:  # predict a batch at a time: a large folder never sits in memory at once
+        if batch:
+            probs.append(loaded.model.predict(np.stack(batch), verbose=0).reshape(-1))
+            batch.clear()
+
     for film in films:
         if not film.path.is_file():
             skipped.append({"line": film.line, "image": film.image, "reason": "file not found"})
             continue
         try:
-            arrays.append(load_image(film.path, loaded.img_size))
+            batch.append(load_image(film.path, loaded.img_size))
         except (ValueError, OSError) as exc:
             skipped.append({"line": film.line, "image": film.image,
                             "reason": f"cannot decode: {str(exc).splitlines()[0][:300]}"})
             continue
         kept.append(film)
-    probs = [loaded.model.predict(np.stack(arrays[i:i + _BATCH]), verbose=0).reshape(-1)
-             for i in range(0, len(arrays), _BATCH)]
+        if len(batch) == _BATCH:
+            flush()
+    flush()
     return kept, (np.concatenate(probs).astype(float) if probs else np.zeros(0)), skipped
 
 
@@ -262,7 +272,16 @@ def validate(labels_csv: str | Path, model: str, tracking_uri: str | None = None
     for why in result["notes"]:
         logger.warning("validate: %s", why)
     if log:
-        result["mlflow"] = log_validation(result, kept, y, prob, tracking_uri)
+        from mlflow.exceptions import MlflowException
+
+        from covid_tasks.registry import resolve_tracking_uri, unavailable
+
+        try:
+            result["mlflow"] = log_validation(result, kept, y, prob, tracking_uri)
+        except MlflowException as exc:
+            uri = resolve_tracking_uri(tracking_uri)
+            raise (unavailable(exc, uri, "log the validation") or RuntimeError(redact_uri(
+                f"cannot log the validation in the MLflow registry at {uri}: {exc.message}"))) from exc
     return result
 
 
