@@ -197,7 +197,7 @@ def render(card: dict[str, Any], validations: list[dict[str, Any]] | None = None
     lines = [f"# Model card: {_cell(model['name'])} version {_cell(model['version'])}", "",
              "> **Research tool, not for diagnosis.** " + NOT_FOR, "",
              "## Intended use", "", INTENDED_USE, "",
-             f"Not intended: {NOT_FOR}", ""]
+             "Out of scope: any clinical use (above).", ""]
     data = card.get("training_data") or {}
     if data.get("demo"):
         lines += [f"**Demo model**: {_cell(data.get('demo_reason'))}. Its answers mean nothing.", ""]
@@ -244,8 +244,9 @@ def _data_section(data: dict[str, Any]) -> list[str]:
 
 
 def _recipe_section(recipe: dict[str, Any], probe: dict[str, Any] | None) -> list[str]:
+    shown = {k: f"{v:g}" if isinstance(v, float) else v for k, v in recipe.items()}  # 1e-05, not 0.000
     lines = ["## Recipe", "", "| setting | value |", "|---|---|",
-             *(f"| {k} | {_cell(v)} |" for k, v in recipe.items()), ""]
+             *(f"| {_cell(k)} | {_cell(v)} |" for k, v in shown.items()), ""]
     if probe:
         edge = probe.get("probe_c_at_edge")
         signal = {True: "yes", False: "no"}.get(probe.get("probe_signal"), "unknown")
@@ -269,7 +270,9 @@ def _test_section(test: dict[str, Any]) -> list[str]:
 
 def _groups_section(within: dict[str, Any], groups: dict[str, Any]) -> list[str]:
     lines = ["## Within sources and subgroups (test split)", ""]
-    if within:
+    if within and not within.get("sources"):
+        lines += ["ROC AUC within sources: n/a, no source of the test split holds both classes.", ""]
+    elif within:
         lines += [f"ROC AUC within sources: {_cell(within.get('roc_auc'))}, the image-weighted mean over "
                   f"{within.get('n_sources', 0)} source(s) holding both classes ({within.get('n', 0)} "
                   "images).", "", "| source | images (covid / non-COVID) | ROC AUC [95% CI] | readable |",

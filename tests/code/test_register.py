@@ -480,7 +480,10 @@ def test_the_card_escapes_table_separators_and_renders_without_optional_facts() 
                           "n_non_covid": 2, "roc_auc": 0.75, "roc_auc_ci95": [0.5, 1.0], "run_id": "r1"}])
     assert "| a\\|b \\<script\\> | 1 | 0 |" in text and "| x\\|y\\.csv |" not in text
     assert "| x\\|y.csv |" in text
-    assert "0.750 [0.500, 1.000]" in text and "ROC AUC within sources: n/a" in text
+    assert "0.750 [0.500, 1.000]" in text and "ROC AUC within sources: n/a, no source" in text
+    card["recipe"] = {"finetune_learning_rate": 1e-05, "lung_gate": True}
+    recipe = render(card)
+    assert "| finetune\\_learning\\_rate | 1e-05 |" in recipe and "| lung\\_gate | True |" in recipe
 
 
 def test_the_service_s_history_reads_the_lineage_from_either_store(flow: dict[str, Any]) -> None:
