@@ -112,7 +112,10 @@ def run_fold(spec: dict[str, Any], labeled: pd.DataFrame, folds: pd.DataFrame, r
         cv_lungs.fold_segmenter(work, folds, repeat, fold)  # trained once per fold, then cached
         segmenter = str(work / "segmenters" / f"r{repeat}f{fold}.weights.h5")
     cfg = fold_config(spec, root, args, segmenter)
-    train(cfg, "cv")
+    from cv_probe import saved_probe_search
+
+    with saved_probe_search():  # the probe head searches the grid alone, as for the saved results
+        train(cfg, "cv")
     finetune(cfg, "cv")
     model = keras.saving.load_model(DataRoot.of(cfg).run("cv").finetune_model)
     images = root / "raw" / "images"

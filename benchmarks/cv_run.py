@@ -61,6 +61,7 @@ def run_cv(args: argparse.Namespace, data: Path) -> int:
 
     work = Path(args.work or "/tmp/quality-cv").resolve()
     labeled = prepare_data(data, work, 1234)
+    write_images(labeled, work / "data" / "raw" / "metadata.csv", Path(args.results) / IMAGES_CSV)
     folds = assign_folds(labeled, args.folds, args.repeats, seed=1234)
     names = [n for n in (args.configs or "probe-lite0-224").split(",") if n]
     rows = []
@@ -167,18 +168,45 @@ def _save(out: Path, name: str, spec: dict[str, Any], preds: pd.DataFrame, folds
 
 
 def report(results: Path) -> str:
-    """The README table, recomputed from every ``results/<configuration>/`` folder."""
-    from cv_metrics import summarise, table
+    """The docs' two tables, recomputed from every ``results/<configuration>/`` folder and
+    ``results/images.csv`` (each image's source, finding and view; without it, no within-source
+    figures)."""
+    from cv_metrics import subgroup_table, summarise, table
 
+    images = None
+    if (results / IMAGES_CSV).is_file():
+        images = pd.read_csv(results / IMAGES_CSV, dtype=str, keep_default_na=False)
     rows = []
     for folder in sorted(p for p in results.iterdir() if (p / "predictions.csv").is_file()):
         row = json.loads((folder / "run.json").read_text())
         row["summary"] = summarise(pd.read_csv(folder / "predictions.csv", dtype={"filename": str,
-                                                                                  "patientid": str}))
+                                                                                  "patientid": str}),
+                                   images=images)
         rows.append(row)
     order = {n: i for i, n in enumerate(_README_ORDER)}
     rows.sort(key=lambda r: (order.get(r["name"], len(order)), r["name"]))
-    return table(rows)
+    second = subgroup_table(rows)
+    return table(rows) + (f"\n\n{second}" if second else "")
+
+
+#: Each labelled image's source, finding and view, beside the configurations' folders.
+IMAGES_CSV = "images.csv"
+
+
+def write_images(labeled: pd.DataFrame, metadata_csv: Path, target: Path) -> Path:
+    """``images.csv``: ``filename, source, finding, view`` of every labelled image.
+
+    The source is ``covid_tasks.provenance``'s (the metadata's ``source`` column, else its ``url``
+    host), the rule ``evaluate`` and the data checks use.
+    """
+    from covid_tasks.data_statistics import read_metadata
+    from covid_tasks.provenance import labeled_sources
+
+    frame = labeled[["filename", "finding", "view"]].copy()
+    frame.insert(1, "source", labeled_sources(labeled, read_metadata(metadata_csv)).to_numpy())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    frame.sort_values("filename").to_csv(target, index=False)
+    return target
 
 
 #: Row order of the README table (others follow alphabetically).

@@ -159,8 +159,12 @@ def fold_into_model(model: Any, params: dict[str, float]) -> None:
 
 
 def reliability_plot(target: Path, y_true: Any, before: Any, after: Any, ece: tuple[float, float],
-                     bins: int = 10) -> str:
-    """``reliability.png``: observed covid fraction against mean P(covid) per bin, before and after."""
+                     bins: int = 10, title: str = "Reliability on the test split",
+                     labels: tuple[str, str] = ("uncalibrated", "calibrated")) -> str:
+    """``reliability.png``: observed covid fraction against mean P(covid) per bin, before and after.
+
+    ``before=None`` draws the ``after`` curve alone (a registered model scored on new films).
+    """
     import numpy as np
 
     from covid_tasks.plots import pyplot, save_figure
@@ -170,15 +174,15 @@ def reliability_plot(target: Path, y_true: Any, before: Any, after: Any, ece: tu
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.8, 5.6), sharex=True,
                                    gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
-    curves = (("uncalibrated", before, ece[0], "C1"), ("calibrated", after, ece[1], "C0"))
-    for label, p, value, colour in curves:
+    curves = [(labels[0], before, ece[0], "C1"), (labels[1], after, ece[1], "C0")]
+    for label, p, value, colour in (c for c in curves if c[1] is not None):
         p = np.asarray(p, dtype=float)
         idx = np.minimum((p * bins).astype(int), bins - 1)
         used = [b for b in range(bins) if (idx == b).any()]
         ax.plot([p[idx == b].mean() for b in used], [y[idx == b].mean() for b in used], "o-", color=colour,
                 label=f"{label} (ECE {value:.3f})")
         hist.hist(p, bins=bins, range=(0, 1), histtype="step", color=colour)
-    ax.set(ylabel="observed covid fraction", title="Reliability on the test split", xlim=(0, 1), ylim=(0, 1))
+    ax.set(ylabel="observed covid fraction", title=title, xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left", fontsize=7)
     hist.set(xlabel="P(covid)", ylabel="images")
     fig.tight_layout()

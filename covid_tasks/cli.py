@@ -3,7 +3,8 @@
 Each step prints its result, the same dict the Airflow task returns, as one JSON object on the
 last line of stdout; logs go to stderr. ``predict`` prints ``Class``, ``Confidence`` (the model's
 probability of that class, with whether it is calibrated) and ``P(covid)`` lines per image, or
-JSON with ``--json``.
+JSON with ``--json``. ``validate`` scores a labelled folder of films (:mod:`covid_tasks.validation`)
+and prints its figures, with ``--json`` also as one JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $COVID_MLFLOW_TRACKING_URI)")
     p.add_argument("--threshold", type=float, help="override the model's operating threshold")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p = sub.add_parser("validate", help="score a hospital's own labelled films (external validation)")
+    p.add_argument("--labels", required=True,
+                   help="CSV with the columns image,label[,source]: image paths relative to the CSV's "
+                        "folder, label covid or non_covid")
+    p.add_argument("--model", default="models:/covid-xray-classifier@champion",
+                   help="a models:/ URI or a .keras file with its operating point beside it "
+                        "(default: the registered champion)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $COVID_MLFLOW_TRACKING_URI)")
+    p.add_argument("--json", action="store_true",
+                   help="print the figures as one JSON object on the last line")
+    p.add_argument("--log", action="store_true",
+                   help="record the validation in MLflow against the model version and update its model card")
     p = sub.add_parser("summary", help="show the registered champion and how to use it")
     p.add_argument("--tracking-uri")
     p.add_argument("--data-root")
@@ -74,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(jsonable(result), default=str))
         elif args.command == "predict":
             _predict(args)
+        elif args.command == "validate":
+            _validate(args)
         elif args.command == "summary":
             from covid_tasks.summary import summary
 
@@ -103,6 +118,17 @@ def _predict(args: argparse.Namespace) -> None:
         print(f"Class : {pred['class']}")
         print(f"Confidence : {pred['confidence'] * 100:.1f}% for {pred['class']} ({note})")
         print(f"P(covid) : {pred['prob_covid'] * 100:.1f}% (covid at >= {result['threshold'] * 100:.1f}%)")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from covid_tasks.storage import jsonable
+    from covid_tasks.validation import text_report, validate
+
+    tracking = args.tracking_uri or _config(args).tracking_uri
+    result = validate(args.labels, args.model, tracking, log=args.log)
+    print(text_report(result))
+    if args.json:
+        print(json.dumps(jsonable(result), default=str))
 
 
 def confidence_note(calibration: Any, confidence: float) -> str:

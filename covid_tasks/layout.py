@@ -106,6 +106,11 @@ class RunDir:
         return self.path / "classification_report.txt"
 
     @property
+    def probe(self) -> Path:
+        """``probe.json``: how train fitted the linear-probe head (C, inner CV AUC, signal)."""
+        return self.path / "probe.json"
+
+    @property
     def data_checks(self) -> Path:
         """``data_checks.json``: the data checks' verdict, anomalies and statistics (check_data)."""
         return self.path / DATA_CHECKS

@@ -13,6 +13,7 @@ from typing import Any
 
 from covid_tasks.config import CLASS_NAMES, POSITIVE_INDEX, Config, redact_uri
 from covid_tasks.layout import DataRoot
+from covid_tasks.subgroups import metric_scalars as subgroup_scalars
 from covid_tasks.training_data import training_data
 
 #: metrics.json entries that are settings or counts, logged as params rather than test metrics.
@@ -65,7 +66,9 @@ def metric_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
     Settings and counts (``SETTINGS``) are params, not metrics. The calibration, the shortcut
     audit and the promotion's paired differences get the prefixes ``calibration_``,
-    ``shortcut_`` and ``promotion_delta_``.
+    ``shortcut_`` and ``promotion_delta_``; the within-source and subgroup figures
+    ``within_source_`` and ``subgroup_`` (:func:`covid_tasks.subgroups.metric_scalars`); the
+    probe head's C, inner AUC and flags (``probe.json``) keep their ``probe_`` names.
     """
     out: dict[str, float] = {}
 
@@ -89,6 +92,13 @@ def metric_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     add("shortcut_", {k: v for k, v in audit.items() if k.startswith("roc_auc")})
     for name, delta in ((metrics.get("promotion") or {}).get("metric_deltas") or {}).items():
         add("promotion_delta_", {name: delta.get("point"), f"{name}_ci95": delta.get("ci95")})
+    out.update(subgroup_scalars(metrics))
+    probe = metrics.get("probe") or {}
+    add("", {k: v for k, v in probe.items() if k in ("probe_c", "probe_inner_auc", "probe_inner_auc_ci95")})
+    if probe:
+        out["probe_c_at_edge"] = float(bool(probe.get("probe_c_at_edge")))
+        if probe.get("probe_signal") is not None:
+            out["probe_signal"] = float(bool(probe["probe_signal"]))
     out["gate_passed"] = float(bool(metrics["passed"]))
     out["promote"] = float(bool(metrics.get("promote", False)))
     return {k: v for k, v in out.items() if v == v}  # MLflow stores NaN, but the UI cannot plot it

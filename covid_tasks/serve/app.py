@@ -6,7 +6,10 @@ Endpoints (see docs/serving.md for examples):
   per image the class, P(covid), the threshold, and the model name, version and run id that
   answered; with ``explain=true`` a Grad-CAM heat map (PNG, base64) and, for a DICOM film, the
   windowed image the model saw (``image_png``), which a browser cannot draw from the DICOM file.
-* ``GET /v1/model``: the version served, its alias, gate metrics, data version and dates.
+* ``GET /v1/model``: the version served, its alias, gate metrics, data version and dates, and
+  ``model_card``, the link to ``GET /v1/model/card``: the version's model card (Markdown).
+* ``GET /v1/history``: every registered version of the model, in order, with the tags of its week
+  (:mod:`.registry_views`); ``GET /v1/history/timeline.png``: the champion's run's timeline.
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (a model is loaded; why not, if not).
 * ``GET /metrics``: Prometheus text.
 * ``GET /``: the web page (``static/``); ``/openapi.json``: the API's schema; ``/docs``: Swagger
@@ -42,13 +45,15 @@ from covid_tasks.serve.inputs import BadInputError, Upload, check_request, decod
 from covid_tasks.serve.limits import BodySizeLimit
 from covid_tasks.serve.metrics import ServeMetrics
 from covid_tasks.serve.model_holder import ModelHolder, ServedModel
+from covid_tasks.serve.registry_views import CARD_PATH, HISTORY_PATH, TIMELINE_PATH, RegistryViews
 from covid_tasks.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 PREDICT_PATH = "/v1/predict"
-_ENDPOINTS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/v1/model", PREDICT_PATH})
+_ENDPOINTS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/v1/model", PREDICT_PATH, CARD_PATH,
+                        HISTORY_PATH, TIMELINE_PATH})
 
 
 def create_app(settings: ServeSettings | None = None, holder: ModelHolder | None = None) -> FastAPI:
@@ -80,6 +85,7 @@ def create_app(settings: ServeSettings | None = None, holder: ModelHolder | None
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_exception_handler(BadInputError, _bad_input)
     _routes(app, settings, holder, metrics, limiter)
+    _registry_routes(app, holder, RegistryViews(settings), settings)
     if settings.docs:
         app.add_api_route("/docs", lambda: swagger_page(title, app.openapi_url or "/openapi.json"),
                           include_in_schema=False)
@@ -190,6 +196,55 @@ def _routes(app: FastAPI, settings: ServeSettings, holder: ModelHolder, metrics:
             metrics.images.labels(item["class"], served.version).inc()
         result["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return result
+
+
+def _registry_routes(app: FastAPI, holder: ModelHolder, views: RegistryViews,
+                     settings: ServeSettings) -> None:
+    """The model card, the lineage and the timeline: read from the registry, cached a poll interval."""
+    from covid_tasks.registry import RegistryUnavailableError
+
+    retry_after = {"Retry-After": str(max(1, math.ceil(settings.poll_interval_s)))}
+    errors = {404: {"model": ErrorBody, "description": "nothing of the kind was registered"},
+              503: {"model": ErrorBody, "description": "no model loaded, or the registry cannot be read"}}
+
+    @app.get(CARD_PATH, responses={200: {"content": {"text/markdown": {}}}, **errors})
+    def model_card() -> Response:
+        """The served version's model card: Markdown (``text/markdown``), plain text throughout."""
+        served = _served_or_503(holder, retry_after)
+        try:
+            text = views.card(served.version)
+        except RegistryUnavailableError as exc:
+            if served.card is None:
+                raise HTTPException(503, str(exc), headers=retry_after) from None
+            text = served.card  # the card as it was when the version was loaded
+        if text is None:
+            raise HTTPException(404, f"version {served.version} has no model card (registered before "
+                                     "model cards)")
+        return Response(text, media_type="text/markdown; charset=utf-8",
+                        headers={"Cache-Control": "no-cache", "X-Model-Version": served.version})
+
+    @app.get(HISTORY_PATH, responses={503: errors[503]})
+    def history() -> dict[str, Any]:
+        """Every registered version of the model, in order: its week's tags, figures and aliases."""
+        try:
+            found = views.history()
+        except RegistryUnavailableError as exc:
+            raise HTTPException(503, str(exc), headers=retry_after) from None
+        served = holder.current
+        return {**found, "served": served.version if served else None}
+
+    @app.get(TIMELINE_PATH, responses={200: {"content": {"image/png": {}}}, **errors})
+    def timeline() -> Response:
+        """The timeline figure ``register`` logged with the champion's MLflow run (PNG)."""
+        try:
+            found = views.history()
+            champion = next((v for v in found["versions"] if v["version"] == found["champion"]), None)
+            png = views.timeline(champion["run_id"]) if champion and champion["run_id"] else None
+        except RegistryUnavailableError as exc:
+            raise HTTPException(503, str(exc), headers=retry_after) from None
+        if png is None:
+            raise HTTPException(404, "the champion's run has no timeline figure (history/timeline.png)")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
 def _served_or_503(holder: ModelHolder, retry_after: dict[str, str]) -> ServedModel:

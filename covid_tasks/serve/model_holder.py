@@ -61,6 +61,7 @@ class ServedModel:
         model: the Keras model.
         gradcam: the Grad-CAM explainer, ``None`` when the model does not allow one.
         gradcam_error: why there is no explainer.
+        card: the version's model card (Markdown) as loaded, ``None`` without one.
     """
 
     name: str
@@ -73,6 +74,7 @@ class ServedModel:
     model: Any
     gradcam: Any = None
     gradcam_error: str | None = None
+    card: str | None = None
     _forward: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -120,11 +122,22 @@ def load_served(settings: ServeSettings, version: Any) -> ServedModel:
         gradcam_error = str(exc)
         logger.warning("serve: version %s has no Grad-CAM: %s", number, exc)
     info = _model_info(settings, version, op, loaded, uri)
+    card = _card(uri, name, number)
+    info["model_card"] = "/v1/model/card" if card else None
     served = ServedModel(name, number, version.run_id, loaded.threshold, loaded.img_size,
-                         bool(op.get("calibration")), info, loaded.model, gradcam, gradcam_error)
+                         bool(op.get("calibration")), info, loaded.model, gradcam, gradcam_error, card)
     served.warm_up()
     info["loaded_at"] = _now()
     return served
+
+
+def _card(uri: str, name: str, version: str) -> str | None:
+    """``model_card.md`` of the version (``None`` for a version registered before model cards)."""
+    from mlflow import MlflowClient
+
+    from covid_tasks.model_card import CARD, read_artifact
+
+    return read_artifact(MlflowClient(uri, registry_uri=uri), name, version, uri, CARD)
 
 
 def _operating_point(uri: str, name: str, version: str) -> dict[str, Any]:

@@ -17,6 +17,9 @@ split is only scored.
   production. The challenger is promoted when it passes the gate and a paired patient bootstrap
   shows it non-inferior (lower 95% bound of each difference >= ``-promotion_margin``).
   An unreachable registry fails the stage instead of promoting blindly.
+* **Sources and subgroups** (``covid_tasks.subgroups``): test figures per image source, the ROC
+  AUC within each source holding both classes (and their image-weighted mean), and by finding
+  family and view, each flagged ``too_small`` when too few images to read.
 * **Shortcut audit** (``covid_tasks.shortcut_audit``): test ROC AUC with the lungs hidden and with
   everything else hidden; a warning at ``shortcut_auc_limit``, blocking when
   ``shortcut_blocks_promotion`` is on.
@@ -36,7 +39,15 @@ from covid_tasks.metrics import BOOTSTRAP_RESAMPLES, binary_metrics, classificat
 from covid_tasks.operating_point import THRESHOLD_RULE
 from covid_tasks.promotion import gate
 from covid_tasks.stats import fmt
-from covid_tasks.storage import file_sha256, jsonable, require_file, write_bytes_atomic, write_csv, write_json
+from covid_tasks.storage import (
+    file_sha256,
+    jsonable,
+    read_json,
+    require_file,
+    write_bytes_atomic,
+    write_csv,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +102,8 @@ def evaluate(cfg: Config, run_key: str) -> dict[str, Any]:
         ``promotion_reasons`` why not; ``decision`` is ``promote``, ``challenger`` (passed but not
         promoted) or ``reject``; ``champion`` holds the champion's test metrics and version
         (``None`` without a champion); ``promotion``, ``calibration`` and ``shortcut_audit``
-        explain the three decisions.
+        explain the three decisions. ``sources``, ``within_source`` and ``subgroups`` hold the
+        figures by source, within sources and by finding family and view.
 
     Raises:
         FileNotFoundError: the fine-tuned model or ``splits.csv`` is missing.
@@ -124,6 +136,7 @@ def evaluate(cfg: Config, run_key: str) -> dict[str, Any]:
     model_sha = _save_evaluated_model(model, run_dir.model)  # calibration now folded in
     scored = _score_test(model, test, images, cfg, fitted)
     m = binary_metrics(y_test, scored.prob, fitted.threshold, seed=cfg.seed)
+    groups = _groups(root, test, y_test, scored.prob, fitted.threshold, cfg.seed)
 
     champion, champion_prob = None, None
     if champion_entry is not None:
@@ -142,6 +155,7 @@ def evaluate(cfg: Config, run_key: str) -> dict[str, Any]:
         "min_specificity": cfg.min_specificity,
         "gate_on": cfg.gate_on,
         **decision,
+        **groups,
         "calibration": {**fitted.calibration, **_calibration_scores(y_test, scored, fitted)},
         "classification_report": classification_report(y_test, scored.predicted)[1],
         "class_names": list(CLASS_NAMES),
@@ -151,6 +165,7 @@ def evaluate(cfg: Config, run_key: str) -> dict[str, Any]:
         "source_model_path": str(source_path),
         "operating_point_path": str(run_dir.operating_point),
         "img_size": cfg.img_size,
+        "probe": read_json(run_dir.probe) if run_dir.probe.is_file() else None,  # train's probe head
     }
     metrics["plots"] = _write_outputs(run_dir, metrics, fitted, scored, test, y_test, champion_prob)
     write_json(run_dir.metrics, metrics)
@@ -210,6 +225,20 @@ def _score_test(model: Any, test: Any, images: Path, cfg: Config, fitted: _Fitte
                    predicted=(prob >= fitted.threshold).astype(int))
 
 
+def _groups(root: DataRoot, test: Any, y_test: Any, prob: Any, threshold: float, seed: int) -> dict[str, Any]:
+    """``sources``, ``within_source`` and ``subgroups`` of the test split (:mod:`covid_tasks.subgroups`)."""
+    from covid_tasks.data_statistics import read_metadata
+    from covid_tasks.subgroups import split_groups
+
+    metadata = read_metadata(root.metadata) if root.metadata.is_file() else None
+    groups = split_groups(test, y_test, prob, threshold, metadata, seed=seed)
+    within = groups["within_source"]
+    logger.info("evaluate: test ROC AUC within sources %s (image-weighted over %d source(s) holding both "
+                "classes, %d images); %d source(s) in the test split", fmt(within["roc_auc"]),
+                within["n_sources"], within["n"], len(groups["sources"]))
+    return groups
+
+
 def _calibration_scores(y_test: Any, scored: _Scored, fitted: _Fitted) -> dict[str, Any]:
     """ECE and Brier score before and after calibration, on test (held out) and on val (fitted on)."""
     from covid_tasks.stats import ECE_BINS, brier_score, expected_calibration_error, sigmoid
@@ -262,8 +291,6 @@ def _decide(cfg: Config, m: dict[str, Any], test: Any, y_test: Any, scored: _Sco
 
 def _data_check(run_dir: RunDir) -> dict[str, Any]:
     """This run's data-check verdict and summary (``unchecked`` when check_data did not run)."""
-    from covid_tasks.storage import read_json
-
     if not run_dir.data_checks.is_file():
         return {"verdict": "unchecked", "summary": "no data_checks.json in the run folder"}
     report = read_json(run_dir.data_checks)

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from covid_tasks import model_card
 from covid_tasks.config import (
     CHALLENGER_ALIAS,
     CHAMPION_ALIAS,
@@ -184,6 +185,9 @@ def _register(root: DataRoot, cfg: Config, run_dir: RunDir, metrics: dict[str, A
         mlflow.set_tags({"model_version": str(version.version), "model_id": model_id})
     result["model_id"] = model_id
     _wait_ready(client, cfg.model_name, str(version.version))
+    card = model_card.facts(root, cfg, metrics, context, version=str(version.version), run_key=run_key,
+                            run_id=run_id, model_id=model_id)
+    model_card.publish(client, cfg.model_name, str(version.version), card)  # before any alias moves
     if not version.description:  # a re-run completing a registration that stopped before this
         client.update_model_version(cfg.model_name, version.version,
                                     description=version_description(metrics, run_key))

@@ -7,6 +7,7 @@ from typing import Any
 
 from covid_tasks.config import Config
 from covid_tasks.layout import DataRoot, load_splits
+from covid_tasks.storage import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,9 @@ def train(cfg: Config, run_key: str) -> dict[str, Any]:
 
     Returns:
         ``{"model_path", "class_indices", "history", "plots", "epochs_run", "final_val_loss",
-        "best_val_auc", "trainable_weights", "gpus", "mixed_precision"}``.
+        "best_val_auc", "trainable_weights", "gpus", "mixed_precision"}``; with the probe head also
+        ``probe_c``, ``probe_c_at_edge``, ``probe_inner_auc`` (``_ci95``), ``probe_signal`` and
+        the rest of :meth:`covid_tasks.training.ProbeFit.as_dict`, also written to ``probe.json``.
 
     Raises:
         FileNotFoundError: ``splits.csv`` or an image is missing.
@@ -50,8 +53,11 @@ def train(cfg: Config, run_key: str) -> dict[str, Any]:
     with devices["strategy"].scope():
         model = build_model(cfg)
     extra: dict[str, Any] = {"head": cfg.head}
+    run_dir.probe.unlink(missing_ok=True)  # a re-run with another head leaves no stale record
     if cfg.head == "probe":
-        history, extra["probe_c"] = fit_probe_head(model, splits, root, cfg)
+        history, probe = fit_probe_head(model, splits, root, cfg)
+        extra.update(probe.as_dict())
+        write_json(run_dir.probe, probe.as_dict())  # evaluate copies it into metrics.json
     else:
         history = fit(model, splits, root, global_batch(cfg, devices), cfg.epochs, "train")
     path = save_model(model, run_dir.train_model)

@@ -94,3 +94,45 @@ def test_a_saved_fine_tuning_configuration_reruns_its_own_recipe_whatever_the_de
     assert new.lung_segmenter == "/tmp/seg.weights.h5"
     with pytest.raises(ValueError, match="unknown fine-tuning option"):
         cv_finetune.fold_config(cv_run.parse("ft-lite0-224-none-huge"), Path("/tmp/x"), args)
+
+
+def test_the_saved_probe_results_searched_the_grid_the_benchmark_searches() -> None:
+    """The pipeline extends its grid below 0.001 at a rising edge; the benchmark keeps the plain grid."""
+    import cv_probe
+
+    from covid_tasks import training
+
+    chosen = set()
+    for path in sorted(RESULTS.glob("probe-*/predictions.csv")):
+        chosen |= set(pd.read_csv(path, usecols=["c"])["c"].round(12))
+    assert chosen and chosen <= set(cv_probe.C_GRID) == set(training.PROBE_C_GRID)
+    extension = training.PROBE_C_EXTENSION
+    assert extension and max(extension) < min(training.PROBE_C_GRID)
+    with cv_probe.saved_probe_search():  # what the ft-*-probe folds' train stage searches
+        assert training.PROBE_C_EXTENSION == ()
+        scores, _ = training.search_probe_c(lambda c: (0.6 - c, None))  # rising to the lower edge
+        assert sorted(scores) == sorted(training.PROBE_C_GRID)
+    assert training.PROBE_C_EXTENSION == extension
+
+
+def test_within_source_and_subgroup_figures_of_pooled_predictions() -> None:
+    """A model that only knows the source: high pooled AUC, 0.5 within sources; subgroups are sklearn's."""
+    labels = np.array([1] * 30 + [0] * 10 + [1] * 10 + [0] * 30)
+    source = np.where(np.arange(80) < 40, "a.org", "b.org")
+    preds = _preds(np.where(source == "a.org", 0.9, 0.2), labels)
+    images = pd.DataFrame({"filename": [f"{i}.jpg" for i in range(80)], "source": source,
+                           "finding": np.where(labels == 1, "COVID-19",
+                                               np.where(np.arange(80) % 2 == 0, "No Finding", "Pneumonia")),
+                           "view": np.where(np.arange(80) % 3 == 0, "AP", "PA")})
+    s = cv_metrics.summarise(preds, rounds=200, images=images)
+    assert s["roc_auc"] > 0.7 and s["within_source_auc"] == pytest.approx(0.5)
+    assert s["within_source_sources"] == 2 and s["within_source_n"] == 80
+    assert s["source_auc"]["a.org"] == {"auc": 0.5, "n_covid": 30, "n_non_covid": 10}
+    one = preds[preds["repeat"] == 0].sort_values("filename").merge(images, on="filename")
+    y = (one["label"] == "covid").to_numpy()
+    for name, keep in (("covid_vs_no_finding", y | (one["finding"] == "No Finding").to_numpy()),
+                       ("view_ap", (one["view"] == "AP").to_numpy())):
+        got = s["subgroup_auc"][name]
+        assert got["auc"] == pytest.approx(roc_auc_score(y[keep], one["prob_covid"][keep]))
+        assert (got["n_covid"], got["n_non_covid"]) == (int(y[keep].sum()), int((~y[keep]).sum()))
+    assert "within-source" in cv_metrics.subgroup_table([{"name": "x", "summary": s}]).splitlines()[0]

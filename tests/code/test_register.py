@@ -440,3 +440,72 @@ def test_lookup_errors_name_the_uri_and_create_no_store(flow: dict[str, Any], tm
     assert flow["url"] in str(absent.value) and "no-such-model@champion" in str(absent.value)
     with pytest.raises(MlflowException, match=flow["url"]):
         load_registered(f"models:/{MODEL}/999", flow["url"])
+
+
+def test_every_registered_version_has_a_model_card(flow: dict[str, Any]) -> None:
+    """register writes model_card.md and model_card.json into each version's own artifacts."""
+    from covid_tasks.model_card import CARD, FACTS, read_artifact
+
+    client, url = flow["client"], flow["url"]
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
+    assert versions and len(versions) >= 3
+    for number in versions:
+        version = client.get_model_version(MODEL, str(number))
+        card = read_artifact(client, MODEL, str(number), url, CARD)
+        facts = json.loads(read_artifact(client, MODEL, str(number), url, FACTS))
+        assert card.startswith(f"# Model card: {MODEL} version {number}")
+        assert "Research tool, not for diagnosis" in card and "## Known limits" in card
+        for section in ("## Intended use", "## Training data", "## Recipe", "## Test metrics",
+                        "## Within sources and subgroups", "## Calibration", "## Shortcut audit",
+                        "## Data check", "## External validations"):
+            assert section in card, section
+        tags = version.tags
+        assert f"| sensitivity | {float(tags['sensitivity']):.3f} [" in card
+        assert facts["model"]["run_key"] == tags["run_key"] and facts["model"]["version"] == str(number)
+        assert facts["test"]["sensitivity"] == pytest.approx(float(tags["sensitivity"]), abs=1e-4)
+        assert facts["training_data"]["images"] == 67 and "PA" in facts["training_data"]["by_view"]
+        assert facts["data_check"]["verdict"] == tags["data_check"]
+        assert "within_source" in facts and "subgroups" in facts
+    failing = flow["runs"]["run3_failing"]["register"]
+    assert not failing["registered"]  # a rejected model gets no version, so no card
+
+
+def test_the_card_escapes_table_separators_and_renders_without_optional_facts() -> None:
+    from covid_tasks.model_card import render
+
+    card = {"model": {"name": "m", "version": "7"},
+            "training_data": {"images": 3, "splits": {}, "by_source": {"a|b <script>": {"covid": 1}}},
+            "within_source": {"roc_auc": float("nan"), "n": 0, "n_sources": 0, "sources": {}}}
+    text = render(card, [{"date": "2026-01-01T00:00:00", "labels": "x|y.csv", "n": 4, "n_covid": 2,
+                          "n_non_covid": 2, "roc_auc": 0.75, "roc_auc_ci95": [0.5, 1.0], "run_id": "r1"}])
+    assert "| a\\|b \\<script\\> | 1 | 0 |" in text and "| x\\|y\\.csv |" not in text
+    assert "| x\\|y.csv |" in text
+    assert "0.750 [0.500, 1.000]" in text and "ROC AUC within sources: n/a, no source" in text
+    card["recipe"] = {"finetune_learning_rate": 1e-05, "lung_gate": True}
+    recipe = render(card)
+    assert "| finetune\\_learning\\_rate | 1e-05 |" in recipe and "| lung\\_gate | True |" in recipe
+
+
+def test_the_service_s_history_reads_the_lineage_from_either_store(flow: dict[str, Any]) -> None:
+    """/v1/history's source: every version in order, its tags parsed, versions as str on both stores."""
+    from covid_tasks.serve.registry_views import RegistryViews, lineage
+    from covid_tasks.serve.settings import ServeSettings
+
+    settings = ServeSettings(tracking_uri=flow["url"], model_name=MODEL, poll_interval_s=3600)
+    found = lineage(settings)
+    numbers = [v["version"] for v in found["versions"]]
+    assert numbers == sorted(numbers, key=int) and all(isinstance(n, str) for n in numbers)
+    assert found["champion"] == _aliases(flow["client"])["champion"]
+    first = found["versions"][0]
+    tags = flow["client"].get_model_version(MODEL, "1").tags
+    assert first["roc_auc"] == pytest.approx(float(tags["roc_auc"]))
+    ci = [float(x) for x in tags["roc_auc_ci95"].strip("[]").split(",")]
+    assert first["roc_auc_ci95"] == pytest.approx(ci)
+    assert first["training_images"] == 67 and first["dataset_version"] == "ds-run1_good"
+    assert first["decision"] == tags["decision"] and first["data_check"] == tags["data_check"]
+    champion = next(v for v in found["versions"] if v["champion_now"])
+    assert champion["version"] == found["champion"] and "champion" in champion["aliases"]
+    views = RegistryViews(settings, clock=lambda: 0.0)
+    assert views.history() == found and views.history() is views.history()  # cached for the poll interval
+    missing = lineage(ServeSettings(tracking_uri=flow["url"], model_name="no-such-model"))
+    assert missing["versions"] == [] and missing["champion"] is None

@@ -124,6 +124,55 @@ def test_model_info_reports_version_alias_gate_data_and_dates(serve_stack: Any) 
         assert datetime.fromisoformat(info[key]).tzinfo is not None, key
 
 
+def test_model_card_is_linked_and_served_as_markdown_and_shows_new_validations(serve_stack: Any) -> None:
+    url = serve_stack.service.url
+    assert requests.get(f"{url}/v1/model", timeout=10).json()["model_card"] == "/v1/model/card"
+    response = requests.get(f"{url}/v1/model/card", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"] == "text/markdown; charset=utf-8"
+    assert response.headers["x-model-version"] == "1"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    card = response.text
+    assert card.startswith(f"# Model card: {MODEL} version 1") and "not for diagnosis" in card
+    assert "dataset version ds-serve\\_v1" in card.lower() and "None logged yet" in card
+    # validate --log re-renders the card; the service shows the new one within a poll interval.
+    serve_stack.tag_validation("1", "st-mary.csv")
+    deadline = time.monotonic() + 30
+    while "st-mary.csv" not in card and time.monotonic() < deadline:
+        time.sleep(0.3)
+        card = requests.get(f"{url}/v1/model/card", timeout=10).text
+    assert "st-mary.csv" in card and "0.625 [0.450, 0.800]" in card
+
+
+def test_history_lists_every_registered_version_with_its_week_and_the_timeline(serve_stack: Any) -> None:
+    import mlflow
+
+    url = serve_stack.service.url
+    body = requests.get(f"{url}/v1/history", timeout=10).json()
+    assert body["model"] == MODEL and body["champion"] == "1" and body["served"] == "1"
+    assert [v["version"] for v in body["versions"]][:2] == ["1", "2"]
+    for number, row in zip(("1", "2"), body["versions"], strict=False):
+        tags = serve_stack.versions[number].tags
+        assert row["decision"] == tags["decision"] and row["data_check"] == tags["data_check"]
+        assert row["roc_auc"] == pytest.approx(float(tags["roc_auc"]))
+        assert row["sensitivity_ci95"] == pytest.approx(json_list(tags["sensitivity_ci95"]))
+        assert row["training_images"] == 67 and row["dataset_version"] == f"ds-serve_v{number}"
+        assert row["run_id"] == serve_stack.versions[number].run_id and row["archived"] is False
+        assert row["registered_at"].startswith("20") and row["logical_date"] is None
+    assert body["versions"][0]["champion_now"] and "champion" in body["versions"][0]["aliases"]
+    assert not body["versions"][1]["champion_now"]
+    png = requests.get(f"{url}{body['timeline']}", timeout=10)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    local = mlflow.artifacts.download_artifacts(run_id=serve_stack.versions["1"].run_id,
+                                                artifact_path="history/timeline.png",
+                                                tracking_uri=serve_stack.registry.url)
+    assert png.content == Path(local).read_bytes()
+
+
+def json_list(text: str) -> list[float]:
+    return [float(x) for x in text.strip("[]").split(",")]
+
+
 def test_metrics_count_requests_errors_latency_and_the_version(serve_stack: Any) -> None:
     url = serve_stack.service.url
     before = requests.get(f"{url}/metrics", timeout=10).text
@@ -310,6 +359,10 @@ def test_registry_stopped_while_serving_keeps_serving_and_says_so(serve_stack: A
         response = _post(serve_stack, [SAMPLES[0]])
         assert response.status_code == 200 and response.json()["predictions"][0]["model_version"] == served
         metrics = requests.get(f"{service.url}/metrics", timeout=10).text
+        history = requests.get(f"{service.url}/v1/history", timeout=60)
+        assert history.status_code == 503 and "unreachable" in history.json()["detail"]
+        card = requests.get(f"{service.url}/v1/model/card", timeout=60)  # the card as loaded
+        assert card.status_code == 200 and card.text.startswith(f"# Model card: {MODEL} version {served}")
         assert _metric(metrics, "covid_serve_registry_up") == 0.0
         assert _metric(metrics, "covid_serve_ready") == 1.0
     finally:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from tests.helpers.serve_stack import SAMPLES
+from tests.helpers.serve_stack import MODEL, SAMPLES
 
 pytestmark = pytest.mark.mlflow_server
 
@@ -86,6 +86,44 @@ def test_page_shows_the_service_s_message_for_a_bad_file(browser: Any, serve_sta
     text = browser.find_element(By.ID, "error").text
     assert "(415)" in text and "'notes.png' is not an image" in text
     assert not browser.find_element(By.ID, "result").is_displayed()
+
+
+def test_page_shows_the_champion_s_model_card_as_text_and_the_history(browser: Any,
+                                                                     serve_stack: Any) -> None:
+    """The card's Markdown becomes headings and tables, never HTML: a hostile file name stays text."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = serve_stack.service.url
+    champion = requests.get(f"{url}/readyz", timeout=5).json()["model"]["version"]
+    hostile = '<img src=x id=injected onerror="document.title=1">|x.csv'
+    serve_stack.tag_validation(champion, hostile, run_id="hostile-run")
+    WebDriverWait(browser, 30, poll_frequency=0.5).until(
+        lambda d: "hostile-run" in requests.get(f"{url}/v1/model/card", timeout=10).text)
+    browser.get(url + "/")
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "card-details").is_displayed()
+                                     and d.find_element(By.ID, "history-details").is_displayed())
+    browser.find_element(By.CSS_SELECTOR, "#card-details summary").click()
+    card = browser.find_element(By.ID, "model-card")
+    heading = card.find_element(By.CSS_SELECTOR, "h3").text
+    assert heading == f"Model card: {MODEL} version {champion}"
+    assert "Research tool, not for diagnosis." in card.find_element(By.TAG_NAME, "blockquote").text
+    assert hostile in card.text  # shown as text, in one table cell
+    assert browser.find_elements(By.ID, "injected") == []
+    assert card.find_elements(By.CSS_SELECTOR, "img, script, a, iframe") == []
+    assert len(card.find_elements(By.TAG_NAME, "table")) >= 5
+
+    history = requests.get(f"{url}/v1/history", timeout=10).json()
+    rows = browser.find_elements(By.CSS_SELECTOR, "#history-table tbody tr")
+    assert [r.get_attribute("data-version") for r in rows] == [v["version"] for v in history["versions"]]
+    top = browser.find_element(By.CSS_SELECTOR, "#history-table tr.champion")
+    assert top.get_attribute("data-version") == champion
+    cells = top.find_elements(By.TAG_NAME, "td")
+    row = next(v for v in history["versions"] if v["version"] == champion)
+    assert cells[5].text.startswith(f"{row['roc_auc']:.3f} [") and "champion" in cells[10].text
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "history-timeline").is_displayed())
+    timeline = browser.find_element(By.ID, "history-timeline")
+    assert browser.execute_script("return arguments[0].naturalWidth", timeline) > 100
 
 
 def _chrome(webdriver: Any, javascript: bool) -> Any:

@@ -31,7 +31,10 @@ def scoring_server(serve_stack: Any, tmp_path_factory: pytest.TempPathFactory) -
     port = free_port()
     log_path = tmp_path_factory.mktemp("pyfunc") / "models-serve.log"
     bin_dir = str(Path(sys.executable).parent)
+    # Both URIs: mlflow.set_registry_uri (register calls it) exports MLFLOW_REGISTRY_URI to this
+    # process's environment, so an earlier test's SQLite registry would otherwise be inherited.
     env = {**os.environ, "MLFLOW_TRACKING_URI": serve_stack.registry.url,
+           "MLFLOW_REGISTRY_URI": serve_stack.registry.url,
            "PATH": f"{bin_dir}:{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     cmd = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1",

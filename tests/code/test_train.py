@@ -172,6 +172,12 @@ def test_probe_head_top_blocks_and_cosine_schedule(tmp_path: Path) -> None:
     history = json.loads(Path(trained["history"]).read_text())
     assert set(history) == {"loss", "auc", "val_loss", "val_auc"} and history["val_auc"][0] > 0.9
     assert trained["head"] == "probe" and trained["probe_c"] > 0
+    from covid_tasks.training import PROBE_C_GRID
+
+    probe = json.loads((Path(trained["history"]).parent / "probe.json").read_text())
+    assert probe == {k: trained[k] for k in probe}  # train's result and the file evaluate reads agree
+    assert set(probe["probe_inner_auc_by_c"]) == {f"{c:g}" for c in PROBE_C_GRID}
+    assert probe["probe_signal"] is True and probe["probe_inner_auc_ci95"][0] > 0.5  # blobs separate
     before = keras.saving.load_model(trained["model_path"])
     head_kernel = before.get_layer(OUTPUT_LAYER).get_weights()[0]
     assert np.abs(head_kernel).sum() > 0
@@ -187,3 +193,51 @@ def test_probe_head_top_blocks_and_cosine_schedule(tmp_path: Path) -> None:
         from covid_tasks.model import unfreeze
 
         unfreeze(build_model(cfg.replace(backbone="mobilenet_v3_small", weights="none")), 1e-5, top_blocks=2)
+
+
+def test_probe_c_choice_reports_the_grid_edge_and_whether_the_head_carries_signal() -> None:
+    from covid_tasks.training import PROBE_C_GRID, PROBE_DEFAULT_C, choose_probe_c
+
+    rng = np.random.default_rng(0)
+    y = np.array([1] * 60 + [0] * 40)
+    informative = np.where(y == 1, 0.7, 0.3) + rng.normal(0, 0.1, len(y))  # inner AUC near 1
+    noise = rng.random(len(y))  # inner AUC near 0.5
+    interior = {c: 0.9 - abs(np.log10(c) + 2) * 0.01 for c in PROBE_C_GRID}  # peak at 0.01
+    fit = choose_probe_c(interior, y, {c: informative for c in PROBE_C_GRID}, seed=1)
+    assert fit.c == 0.01 and fit.c_at_edge is None and fit.signal is True
+    lowest = {c: 0.6 - c for c in PROBE_C_GRID}  # best at the grid's smallest C
+    fit = choose_probe_c(lowest, y, {c: noise for c in PROBE_C_GRID}, seed=1)
+    assert fit.c == min(PROBE_C_GRID) and fit.c_at_edge == "lower"
+    assert fit.inner_auc == pytest.approx(0.6 - min(PROBE_C_GRID))
+    assert fit.signal is False and fit.inner_auc_ci95[0] <= 0.5  # random scores: no signal shown
+    highest = {c: 0.5 + c / 10 for c in PROBE_C_GRID}
+    assert choose_probe_c(highest, y, {c: noise for c in PROBE_C_GRID}, seed=1).c_at_edge == "upper"
+    tie = {c: 0.7 for c in PROBE_C_GRID}  # flat: the smallest C, not reported as an edge to extend
+    flat = choose_probe_c(tie, y, {c: informative for c in PROBE_C_GRID}, seed=1)
+    assert flat.c == min(PROBE_C_GRID) and flat.c_at_edge is None
+    none = choose_probe_c({}, y, {}, seed=1)
+    assert (none.c, none.c_at_edge, none.inner_auc, none.signal) == (PROBE_DEFAULT_C, None, None, None)
+
+
+def test_the_probe_search_extends_the_grid_down_only_at_a_rising_edge_above_chance() -> None:
+    import math
+
+    from covid_tasks.training import PROBE_C_EXTENSION, PROBE_C_GRID, search_probe_c
+
+    def peaked(at: float, top: float):
+        return lambda c: (top - 0.01 * abs(math.log10(c) - math.log10(at)), None)
+
+    scores, _ = search_probe_c(peaked(1e-4, 0.6))  # the optimum lies below the grid: found, interior
+    assert max(scores, key=scores.get) == 1e-4 and min(scores) == 3e-5
+    assert sorted(scores) == sorted({*PROBE_C_GRID, 3e-4, 1e-4, 3e-5})
+    scores, _ = search_probe_c(peaked(0.01, 0.6))  # interior in the grid: no extension
+    assert sorted(scores) == sorted(PROBE_C_GRID)
+    scores, _ = search_probe_c(peaked(1e-9, 0.4))  # below chance: the edge is reported, not chased
+    assert sorted(scores) == sorted(PROBE_C_GRID)
+    scores, _ = search_probe_c(peaked(1e-9, 0.7))  # rising all the way: stops at the extension's end
+    assert min(scores) == min(PROBE_C_EXTENSION)
+    y = np.array([1] * 30 + [0] * 20)
+    from covid_tasks.training import choose_probe_c
+
+    fit = choose_probe_c(scores, y, {c: np.where(y == 1, 0.8, 0.2) for c in scores}, seed=0)
+    assert fit.c == min(PROBE_C_EXTENSION) and fit.c_at_edge == "lower"

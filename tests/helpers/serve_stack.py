@@ -132,6 +132,21 @@ class Stack:
     def set_champion(self, version: str) -> None:
         self.client.set_registered_model_alias(MODEL, "champion", version)
 
+    def tag_validation(self, version: str, labels: str, run_id: str = "fake-validation-run") -> None:
+        """Tag ``version`` with an external validation (as ``validate --log`` does) and render its
+        model card again, so the card lists it."""
+        import json
+
+        from covid_tasks.model_card import VERSION_TAG_PREFIX, refresh
+
+        summary = {"run_id": run_id, "date": "2026-01-02T00:00:00+00:00", "labels": labels, "n": 40,
+                   "n_covid": 20, "n_non_covid": 20, "roc_auc": 0.625, "roc_auc_ci95": [0.45, 0.8],
+                   "sensitivity": 0.6, "sensitivity_ci95": [0.39, 0.78], "specificity": 0.55,
+                   "specificity_ci95": [0.34, 0.74], "ece": 0.1, "within_source_roc_auc": 0.6}
+        tag = f"{VERSION_TAG_PREFIX}{run_id}"
+        self.client.set_model_version_tag(MODEL, version, tag, json.dumps(summary))
+        assert refresh(self.client, MODEL, version, self.registry.url)
+
     def expected(self, version: str, path: Path) -> float:
         """P(covid) of ``version`` for the image file ``path``, computed here."""
         from covid_tasks.images import load_image

@@ -95,12 +95,153 @@ async function classify(file) {
       return;
     }
     showResult(file, await response.json());
-    if (!model || model.version !== $("result-version").textContent) { loadModel(); }
+    if (!model || model.version !== $("result-version").textContent) { loadModel(); loadPanels(); }
   } catch (e) {
     showError("The service cannot be reached: " + e);
   } finally {
     $("busy").hidden = true;
   }
+}
+
+// A small Markdown renderer for the model card: headings, paragraphs, lists, quotes, tables, **bold**
+// and `code`. It builds elements and sets textContent only: nothing in the card becomes HTML.
+function inline(text, parent) {
+  let buf = "";
+  const flush = () => { if (buf) { parent.appendChild(document.createTextNode(buf)); buf = ""; } };
+  for (let i = 0; i < text.length;) {
+    if (text[i] === "\\" && i + 1 < text.length) { buf += text[i + 1]; i += 2; continue; }
+    if (text[i] === "`") {
+      const end = text.indexOf("`", i + 1);
+      if (end > i) {
+        flush();
+        const code = document.createElement("code");
+        code.textContent = text.slice(i + 1, end);
+        parent.appendChild(code);
+        i = end + 1;
+        continue;
+      }
+    }
+    if (text.startsWith("**", i)) {
+      const end = text.indexOf("**", i + 2);
+      if (end > i + 1) {
+        flush();
+        const strong = document.createElement("strong");
+        inline(text.slice(i + 2, end), strong);
+        parent.appendChild(strong);
+        i = end + 2;
+        continue;
+      }
+    }
+    buf += text[i];
+    i += 1;
+  }
+  flush();
+}
+
+// The cells of a table row, split on unescaped "|" (escapes stay for inline() to resolve).
+function cells(line) {
+  const out = [];
+  let cell = "";
+  const body = line.trim().replace(/^\|/, "");
+  for (let i = 0; i < body.length; i += 1) {
+    if (body[i] === "\\" && i + 1 < body.length) { cell += body[i] + body[i + 1]; i += 1; }
+    else if (body[i] === "|") { out.push(cell.trim()); cell = ""; }
+    else { cell += body[i]; }
+  }
+  if (cell.trim()) out.push(cell.trim());
+  return out;
+}
+
+function renderMarkdown(text, container) {
+  container.replaceChildren();
+  const lines = text.split("\n");
+  const isBlock = (l) => !l.trim() || /^(#{1,6}\s|\||[-*]\s|>)/.test(l);
+  const add = (tag, parent) => parent.appendChild(document.createElement(tag));
+  for (let i = 0; i < lines.length;) {
+    const line = lines[i];
+    const heading = /^(#{1,6})\s+(.*)$/.exec(line);
+    if (!line.trim()) { i += 1; }
+    else if (heading) { inline(heading[2], add("h" + Math.min(heading[1].length + 2, 6), container)); i += 1; }
+    else if (line.startsWith("|")) {
+      const table = add("table", container);
+      let first = true;
+      for (; i < lines.length && lines[i].startsWith("|"); i += 1) {
+        if (/^\|[\s:|-]+$/.test(lines[i].trim())) continue;  // the separator row
+        const row = add("tr", table);
+        for (const cell of cells(lines[i])) inline(cell, add(first ? "th" : "td", row));
+        first = false;
+      }
+    } else if (/^[-*]\s/.test(line)) {
+      const list = add("ul", container);
+      for (; i < lines.length && /^[-*]\s/.test(lines[i]); i += 1) inline(lines[i].slice(2), add("li", list));
+    } else if (line.startsWith(">")) {
+      const quote = add("blockquote", container);
+      const parts = [];
+      for (; i < lines.length && lines[i].startsWith(">"); i += 1) parts.push(lines[i].replace(/^>\s?/, ""));
+      inline(parts.join(" "), quote);
+    } else {
+      const parts = [];
+      for (; i < lines.length && !isBlock(lines[i]); i += 1) parts.push(lines[i]);
+      inline(parts.join(" "), add("p", container));
+    }
+  }
+}
+
+async function loadCard() {
+  $("card-status").hidden = false;
+  const response = await fetch("/v1/model/card");
+  if (!response.ok) {
+    $("card-status").textContent = "No model card: " + await detail(response);
+    $("card-details").hidden = true;
+    return;
+  }
+  renderMarkdown(await response.text(), $("model-card"));
+  $("card-status").hidden = true;
+  $("card-details").hidden = false;
+}
+
+function interval(value, ci) {
+  if (value === null || value === undefined) return "";
+  return value.toFixed(3) + (ci ? " [" + ci[0].toFixed(2) + ", " + ci[1].toFixed(2) + "]" : "");
+}
+
+async function loadHistory() {
+  $("history-status").hidden = false;
+  const response = await fetch("/v1/history");
+  if (!response.ok) {
+    $("history-status").textContent = "The history cannot be read: " + await detail(response);
+    $("history-details").hidden = true;
+    return;
+  }
+  const data = await response.json();
+  const body = $("history-table").tBodies[0];
+  body.replaceChildren();
+  for (const v of data.versions) {
+    const row = body.insertRow();
+    row.className = (v.champion_now ? "champion " : "") + (v.archived ? "archived" : "");
+    row.dataset.version = v.version;
+    const values = [v.version, (v.registered_at || "").slice(0, 10), (v.logical_date || "").slice(0, 10),
+      v.decision || "", v.data_check || "", interval(v.roc_auc, v.roc_auc_ci95), interval(v.sensitivity, null),
+      interval(v.specificity, null), v.training_images ?? "", String(v.dataset_version || "").slice(0, 12),
+      v.aliases.join(", ") + (v.archived ? (v.aliases.length ? ", " : "") + "archived" : "")];
+    for (const value of values) row.insertCell().textContent = String(value);
+  }
+  $("history-status").textContent = data.versions.length ? "" : "No version of " + data.model + " is registered yet.";
+  $("history-status").hidden = data.versions.length > 0;
+  $("history-details").hidden = data.versions.length === 0;
+  const image = $("history-timeline");
+  if (data.timeline) {
+    image.onload = () => { image.hidden = false; };
+    image.onerror = () => { image.hidden = true; };
+    image.src = data.timeline + "?champion=" + encodeURIComponent(data.champion);
+  } else {
+    image.hidden = true;
+  }
+}
+
+function loadPanels() {
+  loadCard().catch((e) => { $("card-status").textContent = "The service cannot be reached: " + e; });
+  loadHistory().catch((e) => { $("history-status").textContent = "The service cannot be reached: " + e; });
 }
 
 function setUp() {
@@ -118,6 +259,7 @@ function setUp() {
   $("show-heatmap").addEventListener("change", (e) => { $("heatmap").hidden = !e.target.checked || !$("heatmap").src; });
   $("heatmap-opacity").addEventListener("input", (e) => { $("heatmap").style.opacity = e.target.value / 100; });
   loadModel().catch((e) => { $("model-status").textContent = "The service cannot be reached: " + e; });
+  loadPanels();
 }
 
 setUp();
