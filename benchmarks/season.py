@@ -97,6 +97,7 @@ def replay(source: Path, work: Path, plan: list[season_data.Week], conf: dict[st
     env = {"COVID_DATA_ROOT": str(data_root), "COVID_MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}"}
     builder = season_data.SnapshotBuilder(source, work, data_root)
     rows: list[dict[str, Any]] = []
+    gone = 0  # objects pull reports deleted upstream so far (it keeps them, and counts them weekly)
     started = time.monotonic()
     with LocalAirflow(work / "airflow", env) as airflow:
         for week in plan:
@@ -109,6 +110,9 @@ def replay(source: Path, work: Path, plan: list[season_data.Week], conf: dict[st
             run = airflow.wait(run_id, week_timeout)
             row = week_row(airflow, run_id, run, week, done, data_root, env["COVID_MLFLOW_TRACKING_URI"])
             row.update(logical_date=logical[:10], wall_s=round(time.monotonic() - t0, 1))
+            # pull keeps the objects deleted upstream and counts them every week: show this week's
+            total = row["images_removed"]
+            row["images_removed"], gone = max(0, total - gone), max(gone, total)
             rows.append(row)
             logger.info("week %d: %s", week.number, json.dumps(row, default=str))
     return rows, {"wall_s_total": round(time.monotonic() - started, 1)}

@@ -119,7 +119,8 @@ class SnapshotBuilder:
     def _event(self, event: str, count: int) -> dict[str, Any]:
         if event == "no_change":
             return {"event": event}
-        candidates = [i for i in range(count) if i not in self.removed and self._is_xray(self.rows[i])]
+        candidates = [i for i in range(count) if i not in self.removed and self._is_xray(self.rows[i])
+                      and self._has_image(self.rows[i])]
         if event == "replace_image":
             i = candidates[len(candidates) // 3]
             name = self.rows[i][self.col["filename"]]
@@ -175,7 +176,7 @@ class SnapshotBuilder:
         from PIL import Image, ImageOps
 
         fi, fn = self.col["finding"], self.col["filename"]
-        covid = [r for r in rows if "covid" in r[fi].lower() and self._is_xray(r)]
+        covid = [r for r in rows if "covid" in r[fi].lower() and self._is_xray(r) and self._has_image(r)]
         added = []
         for k, original in enumerate(covid[:NEW_SOURCE_IMAGES]):
             with Image.open(self.source / "images" / original[fn]) as img:
@@ -192,7 +193,7 @@ class SnapshotBuilder:
                          ) -> dict[str, Any]:
         test = self._test_files()
         fn = self.col["filename"]
-        originals = [r for r in rows if r[fn] in test][:NEAR_DUPLICATES]
+        originals = [r for r in rows if r[fn] in test and self._has_image(r)][:NEAR_DUPLICATES]
         copies = []
         for k, original in enumerate(originals):
             name = f"season-copy-{k:03d}.jpg"
@@ -220,6 +221,10 @@ class SnapshotBuilder:
             if name in self.col:
                 row[self.col[name]] = value
         return row
+
+    def _has_image(self, row: list[str]) -> bool:
+        """The row's file exists in the source (upstream lists some files it does not ship)."""
+        return (self.source / "images" / row[self.col["filename"]]).is_file()
 
     def _is_xray(self, row: list[str]) -> bool:
         """A PA or AP X-ray row whose file lies under ``images/``."""
