@@ -4,6 +4,7 @@ and a docs site that builds with ``mkdocs build --strict``."""
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shutil
 import subprocess
@@ -118,3 +119,29 @@ def test_documented_mlflow_http_limits_are_the_code_s() -> None:
               for name, value in re.findall(r"(MLFLOW_HTTP_REQUEST_\w+)=([\d.]+)", page.read_text())]
     assert quoted, "the docs quote the limits"
     assert [q for q in quoted if MLFLOW_HTTP_LIMITS.get(q[1]) != q[2]] == []
+
+
+def _example(page: Path, name: str) -> str:
+    found = re.search(rf"<!-- example:{name} -->\n```[a-z]*\n(.*?)\n```\n<!-- /example:{name} -->",
+                      page.read_text(), re.S)
+    assert found, f"{page.name} lost its example:{name} block"
+    return found.group(1)
+
+
+def test_the_examples_come_from_one_run() -> None:
+    """scripts/readme_examples.py writes every example from one real run; an example left from an
+    older run disagrees with the others on the threshold, the version or a film's P(covid)."""
+    readme, serving = REPO / "README.md", REPO / "docs" / "serving.md"
+    run, shown = _example(readme, "make-run"), _example(readme, "predict")
+    threshold = float(re.search(r"evaluate .* at threshold ([\d.]+)", run).group(1))
+    version = re.search(r"version (\d+) registered", run).group(1)
+    model_line = re.search(r"\(version (\d+)\), threshold ([\d.]+)", shown)
+    assert model_line.groups() == (version, f"{threshold:.3f}")
+    film = re.search(r"Image : \S*00cfd1c1\.jpg\n(?:.*\n)*?P\(covid\) : ([\d.]+)%", shown)
+    prob = float(film.group(1)) / 100
+    answer = json.loads("\n".join(line[2:] for line in _example(serving, "serve").splitlines()
+                                  if line.startswith("# ")))
+    assert answer["model"]["version"] == version and round(answer["model"]["threshold"], 3) == threshold
+    assert abs(answer["predictions"][0]["prob_covid"] - prob) <= 0.0005
+    served = float(re.search(r"\[\[([\d.e-]+)\]\]", _example(serving, "models-serve")).group(1))
+    assert abs(served - prob) <= 0.0005
