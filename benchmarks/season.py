@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="results folder (default: benchmarks/results/season[-quick])")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
     parser.add_argument("--week-timeout", type=float, default=3600.0, help="seconds one DAG run may take")
+    parser.add_argument("--replot", type=Path, metavar="RESULTS", help="only redraw RESULTS/timeline.png "
+                        "from RESULTS/weeks.csv")
     args = parser.parse_args(argv)
+    if args.replot:
+        replot(args.replot)
+        return 0
     signal.signal(signal.SIGTERM, _stop)  # stop the local Airflow too when the replay is stopped
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     source = args.source or (REPO / "sample_data" if args.quick else SHARED)
@@ -202,6 +207,19 @@ def write_results(out: Path, rows: list[dict[str, Any]], champions: list[dict[st
                                             "sensitivity", "specificity", "threshold", "img_size"))
     timeline_figure(rows, out / "timeline.png", title="Season replay: one DAG run per week")
     (out / "season.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def replot(results: Path) -> None:
+    """Redraw ``timeline.png`` from a season's ``weeks.csv``."""
+    from covid_tasks.history import timeline_figure
+
+    with open(results / "weeks.csv", newline="", encoding="utf-8") as fh:
+        rows: list[dict[str, Any]] = list(csv.DictReader(fh))
+    for row in rows:
+        for key in ("n_labelled", "roc_auc", "sensitivity", "specificity"):
+            row[key] = float(row[key]) if row[key] else None
+        row["roc_auc_ci95"] = json.loads(row["roc_auc_ci95"]) if row["roc_auc_ci95"] else None
+    timeline_figure(rows, results / "timeline.png", title="Season replay: one DAG run per week")
 
 
 def _csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:

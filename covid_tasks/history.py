@@ -119,7 +119,7 @@ def timeline_figure(entries: list[dict[str, Any]], target: Path, title: str = "W
         strip.text(xi, 0.7, decision + (f"\nv{e['version']}" if e.get("version") else ""), ha="center",
                    va="center", fontsize=7, color=_COLOURS.get(decision, "black"))
         champion = e.get("champion_version")
-        strip.text(xi, 0.15, f"champion v{champion}" if champion else "no champion", ha="center",
+        strip.text(xi, 0.2, f"champion\nv{champion}" if champion else "no\nchampion", ha="center",
                    va="center", fontsize=6, color="grey")
     strip.set(ylim=(0, 1), yticks=[], xticks=x, ylabel="decision")
     strip.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)

@@ -114,3 +114,42 @@ def test_a_finding_corrected_is_one_pulled_in_an_earlier_week(tmp_path: Path) ->
     later, _ = builder.build(sd.Week(3, 1.0))
     assert {r["filename"]: r["finding"] for r in _rows(later)}["f3.png"] == "COVID-19"
     assert {r["filename"]: r["finding"] for r in _rows(later)}["f1.png"] == "todo"
+
+
+RESULTS = REPO / "benchmarks" / "results" / "season"
+
+
+def _weeks() -> list[dict[str, str]]:
+    with open(RESULTS / "weeks.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_the_committed_season_redraws_from_its_weeks(tmp_path: Path) -> None:
+    import season
+
+    (tmp_path / "weeks.csv").write_bytes((RESULTS / "weeks.csv").read_bytes())
+    assert season.main(["--replot", str(tmp_path)]) == 0
+    assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/season.md"])
+def test_the_season_tables_match_the_committed_results(doc: str) -> None:
+    """Each week's ROC AUC and decision in the docs' season table is the committed run's."""
+    weeks = {w["week"]: w for w in _weeks()}
+    seen = 0
+    for line in (REPO / doc).read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 5 or cells[0] not in weeks or not line.startswith("| "):
+            continue
+        week = weeks[cells[0]]
+        auc = next((c for c in cells if c[:2] in ("0.", "- ") or c == "-"), None)
+        text = " ".join(cells).lower()
+        if week["roc_auc"]:
+            assert auc is not None and auc.startswith(f"{float(week['roc_auc']):.3f}"), (doc, cells)
+        else:
+            assert auc == "-", (doc, cells)
+        assert week["decision"] in text, (doc, cells)
+        if week["version"]:
+            assert f"v{week['version']}" in text, (doc, cells)
+        seen += 1
+    assert seen == len(weeks), f"{doc}: {seen} of {len(weeks)} weeks in its season table"
