@@ -133,7 +133,8 @@ def covid_retraining() -> None:
 
         return run_stage("pull")
 
-    @task.short_circuit
+    # Skips only relabel; the chain after it skips by its trigger rules, so outcome (all_done) still runs.
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
     def check_new_data(pulled: dict[str, Any], params: dict[str, Any] | None = None) -> bool:
         """Continue only when the pull changed something or the run is forced."""
         proceed = bool(pulled["has_changes"] or (params or {}).get("force"))

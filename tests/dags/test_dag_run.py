@@ -75,6 +75,14 @@ def test_second_run_without_new_data_skips_training(env, first_run):
     assert '"has_changes": false' in log
     assert "train: done" not in log and "register: done" not in log
     assert len(list((Path(env["COVID_DATA_ROOT"]) / "runs").iterdir())) == 1
+    # Only the training chain skips: outcome (all_done) still runs and says why.
+    latest = _latest_run()
+    states = {t["task_id"]: t["state"] for t in latest["tasks"]}
+    assert latest["state"] == "success"
+    assert {k: v for k, v in states.items() if v != "skipped"} == {
+        "pull": "success", "check_new_data": "success", "outcome": "success"}, states
+    outcome = next(t for t in latest["tasks"] if t["task_id"] == "outcome")["result"]
+    assert outcome["decision"] == "skipped" and "no new or changed data" in outcome["summary"], outcome
 
     from mlflow import MlflowClient
 
