@@ -27,9 +27,11 @@ from typing import Any
 from covid_tasks.dicom_header import (
     DEFER_BYTES,
     MAX_INFLATED_BYTES,
+    MIN_KEY_BYTES,
     PATIENT_HASH_KEY,
     DicomHeader,
     Source,
+    load_patient_hash_key,
     patient_hash,
     quiet,
     read_dataset,
@@ -48,9 +50,10 @@ from covid_tasks.dicom_pixels import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFER_BYTES", "MAX_INFLATED_BYTES", "DicomError", "DicomHeader", "DicomTooLargeError",
-           "MINMAX_PERCENTILES", "PATIENT_HASH_KEY", "REASONS", "SUPPORTED_TRANSFER_SYNTAXES", "Source",
+           "MINMAX_PERCENTILES", "MIN_KEY_BYTES", "PATIENT_HASH_KEY", "REASONS",
+           "SUPPORTED_TRANSFER_SYNTAXES", "Source",
            "check_header", "decode_dicom", "dicom_size", "header_metadata", "is_dicom", "load_dicom",
-           "patient_hash", "read_header"]
+           "load_patient_hash_key", "patient_hash", "read_header"]
 _XRAY_SOP = ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1")
 
 

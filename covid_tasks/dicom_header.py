@@ -33,6 +33,8 @@ Source = bytes | bytearray | memoryview | str | Path
 
 #: HMAC-SHA256 key of :func:`patient_hash`; pass a secret key for protection against guessing.
 PATIENT_HASH_KEY = b"covid-xray-retrain/dicom/patient-id/v1"
+#: The shortest site key :func:`load_patient_hash_key` accepts.
+MIN_KEY_BYTES = 16
 #: Header values longer than this are skipped, never read (:func:`read_header`).
 DEFER_BYTES = 64 * 1024
 #: A deflated dataset that inflates to more than this is refused (a zip bomb) before pydicom reads it.
@@ -95,6 +97,23 @@ def patient_hash(patient_id: str, key: bytes = PATIENT_HASH_KEY) -> str:
     """
     digest = hmac.new(key, patient_id.strip().encode("utf-8", "replace"), hashlib.sha256).hexdigest()
     return f"dcm-{digest[:16]}"
+
+
+def load_patient_hash_key(path: str | Path) -> bytes:
+    """A site's secret key for :func:`patient_hash`, read from a file (trailing whitespace dropped).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the key is shorter than :data:`MIN_KEY_BYTES` bytes, or is the public default.
+            Messages give the length, never the key.
+    """
+    key = Path(path).read_bytes().rstrip()
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"the patient hash key in {path} has {len(key)} bytes; a site secret needs at "
+                         f"least {MIN_KEY_BYTES} (e.g. `openssl rand -hex 32 > {Path(path).name}`)")
+    if key == PATIENT_HASH_KEY:
+        raise ValueError(f"the patient hash key in {path} is the public default; write a site secret")
+    return key
 
 
 def read_header(source: Source, key: bytes = PATIENT_HASH_KEY) -> DicomHeader:

@@ -134,7 +134,7 @@ def relabel(cfg: Config, run_key: str) -> dict[str, Any]:
     logger.info("relabel: reading %s (views=%s, fallback=%s, min_images_per_class=%d)", meta_path,
                 list(cfg.views), list(cfg.fallback_views), cfg.min_images_per_class)
     header, rows = read_metadata(meta_path)
-    from_header = _fill_from_headers(rows, root.images)
+    from_header = _fill_from_headers(rows, root.images, cfg.patient_hash_key_file)
     drops = _Drops()
     candidates, file_patients = _apply_row_rules(rows, _Views.of(cfg), root.images, drops)
     unique = _one_row_per_image(candidates, root.images, drops)
@@ -174,7 +174,7 @@ def relabel(cfg: Config, run_key: str) -> dict[str, Any]:
     return result
 
 
-def _fill_from_headers(rows: list[dict[str, Any]], images: Path) -> dict[str, Any]:
+def _fill_from_headers(rows: list[dict[str, Any]], images: Path, key_file: str) -> dict[str, Any]:
     """Fill the empty ``view``, ``modality`` and ``patientid`` cells of rows whose image is DICOM.
 
     Only the header is read (no pixel); a header that cannot be read fills nothing (pull has
@@ -182,12 +182,15 @@ def _fill_from_headers(rows: list[dict[str, Any]], images: Path) -> dict[str, An
 
     Returns:
         ``{"rule", "dicom_images", "filled": {"view", "modality", "patientid"},
-        "patient_of_file", "links"}``: ``patient_of_file`` maps each file whose empty patient cell
-        the header filled to that (hashed) patient; ``links`` are the sets of patients whose
-        images share a header patient hash.
+        "linked_by_patient_hash", "patient_hash_key", "patient_of_file", "links"}``:
+        ``patient_hash_key`` says which key hashed the IDs (never the key itself);
+        ``patient_of_file`` maps each file whose empty patient cell the header filled to that
+        (hashed) patient; ``links`` are the sets of patients whose images share a header patient
+        hash.
     """
-    from covid_tasks.dicom import DicomError, header_metadata, is_dicom
+    from covid_tasks import dicom
 
+    hash_key = dicom.load_patient_hash_key(key_file) if key_file else dicom.PATIENT_HASH_KEY
     facts: dict[str, dict[str, Any] | None] = {}
     filled = dict.fromkeys(("view", "modality", "patientid"), 0)
     patients: dict[str, str] = {}  # file -> the header's patient hash, where it filled the cell
@@ -199,9 +202,9 @@ def _fill_from_headers(rows: list[dict[str, Any]], images: Path) -> dict[str, An
             facts[name] = None
             path = images / name
             try:
-                if path.is_file() and is_dicom(path):
-                    facts[name] = header_metadata(path)
-            except (DicomError, OSError) as exc:
+                if path.is_file() and dicom.is_dicom(path):
+                    facts[name] = dicom.header_metadata(path, hash_key)
+            except (dicom.DicomError, OSError) as exc:
                 logger.warning("relabel: the DICOM header of %s cannot be read (%s); the CSV alone counts",
                                name, exc)
         meta = facts[name]
@@ -221,8 +224,14 @@ def _fill_from_headers(rows: list[dict[str, Any]], images: Path) -> dict[str, An
     if dicom_images:
         logger.info("relabel: %d DICOM image(s); header cells filled %s; %d patient-hash link(s)",
                     dicom_images, filled, len(links))
+    if not key_file and (patients or links):
+        logger.warning("relabel: DICOM patient IDs were hashed with the public default key, which lets "
+                       "anyone with the code hash a small ID space back; set patient_hash_key_file "
+                       "(COVID_PATIENT_HASH_KEY_FILE) to a file holding a site secret (docs/dicom.md)")
     return {"rule": HEADER_RULE, "dicom_images": dicom_images, "filled": filled,
-            "linked_by_patient_hash": len(links), "patient_of_file": patients, "links": links}
+            "linked_by_patient_hash": len(links),
+            "patient_hash_key": "site secret" if key_file else "public default",
+            "patient_of_file": patients, "links": links}
 
 
 def _apply_row_rules(rows: list[dict[str, Any]], views: _Views, images: Path, drops: _Drops

@@ -233,3 +233,44 @@ def test_relabel_hashes_dicom_films_for_near_duplicates(films: list[np.ndarray],
     relabel(Config(data_root=str(root)), "run")
     near = json.loads((root / "relabel_report.json").read_text())["near_duplicates"]
     assert near["unhashed"] == []
+
+
+def test_a_site_key_file_keys_the_patient_hash_and_bad_key_files_fail(
+        films: list[np.ndarray], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import pandas as pd
+
+    from covid_tasks.dicom import PATIENT_HASH_KEY, patient_hash
+    from covid_tasks.stages.relabel import relabel
+
+    root = _relabel_root(tmp_path, films)
+    with caplog.at_level(logging.WARNING, logger="covid_tasks"):
+        relabel(Config(data_root=str(root), near_duplicate_distance=-1), "run")
+    assert "public default key" in caplog.text
+    assert json.loads((root / "relabel_report.json").read_text())["from_header"]["patient_hash_key"] == (
+        "public default")
+
+    secret = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+    key_file = tmp_path / "patient_hash.key"
+    key_file.write_text(secret + "\n")  # as `openssl rand -hex 16 > file` writes it
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="covid_tasks"):
+        relabel(Config(data_root=str(root), near_duplicate_distance=-1, patient_hash_key_file=str(key_file)),
+                "run")
+    labeled = pd.read_csv(root / "labeled.csv", dtype=str, keep_default_na=False).set_index("filename")
+    clear_id = phi_for("K2")["PatientID"]
+    assert labeled.loc["b.dcm", "patientid"] == patient_hash(clear_id, secret.encode())
+    assert labeled.loc["b.dcm", "patientid"] != patient_hash(clear_id)
+    report_text = (root / "relabel_report.json").read_text()
+    assert json.loads(report_text)["from_header"]["patient_hash_key"] == "site secret"
+    assert "public default key" not in caplog.text
+    assert secret not in report_text and secret not in caplog.text and str(key_file) not in report_text
+
+    short = tmp_path / "short.key"
+    short.write_text("letmein\n")
+    public = tmp_path / "public.key"
+    public.write_bytes(PATIENT_HASH_KEY)
+    for bad, error, match in ((short, ValueError, "has 7 bytes"), (public, ValueError, "public default"),
+                              (tmp_path / "absent.key", FileNotFoundError, "absent.key")):
+        with pytest.raises(error, match=match) as caught:
+            relabel(Config(data_root=str(root), patient_hash_key_file=str(bad)), "run")
+        assert "letmein" not in str(caught.value)
