@@ -88,8 +88,12 @@ airflow: airflow-init
 	@echo "  covid_retraining runs Sundays 00:00 UTC and starts unpaused: a Trigger runs at once"
 	$(BIN)/python -m covid_tasks.local_airflow
 
+# Test files run on TEST_WORKERS processes (pytest-xdist), a file's tests on one of them, in order;
+# TEST_WORKERS=0 runs them all in this process.
+TEST_WORKERS ?= 2
+
 test: install-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 stack: install-stack
 	$(BIN)/python -m stack up --home $(STACK_HOME) --port-base $(STACK_PORT_BASE)

@@ -174,9 +174,7 @@ class Config:
     # relabel: films whose 256-bit dHash differ in at most this many bits are one film; their
     # patients share a split group (docs/data-checks.md; -1 turns the linking off).
     near_duplicate_distance: int = 20
-    # relabel: a file holding the site's secret key for DICOM patient-ID hashes ("" uses the public
-    # default, which lets anyone hash a small ID space back; docs/dicom.md). Set it once, never
-    # change it: a new key gives DICOM-only patients new ids and so, maybe, another split.
+    # relabel: file of the site's secret key for DICOM patient-ID hashes ("": public; docs/dicom.md)
     patient_hash_key_file: str = ""
     # check_data: thresholds of the checks between weekly versions (data_checks.Thresholds)
     check_max_label_change_share: float = 0.10

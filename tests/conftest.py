@@ -31,6 +31,19 @@ os.environ.update({
 })
 
 
+#: The longest test files (an ``airflow dags test`` run or a trained service each), collected first:
+#: ``make test`` hands whole files to its workers in collection order, and a long file handed out
+#: last would leave one worker idle while the other finishes it.
+LONGEST_FIRST = ("tests/dags/test_dag_run.py", "tests/dags/test_dag_dicom.py", "tests/code/test_serve_api.py",
+                 "tests/code/test_dicom_service.py", "tests/dags/test_local_airflow.py",
+                 "tests/code/test_register.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.path).relative_to(REPO).as_posix(), len(rank)))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
 

@@ -186,3 +186,10 @@ def test_an_unknown_stage_is_refused_by_name() -> None:
 
     with pytest.raises(ValueError, match="unknown stage 'trian'"):
         run("trian", Config(), "key")
+
+
+def test_the_longest_first_test_files_exist() -> None:
+    """``tests/conftest.py`` hands these files out first; a renamed one would silently lose its place."""
+    from tests.conftest import LONGEST_FIRST
+
+    assert [p for p in LONGEST_FIRST if not (REPO / p).is_file()] == []
