@@ -58,12 +58,29 @@ def prepare(s: Settings) -> None:
     for sub in ("redis", "mlflow", "s3"):
         os.chmod(s.home / sub, 0o700)
     tls.ensure(s.home / "s3" / "tls")
+    write_secrets(s)
     text = "\n".join([
         f"bind {BIND}", f"port {s.port('STACK_PORT_REDIS')}", "protected-mode yes",
         f"requirepass {s.env['REDIS_PASSWORD']}", f"dir {s.home / 'redis'}", "daemonize no",
         "save 60 1", "appendonly no", "",
     ])
     write_private(s.home / "redis" / "redis.conf", text)
+
+
+def write_secrets(s: Settings) -> None:
+    """Compose's secrets as the files a container sees in /run/secrets: ``HOME/secrets/<name>``
+    (folder 700, files 600), each the value of its ``environment`` variable in the stack's env file."""
+    folder = s.home / "secrets"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    for name, spec in (s.model.get("secrets") or {}).items():
+        variable = (spec or {}).get("environment")
+        if not variable:
+            raise ValueError(f"docker-compose.yaml's secret {name}: the stack writes only secrets taken "
+                             "from an environment variable (environment: NAME)")
+        if not s.env.get(variable):
+            raise ValueError(f"{s.home / 'stack.env'} lacks {variable} (the secret {name})")
+        write_private(folder / name, s.env[variable] + "\n")
 
 
 def initdb(s: Settings) -> bool:

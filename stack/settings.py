@@ -51,6 +51,7 @@ PATHS = {
     "/opt/airflow/logs": ("home", "airflow/logs"),
     "/opt/airflow/dags": ("repo", "dags"),
     "/opt/covid/bin/": ("repo", "docker/"),
+    "/run/secrets/": ("home", "secrets/"),  # compose's secrets, written by stack/init.py
 }
 #: Process environment that must not leak from the caller into a stack service
 #: (the Makefile exports the LocalExecutor/SQLite settings of `make run`).

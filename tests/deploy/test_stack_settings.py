@@ -97,6 +97,22 @@ def test_s3_runs_compose_s_command_on_loopback(settings, raw):
     assert svc.env["WEED_GRPC_FILER_KEY"] == svc.env["WEED_GRPC_CLIENT_KEY"] == str(tls / "weed.key")
 
 
+def test_compose_secrets_become_private_files_the_worker_is_pointed_at(settings):
+    from stack import init
+
+    init.write_secrets(settings)
+    key = settings.home / "secrets" / "patient_hash_key"
+    assert key.read_text() == settings.env["PATIENT_HASH_KEY"] + "\n"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert oct(key.parent.stat().st_mode & 0o777) == "0o700"
+    assert settings.airflow_env("airflow-worker")["COVID_PATIENT_HASH_KEY_FILE"] == str(key)
+    assert "COVID_PATIENT_HASH_KEY_FILE" not in settings.airflow_env("airflow-worker-gpu")
+    bad = copy.deepcopy(settings)
+    bad.env.pop("PATIENT_HASH_KEY")
+    with pytest.raises(ValueError, match="lacks PATIENT_HASH_KEY"):
+        init.write_secrets(bad)
+
+
 def test_an_env_file_from_before_a_new_credential_gets_one(tmp_path):
     """stack.env written before .env.example gained a credential: Settings.load appends a fresh value."""
     text = render_env(30000)

@@ -21,6 +21,7 @@ Finally `python -m stack down` must leave none of the stack's processes.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -168,6 +169,14 @@ def test_predict_loads_the_champion_through_mlflow_as_the_inference_user(setting
                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "(version 1)" in out.stdout and "Class : " in out.stdout, out.stdout
+
+
+def test_relabel_hashed_patient_ids_with_the_stack_s_secret_key(settings, faulty_run):
+    report = json.loads((settings.home / "data" / "relabel_report.json").read_text())
+    assert report["from_header"]["patient_hash_key"] == "site secret", report["from_header"]
+    key = settings.home / "secrets" / "patient_hash_key"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert settings.env["PATIENT_HASH_KEY"] not in json.dumps(report)
 
 
 def test_the_inference_user_cannot_move_the_champion(settings, faulty_run):
