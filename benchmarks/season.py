@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--week-timeout", type=float, default=3600.0, help="seconds one DAG run may take")
     parser.add_argument("--replot", type=Path, metavar="RESULTS", help="only redraw RESULTS/timeline.png "
                         "from RESULTS/weeks.csv")
+    parser.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", dest="settings",
+                        help="a run Param on top of the season's (a JSON value), e.g. threshold_margin=0.1")
     args = parser.parse_args(argv)
     if args.replot:
         replot(args.replot)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or HERE / "results" / ("season-quick" if args.quick else "season")
     plan = season_data.quick_plan() if args.quick else season_data.full_plan()
-    conf = QUICK_CONF if args.quick else FULL_CONF
+    conf = {**(QUICK_CONF if args.quick else FULL_CONF), **_settings(args.settings)}
     work = args.work or Path(tempfile.mkdtemp(prefix="season-"))
     try:
         rows, meta = replay(source, work, plan, conf, args.week_timeout)
@@ -92,6 +94,20 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"season: {len(rows)} weeks; results in {out}")
     return 0
+
+
+def _settings(pairs: list[str]) -> dict[str, Any]:
+    """``--set`` pairs as Params; a value that is not JSON stays a string."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"season: --set {pair!r}: expected PARAM=VALUE")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
 
 
 def replay(source: Path, work: Path, plan: list[season_data.Week], conf: dict[str, Any],

@@ -150,16 +150,17 @@ class Config:
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
     min_sensitivity: float = 0.80
     min_specificity: float = 0.70
-    # evaluate: the gate reads the test estimates ("point") or their 95% Wilson lower bounds.
+    # evaluate: gate on test estimates ("point") or their 95% Wilson lower bounds, and on ROC AUC's lower
+    # 95% bound (min_roc_auc > 0); val threshold for sensitivity min_sensitivity + threshold_margin.
     gate_on: str = "point"
+    min_roc_auc: float = 0.0
+    threshold_margin: float = 0.0
     # evaluate: non-inferiority margin. A challenger that passes the gate replaces the champion when
     # the lower 95% bound (paired patient bootstrap, same test images) of its difference to the
     # champion in ROC AUC, sensitivity and specificity is at least -promotion_margin.
     promotion_margin: float = 0.05
-    # evaluate: calibration of P(covid) fitted on the validation split and folded into the model.
-    calibration: str = "platt"
-    # evaluate: the shortcut audit warns when test ROC AUC with the lungs hidden reaches this; the
-    # warning blocks promotion only when shortcut_blocks_promotion is on.
+    calibration: str = "platt"  # evaluate: P(covid) calibrated on val, folded into the model
+    # evaluate: warn at this test ROC AUC with the lungs hidden (blocks if shortcut_blocks_promotion)
     shortcut_auc_limit: float = 0.70
     shortcut_blocks_promotion: bool = False
     force: bool = False
@@ -169,8 +170,7 @@ class Config:
     pull_retries: int = 4
     pull_delete: bool = False
     pull_min_image_side: int = 64
-    # every stage that decodes images (pull, train, evaluate) refuses more pixels than this
-    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # pull, train and evaluate refuse larger images
     # relabel: films whose 256-bit dHash differ in at most this many bits are one film; their
     # patients share a split group (docs/data-checks.md; -1 turns the linking off).
     near_duplicate_distance: int = 20
@@ -265,7 +265,7 @@ def _problems(cfg: Config) -> list[str]:
         if getattr(cfg, name) < 0 or (name == "batch_size" and cfg.batch_size < 1):
             errors.append(f"{name} must be positive, got {getattr(cfg, name)}")
     for name in ("min_sensitivity", "min_specificity", "dropout", "promotion_margin",
-                 "shortcut_auc_limit"):
+                 "shortcut_auc_limit", "threshold_margin", "min_roc_auc"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             errors.append(f"{name} must be within [0, 1], got {getattr(cfg, name)}")
     fr = cfg.split_fractions

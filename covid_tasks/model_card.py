@@ -39,7 +39,8 @@ VERSION_TAG_PREFIX = "external_validation."
 RECIPE_FIELDS = ("backbone", "weights", "img_size", "lung_gate", "multiscale", "head", "epochs",
                  "learning_rate", "finetune_epochs", "finetune_learning_rate", "finetune_top_blocks",
                  "finetune_schedule", "augment_strength", "batch_size", "calibration", "seed",
-                 "min_sensitivity", "min_specificity", "gate_on", "promotion_margin")
+                 "min_sensitivity", "min_specificity", "gate_on", "min_roc_auc",
+                 "threshold_margin", "promotion_margin")
 _SPECIAL = re.compile(r"[\\|<>*_`\[\]]")
 TEST_FIGURES = ("roc_auc", "pr_auc", "sensitivity", "specificity", "ppv", "npv", "accuracy")
 INTENDED_USE = (
@@ -104,7 +105,9 @@ def facts(root: DataRoot, cfg: Config, metrics: dict[str, Any], context: dict[st
         "data_check": metrics.get("data_check"),
         "gate": {"passed": metrics.get("passed"), "reasons": metrics.get("reasons"),
                  "min_sensitivity": metrics.get("min_sensitivity"),
-                 "min_specificity": metrics.get("min_specificity"), "gate_on": metrics.get("gate_on")},
+                 "min_specificity": metrics.get("min_specificity"), "gate_on": metrics.get("gate_on"),
+                 "min_roc_auc": metrics.get("min_roc_auc", 0.0),
+                 "threshold_margin": metrics.get("threshold_margin", 0.0)},
     }
 
 

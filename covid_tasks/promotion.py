@@ -2,7 +2,9 @@
 
 * **Gate** (``gate_on``): ``point`` compares test sensitivity and specificity themselves with
   ``min_sensitivity`` / ``min_specificity``; ``lower_bound`` compares the lower end of their 95%
-  Wilson intervals, so a model passes only when the test split shows it clears the floors.
+  Wilson intervals, so a model passes only when the test split shows it clears the floors. With
+  ``min_roc_auc`` above 0, the lower end of test ROC AUC's 95% bootstrap interval must reach it
+  too (0.5: the test split shows the model ranks better than chance).
 * **Promotion**: the challenger and the champion are scored on the same test images. Patients are
   resampled ``PROMOTION_RESAMPLES`` times (seeded, stratified by class) and, in each resample,
   the challenger-minus-champion difference of ROC AUC, and of sensitivity and specificity each at
@@ -30,14 +32,15 @@ RULE_DATA = "data_check_warning"
 
 
 def gate(metrics: dict[str, Any], min_sensitivity: float, min_specificity: float,
-         gate_on: str = "point") -> list[str]:
+         gate_on: str = "point", min_roc_auc: float = 0.0) -> list[str]:
     """The gate's failed checks on test metrics (empty when it passes); NaN fails.
 
     Args:
-        metrics: test metrics with ``sensitivity``, ``specificity`` and their ``_ci95``.
+        metrics: test metrics with ``sensitivity``, ``specificity``, ``roc_auc`` and their ``_ci95``.
         min_sensitivity: floor for sensitivity.
         min_specificity: floor for specificity.
         gate_on: ``point`` (the estimates) or ``lower_bound`` (the Wilson lower bounds).
+        min_roc_auc: floor for the lower end of ROC AUC's 95% interval (0: not checked).
 
     Raises:
         ValueError: an unknown ``gate_on``.
@@ -50,6 +53,11 @@ def gate(metrics: dict[str, Any], min_sensitivity: float, min_specificity: float
         label = name if gate_on == "point" else f"{name} 95% lower bound"
         if not (value is not None and not _nan(value) and value >= bound):
             reasons.append(f"{label} {fmt(value)} < min_{name} {bound:.3f}")
+    if min_roc_auc > 0:
+        ci = metrics.get("roc_auc_ci95")
+        low = ci[0] if isinstance(ci, (list, tuple)) and ci else None  # NaN: a class is missing
+        if not (low is not None and not _nan(low) and low >= min_roc_auc):
+            reasons.append(f"ROC AUC 95% lower bound {fmt(low)} < min_roc_auc {min_roc_auc:.3f}")
     return reasons
 
 

@@ -30,10 +30,10 @@ ORDER = (*TASKS, "outcome")
 #: The DAG's Params, in the order ``make run`` prints them (a DAG test checks they match).
 PARAMS = ("source_uri", "backbone", "weights", "multiscale", "lung_gate", "head", "img_size", "batch_size",
           "epochs", "finetune_epochs", "finetune_top_blocks", "min_sensitivity", "min_specificity", "gate_on",
-          "promotion_margin", "shortcut_blocks_promotion", "force", "check_max_label_change_share",
-          "check_min_class_share_kept", "check_max_invalid_row_share", "check_source_label_jump",
-          "check_source_purity", "check_intensity_psi", "check_max_cross_split_duplicates",
-          "check_new_finding_min_images")
+          "min_roc_auc", "threshold_margin", "promotion_margin", "shortcut_blocks_promotion", "force",
+          "check_max_label_change_share", "check_min_class_share_kept", "check_max_invalid_row_share",
+          "check_source_label_jump", "check_source_purity", "check_intensity_psi",
+          "check_max_cross_split_duplicates", "check_new_finding_min_images")
 
 
 def _f(value: Any, digits: int = 3) -> str:

@@ -25,7 +25,7 @@ fine-tuning epochs; about 10 minutes on 2 CPU cores for the full public data set
 **Schedule:** Sundays 00:00 UTC, one run at a time; unpausing never starts a run for a week that
 has already begun. **Failures:** errors no retry can fix fail the task at once; S3 or MLflow
 outages are retried.
-"""
+"""  # noqa: E501 - the quick run's JSON stays on one line, to be pasted whole
 
 from __future__ import annotations
 
@@ -95,6 +95,12 @@ CHECK_PARAMS = {name: _param(name, kind, text, section="Data checks", minimum=0,
                                   "Gate: minimum test specificity (non-COVID recall)", minimum=0, maximum=1),
         "gate_on": _param("gate_on", "string", "Gate on the test estimates (point) or on their 95% "
                           "Wilson lower bounds (lower_bound)", enum=list(GATE_ON)),
+        "min_roc_auc": _param("min_roc_auc", "number", "Gate: minimum lower 95% bound of test ROC AUC "
+                              "(0: not checked; 0.5: better than chance, shown on test)",
+                              minimum=0, maximum=1),
+        "threshold_margin": _param("threshold_margin", "number", "Set the threshold on validation for "
+                                   "sensitivity min_sensitivity + this, so that test sensitivity clears "
+                                   "the gate by more than chance (costs specificity)", minimum=0, maximum=1),
         "promotion_margin": _param("promotion_margin", "number",
                                    "Non-inferiority margin vs the champion (paired bootstrap: the lower "
                                    "95% bound of each difference must be >= -margin)", minimum=0, maximum=1),

@@ -7,11 +7,13 @@ split is only scored.
 * **Calibration** (``covid_tasks.calibration``): Platt scaling of the last layer's logit, fitted
   on val and folded into that layer, so the saved ``model.keras`` outputs the calibrated P(covid).
 * **Threshold** (``covid_tasks.operating_point``): the bootstrap mean, over patient resamples of
-  val, of the highest threshold reaching ``min_sensitivity``; recorded and applied unchanged to test.
+  val, of the highest threshold reaching ``min_sensitivity + threshold_margin``; recorded and
+  applied unchanged to test.
 * **Uncertainty**: each proportion gets a 95% Wilson interval; ROC AUC and PR AUC get a 95%
   stratified percentile bootstrap interval.
 * **Gate** (``covid_tasks.promotion``): test sensitivity and specificity (``gate_on=point``) or
-  their Wilson lower bounds (``lower_bound``) against ``min_sensitivity`` / ``min_specificity``.
+  their Wilson lower bounds (``lower_bound``) against ``min_sensitivity`` / ``min_specificity``,
+  and, when ``min_roc_auc`` > 0, the lower bound of test ROC AUC against it.
 * **Champion/challenger**: when ``<model_name>@champion`` exists it is scored on the same test
   images (resized to its own input size) at *its own* recorded threshold, as it runs in
   production. The challenger is promoted when it passes the gate and a paired patient bootstrap
@@ -120,9 +122,10 @@ def evaluate(cfg: Config, run_key: str) -> dict[str, Any]:
     root = DataRoot.of(cfg)
     run_dir = root.run(run_key)
     source_path = require_file(run_dir.finetune_model, "finetune")
-    logger.info("evaluate: %s min_sensitivity=%.3f min_specificity=%.3f gate_on=%s promotion_margin=%.3f "
-                "calibration=%s registry=%s", source_path, cfg.min_sensitivity, cfg.min_specificity,
-                cfg.gate_on, cfg.promotion_margin, cfg.calibration, redact_uri(cfg.tracking_uri))
+    logger.info("evaluate: %s min_sensitivity=%.3f min_specificity=%.3f gate_on=%s min_roc_auc=%.3f "
+                "threshold_margin=%.3f promotion_margin=%.3f calibration=%s registry=%s", source_path,
+                cfg.min_sensitivity, cfg.min_specificity, cfg.gate_on, cfg.min_roc_auc, cfg.threshold_margin,
+                cfg.promotion_margin, cfg.calibration, redact_uri(cfg.tracking_uri))
     bound_mlflow_http()
     champion_entry = _champion_entry(cfg)  # before the slow part: an unreachable registry fails fast
     splits = load_splits(root)
@@ -154,6 +157,8 @@ def evaluate(cfg: Config, run_key: str) -> dict[str, Any]:
         "min_sensitivity": cfg.min_sensitivity,
         "min_specificity": cfg.min_specificity,
         "gate_on": cfg.gate_on,
+        "min_roc_auc": cfg.min_roc_auc,
+        "threshold_margin": cfg.threshold_margin,
         **decision,
         **groups,
         "calibration": {**fitted.calibration, **_calibration_scores(y_test, scored, fitted)},
@@ -192,13 +197,14 @@ def _fit_on_val(model: Any, val: Any, y_val: Any, images: Path, cfg: Config) -> 
         make_dataset(val, images, cfg, training=False), verbose=0)
     z_val = np.asarray(feats, dtype=float) @ kernel + bias
     cal = calibration.fit(y_val, z_val, cfg.calibration)
-    chosen = choose_threshold(y_val, z_val, val["patientid"], cfg.min_sensitivity, seed=cfg.seed)
+    target = min(1.0, cfg.min_sensitivity + cfg.threshold_margin)
+    chosen = choose_threshold(y_val, z_val, val["patientid"], target, seed=cfg.seed)
     params = cal["params"]
     threshold = float(sigmoid(calibration.apply(chosen["logit"], params)))
     calibration.fold_into_model(model, params)
     val_prob = sigmoid(calibration.apply(z_val, params))
     val_m = binary_metrics(y_val, val_prob, threshold, resamples=0)
-    method = {**chosen, "target": cfg.min_sensitivity, "rule": THRESHOLD_RULE,
+    method = {**chosen, "target": target, "threshold_margin": cfg.threshold_margin, "rule": THRESHOLD_RULE,
               "ci95": [float(sigmoid(calibration.apply(v, params))) for v in chosen["ci95_logit"]],
               "plain_rule_threshold": float(sigmoid(calibration.apply(chosen["plain_rule_logit"], params)))}
     frame = pd.DataFrame({"filename": val["filename"], "patientid": val["patientid"], "label": val["label"],
@@ -265,7 +271,7 @@ def _decide(cfg: Config, m: dict[str, Any], test: Any, y_test: Any, scored: _Sco
     """Gate, shortcut audit, data checks and promotion, as ``metrics.json`` keys."""
     from covid_tasks import promotion, shortcut_audit
 
-    reasons = gate(m, cfg.min_sensitivity, cfg.min_specificity, cfg.gate_on)
+    reasons = gate(m, cfg.min_sensitivity, cfg.min_specificity, cfg.gate_on, cfg.min_roc_auc)
     audit = shortcut_audit.summarize(y_test, scored.views, cfg.shortcut_auc_limit, cfg.seed)
     deltas = None
     if champion is not None:

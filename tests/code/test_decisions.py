@@ -112,6 +112,16 @@ def test_gate_on_point_or_wilson_lower_bound() -> None:
         gate(m, 0.8, 0.7, "median")
 
 
+def test_gate_on_the_lower_bound_of_roc_auc_only_when_asked() -> None:
+    m = {"sensitivity": 0.85, "specificity": 0.75, "roc_auc": 0.62, "roc_auc_ci95": [0.48, 0.77]}
+    assert gate(m, 0.8, 0.7) == [] and gate(m, 0.8, 0.7, min_roc_auc=0.0) == []
+    assert gate(m, 0.8, 0.7, min_roc_auc=0.5) == ["ROC AUC 95% lower bound 0.480 < min_roc_auc 0.500"]
+    assert gate({**m, "roc_auc_ci95": [0.51, 0.77]}, 0.8, 0.7, min_roc_auc=0.5) == []
+    assert gate({**m, "roc_auc_ci95": [0.5, 0.77]}, 0.8, 0.7, min_roc_auc=0.5) == []  # reaching it passes
+    for undefined in (float("nan"), [float("nan"), float("nan")], None):  # one class only: fails
+        assert len(gate({**m, "roc_auc_ci95": undefined}, 0.8, 0.7, min_roc_auc=0.5)) == 1
+
+
 def _paired_case(extra_right: int, extra_wrong: int) -> dict[str, np.ndarray]:
     """40 covid and 15 non-covid patients (one image each); the champion misses covid 0-5.
 

@@ -214,6 +214,25 @@ def test_evaluate_gate_failure_is_a_result_not_an_error(data_root, tmp_path) -> 
     tiny_run.assert_metrics_match(result, DataRoot.of(cfg).run("failing").path / "predictions.csv")
 
 
+def test_threshold_margin_moves_the_threshold_target_and_min_roc_auc_gates(data_root, tmp_path) -> None:
+    from covid_tasks.stages.evaluate import evaluate
+
+    base = _cfg(data_root, tmp_path, min_sensitivity=0.6, min_specificity=0.0)
+    tiny_run.write_model_run(base, "m", tiny_run.channel_model(tiny_run.GOOD))
+    plain = evaluate(base, "m")
+    wide = evaluate(_cfg(data_root, tmp_path, min_sensitivity=0.6, min_specificity=0.0, threshold_margin=0.25,
+                         min_roc_auc=1.0), "m")
+    assert plain["threshold_method"]["target"] == 0.6 and plain["threshold_margin"] == 0.0
+    assert wide["threshold_method"]["target"] == pytest.approx(0.85) and wide["threshold_margin"] == 0.25
+    assert wide["threshold"] < plain["threshold"]  # a higher sensitivity target, a lower threshold
+    assert wide["sensitivity"] >= plain["sensitivity"] and wide["val_sensitivity"] >= plain["val_sensitivity"]
+    assert wide["roc_auc"] == plain["roc_auc"]  # the ranking is the model's, not the threshold's
+    assert wide["min_roc_auc"] == 1.0 and wide["decision"] == "reject"
+    assert [r for r in wide["reasons"] if r.startswith("ROC AUC 95% lower bound")], wide["reasons"]
+    capped = evaluate(_cfg(data_root, tmp_path, min_sensitivity=0.9, threshold_margin=0.5), "m")
+    assert capped["threshold_method"]["target"] == 1.0
+
+
 def test_evaluate_fails_when_the_registry_is_unreachable(data_root, tmp_path, monkeypatch) -> None:
     from covid_tasks.registry import MLFLOW_HTTP_LIMITS, RegistryUnavailableError
     from covid_tasks.stages.evaluate import evaluate

@@ -132,6 +132,16 @@ def test_the_committed_season_redraws_from_its_weeks(tmp_path: Path) -> None:
     assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_set_adds_json_params_to_the_season_s() -> None:
+    import season
+
+    assert season._settings(["threshold_margin=0.1", "min_roc_auc=0.5", "gate_on=lower_bound",
+                             "force=true"]) == {"threshold_margin": 0.1, "min_roc_auc": 0.5,
+                                                "gate_on": "lower_bound", "force": True}
+    with pytest.raises(SystemExit, match="PARAM=VALUE"):
+        season._settings(["threshold_margin"])
+
+
 @pytest.mark.parametrize("doc", ["README.md", "docs/season.md"])
 def test_the_season_tables_match_the_committed_results(doc: str) -> None:
     """Each week's ROC AUC and decision in the docs' season table is the committed run's."""
