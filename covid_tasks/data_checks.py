@@ -24,7 +24,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from covid_tasks.config import CLASS_NAMES, METADATA_COLUMNS, POSITIVE_CLASS, threshold_problems
+from covid_tasks.config import (
+    CLASS_NAMES,
+    METADATA_COLUMNS,
+    POSITIVE_CLASS,
+    field_defaults,
+    threshold_problems,
+)
 from covid_tasks.data_statistics import (
     PSI_BINS,
     metadata_schema,
@@ -48,6 +54,7 @@ logger = logging.getLogger(__name__)
 BLOCK, WARN, OK = "block", "warn", "ok"
 #: How many file names, findings or rows an anomaly's details list (counts are always complete).
 MAX_EXAMPLES = 20
+_DEFAULTS = field_defaults()
 
 
 class SchemaChangeError(ValueError):
@@ -87,14 +94,15 @@ class Thresholds:
             ``Varicella``, ``Lipoid``... with 1-4 images each) stay quiet.
     """
 
-    check_max_label_change_share: float = 0.10
-    check_min_class_share_kept: float = 0.80
-    check_max_invalid_row_share: float = 0.20
-    check_source_label_jump: int = 20
-    check_source_purity: float = 0.95
-    check_intensity_psi: float = 0.20
-    check_max_cross_split_duplicates: int = 0
-    check_new_finding_min_images: int = 10
+    # The defaults are Config's (one place to change them): a caller without a Config agrees with the DAG.
+    check_max_label_change_share: float = _DEFAULTS["check_max_label_change_share"]
+    check_min_class_share_kept: float = _DEFAULTS["check_min_class_share_kept"]
+    check_max_invalid_row_share: float = _DEFAULTS["check_max_invalid_row_share"]
+    check_source_label_jump: int = _DEFAULTS["check_source_label_jump"]
+    check_source_purity: float = _DEFAULTS["check_source_purity"]
+    check_intensity_psi: float = _DEFAULTS["check_intensity_psi"]
+    check_max_cross_split_duplicates: int = _DEFAULTS["check_max_cross_split_duplicates"]
+    check_new_finding_min_images: int = _DEFAULTS["check_new_finding_min_images"]
 
     def __post_init__(self) -> None:
         errors = threshold_problems(dataclasses.asdict(self))
