@@ -142,24 +142,62 @@ def test_set_adds_json_params_to_the_season_s() -> None:
         season._settings(["threshold_margin"])
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/season.md"])
-def test_the_season_tables_match_the_committed_results(doc: str) -> None:
-    """Each week's ROC AUC and decision in the docs' season table is the committed run's."""
-    weeks = {w["week"]: w for w in _weeks()}
-    seen = 0
-    for line in (REPO / doc).read_text(encoding="utf-8").splitlines():
+def _weeks_of(results: Path) -> dict[str, dict[str, str]]:
+    with open(results / "weeks.csv", newline="", encoding="utf-8") as fh:
+        return {w["week"]: w for w in csv.DictReader(fh)}
+
+
+def _table(doc: str, heading: str, weeks: dict[str, dict[str, str]]) -> list[list[str]]:
+    """The cells of each week's row in the table under ``heading`` (up to the next ``## ``)."""
+    text = (REPO / doc).read_text(encoding="utf-8")
+    assert f"\n{heading}\n" in text, f"{doc} has no section {heading!r}"
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 5 or cells[0] not in weeks or not line.startswith("| "):
-            continue
+        if line.startswith("| ") and len(cells) >= 4 and cells[0] in weeks:
+            rows.append(cells)
+    assert [r[0] for r in rows] == list(weeks), f"{doc}, {heading}: not one row per week"
+    return rows
+
+
+def _check_auc(week: dict[str, str], cells: list[str]) -> None:
+    auc = next((c for c in cells[1:] if c[:2] in ("0.", "- ") or c == "-"), None)
+    if week["roc_auc"]:
+        assert auc is not None and auc.startswith(f"{float(week['roc_auc']):.3f}"), cells
+    else:
+        assert auc == "-", cells
+
+
+@pytest.mark.parametrize("doc, heading", [("README.md", "## A season, replayed through the scheduler"),
+                                          ("docs/season.md", "## Results")])
+def test_the_season_tables_match_the_committed_results(doc: str, heading: str) -> None:
+    """Each week's ROC AUC and decision in the docs' season table is the committed run's."""
+    weeks = _weeks_of(RESULTS)
+    for cells in _table(doc, heading, weeks):
         week = weeks[cells[0]]
-        auc = next((c for c in cells if c[:2] in ("0.", "- ") or c == "-"), None)
+        _check_auc(week, cells)
         text = " ".join(cells).lower()
-        if week["roc_auc"]:
-            assert auc is not None and auc.startswith(f"{float(week['roc_auc']):.3f}"), (doc, cells)
-        else:
-            assert auc == "-", (doc, cells)
         assert week["decision"] in text, (doc, cells)
         if week["version"]:
             assert f"v{week['version']}" in text, (doc, cells)
-        seen += 1
-    assert seen == len(weeks), f"{doc}: {seen} of {len(weeks)} weeks in its season table"
+
+
+def test_the_second_season_table_matches_both_seasons_results() -> None:
+    """docs/season.md's second table: the gate season's figures and decision, the first season's in
+    brackets."""
+    first, gate = _weeks_of(RESULTS), _weeks_of(RESULTS.parent / "season-gate")
+    for cells in _table("docs/season.md", "## A second season: a threshold margin and a ranking floor", gate):
+        week, before = gate[cells[0]], first[cells[0]]
+        _check_auc(week, cells)
+        assert week["roc_auc"] == before["roc_auc"]  # the same models: training is deterministic
+        rates, decision = cells[2], cells[-1].replace("*", "").lower()
+        if week["sensitivity"]:  # "s / s' (s0 / s0')", to 3 digits of weeks.csv's 4
+            shown = [float(x) for x in rates.replace("(", " ").replace(")", " ").replace("/", " ").split()]
+            wanted = [float(w[k]) for w in (week, before) for k in ("sensitivity", "specificity")]
+            assert shown == pytest.approx(wanted, abs=6e-4), cells
+        now_text, _, then_text = decision.rpartition("(")
+        assert now_text.startswith(week["decision"]) and then_text.startswith(before["decision"]), cells
+        for w, text in ((week, now_text), (before, then_text)):
+            if w["version"]:
+                assert f"v{w['version']}" in text, cells
