@@ -45,7 +45,7 @@ GENERATED = {
     "MLFLOW_INFERENCE_PASSWORD": lambda: secrets.token_hex(24),
     "MLFLOW_VIEWER_PASSWORD": lambda: secrets.token_hex(16),
     "MLFLOW_FLASK_SECRET_KEY": lambda: secrets.token_hex(32),
-    "PATIENT_HASH_KEY": lambda: secrets.token_hex(32),
+    "DICOM_PATIENT_HASH_KEY": lambda: secrets.token_hex(32),
 }
 
 

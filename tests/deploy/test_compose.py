@@ -311,8 +311,8 @@ def test_the_patient_hash_key_is_a_generated_secret_file_of_the_cpu_worker_only(
     """relabel reads the DICOM patient-hash key from a file (docs/dicom.md): a compose secret taken
     from a generated .env credential, mounted in the worker that runs relabel and nowhere else."""
     secret = compose["secrets"]["patient_hash_key"]
-    assert secret == {"environment": "PATIENT_HASH_KEY"}
-    assert "PATIENT_HASH_KEY" in CREDENTIALS and len(stack_env["PATIENT_HASH_KEY"]) == 64
+    assert secret == {"environment": "DICOM_PATIENT_HASH_KEY"}
+    assert "DICOM_PATIENT_HASH_KEY" in CREDENTIALS and len(stack_env["DICOM_PATIENT_HASH_KEY"]) == 64
     mounted = {name for name, svc in resolved["services"].items() if svc.get("secrets")}
     assert mounted == {"airflow-worker"}, mounted
     worker = resolved["services"]["airflow-worker"]
@@ -320,7 +320,7 @@ def test_the_patient_hash_key_is_a_generated_secret_file_of_the_cpu_worker_only(
     assert worker["environment"]["COVID_PATIENT_HASH_KEY_FILE"] == "/run/secrets/patient_hash_key"
     assert "default" in workers(resolved)["airflow-worker"]  # relabel's queue
     for name, svc in resolved["services"].items():  # the key itself is in no environment
-        assert stack_env["PATIENT_HASH_KEY"] not in json.dumps(svc.get("environment", {})), name
+        assert stack_env["DICOM_PATIENT_HASH_KEY"] not in json.dumps(svc.get("environment", {})), name
 
 
 def test_no_literal_secret_in_the_deployment_files():

@@ -102,14 +102,14 @@ def test_compose_secrets_become_private_files_the_worker_is_pointed_at(settings)
 
     init.write_secrets(settings)
     key = settings.home / "secrets" / "patient_hash_key"
-    assert key.read_text() == settings.env["PATIENT_HASH_KEY"] + "\n"
+    assert key.read_text() == settings.env["DICOM_PATIENT_HASH_KEY"] + "\n"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     assert oct(key.parent.stat().st_mode & 0o777) == "0o700"
     assert settings.airflow_env("airflow-worker")["COVID_PATIENT_HASH_KEY_FILE"] == str(key)
     assert "COVID_PATIENT_HASH_KEY_FILE" not in settings.airflow_env("airflow-worker-gpu")
     bad = copy.deepcopy(settings)
-    bad.env.pop("PATIENT_HASH_KEY")
-    with pytest.raises(ValueError, match="lacks PATIENT_HASH_KEY"):
+    bad.env.pop("DICOM_PATIENT_HASH_KEY")
+    with pytest.raises(ValueError, match="lacks DICOM_PATIENT_HASH_KEY"):
         init.write_secrets(bad)
 
 

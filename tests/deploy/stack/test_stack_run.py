@@ -176,7 +176,7 @@ def test_relabel_hashed_patient_ids_with_the_stack_s_secret_key(settings, faulty
     assert report["from_header"]["patient_hash_key"] == "site secret", report["from_header"]
     key = settings.home / "secrets" / "patient_hash_key"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
-    assert settings.env["PATIENT_HASH_KEY"] not in json.dumps(report)
+    assert settings.env["DICOM_PATIENT_HASH_KEY"] not in json.dumps(report)
 
 
 def test_the_inference_user_cannot_move_the_champion(settings, faulty_run):
