@@ -111,7 +111,7 @@ lint: install-dev
 	$(BIN)/ruff check dags covid_tasks tests stack docker
 
 # A season of weekly runs through the scheduler (docs/season.md): the full shared data set in 13
-# weeks (about an hour on 2 cores), or QUICK=1: the sample data in 5 weeks (about 10 minutes).
+# weeks (about 25 minutes on 2 cores), or QUICK=1: the sample data in 5 weeks (about 7 minutes).
 season: install
 	$(BIN)/python benchmarks/season.py $(if $(QUICK),--quick,)
 

@@ -116,13 +116,13 @@ def _image_figures(path: Path) -> dict[str, Any]:
     import numpy as np
     from PIL import Image
 
-    from covid_tasks.dicom import decode_dicom, dicom_size, is_dicom
-    from covid_tasks.near_duplicates import grey_image
+    from covid_tasks.dicom import is_dicom
+    from covid_tasks.near_duplicates import dicom_grey, grey_image
 
     if is_dicom(path):  # display grey levels, as training sees them (a DicomError is a ValueError)
-        limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
-        width, height = dicom_size(path, limit)
-        small = Image.fromarray(decode_dicom(path.read_bytes(), limit)[..., 0], mode="L")
+        grey = dicom_grey(path)
+        height, width = grey.shape
+        small = Image.fromarray(grey, mode="L")
         small.thumbnail((INTENSITY_SIZE, INTENSITY_SIZE), Image.Resampling.BILINEAR)
         levels = np.asarray(small, dtype=np.float64)
     else:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_tasks.config import MAX_IMAGE_PIXELS
+from covid_tasks.dicom import is_dicom
 from covid_tasks.image_headers import header_size
 
 logger = logging.getLogger(__name__)
@@ -72,23 +73,6 @@ class UnusableImageError(ValueError):
     def __init__(self, name: str, reason: str, message: str) -> None:
         super().__init__(f"{name} is not a decodable image: {message}")
         self.reason = reason
-
-
-def is_dicom(source: str | Path | bytes) -> bool:
-    """Whether a file or its bytes is a DICOM Part 10 file (``DICM`` at byte 128), by content.
-
-    Args:
-        source: a file path, or the file's bytes.
-
-    Returns:
-        ``True`` for DICOM; the decoder reads it with :mod:`covid_tasks.dicom`.
-
-    Raises:
-        FileNotFoundError: ``source`` is a path that does not exist.
-    """
-    from covid_tasks.dicom import is_dicom as dicom_magic
-
-    return dicom_magic(source)
 
 
 def image_size(source: str | Path | bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:

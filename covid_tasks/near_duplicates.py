@@ -128,13 +128,11 @@ def dhash_file(path: str | Path) -> int:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image {p} not found")
-    from covid_tasks.dicom import DicomError, decode_dicom, dicom_size, is_dicom
+    from covid_tasks.dicom import DicomError, is_dicom
 
     if is_dicom(p):
-        limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None  # Pillow's error threshold
         try:
-            dicom_size(p, limit)
-            return dhash_array(decode_dicom(p.read_bytes(), limit)[..., 0])
+            return dhash_array(dicom_grey(p))
         except DicomError as exc:
             raise ValueError(f"{p} is not a decodable image: {exc}") from None
     try:
@@ -143,6 +141,21 @@ def dhash_file(path: str | Path) -> int:
             return dhash_image(img)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ValueError(f"{p} is not a decodable image: {exc}") from None
+
+
+def dicom_grey(path: Path) -> "np.ndarray":
+    """A DICOM film's display grey levels (2-D uint8), held to the pixel limit Pillow holds the
+    other formats to (its decompression-bomb error threshold).
+
+    Raises:
+        DicomError: the film is refused (over the limit included), with its reason.
+    """
+    from PIL import Image
+
+    from covid_tasks.dicom import load_dicom
+
+    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    return load_dicom(path, limit)[..., 0]
 
 
 def hash_files(images_dir: str | Path, filenames: Iterable[str]) -> tuple[dict[str, int], dict[str, str]]:

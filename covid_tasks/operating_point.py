@@ -32,8 +32,7 @@ from covid_tasks.config import CLASS_NAMES, POSITIVE_INDEX
 THRESHOLD_RESAMPLES = 1000
 THRESHOLD_RULE = (f"mean on the logit scale, over {THRESHOLD_RESAMPLES} patient-level bootstrap resamples "
                   "of the validation split, of the threshold reaching min_sensitivity + threshold_margin "
-                  "(midway between "
-                  "scores, interpolated between achievable sensitivities)")
+                  "(midway between scores, interpolated between achievable sensitivities)")
 
 
 def highest_threshold_reaching(y_true: Sequence[int], prob: Sequence[float], min_sensitivity: float) -> float:

@@ -37,7 +37,8 @@ from typing import Sequence
 
 import numpy as np
 
-from covid_tasks.images import FORMATS, is_dicom
+from covid_tasks.dicom import is_dicom
+from covid_tasks.images import FORMATS
 
 
 @dataclass(frozen=True)
@@ -149,10 +150,15 @@ def check_upload(upload: Upload, max_file_bytes: int, max_pixels: int) -> tuple[
     if fmt not in _decodable():
         raise BadInputError(415, f"'{name}' is a {fmt} image; send {accepted_names()}")
     if width * height > max_pixels:
-        raise BadInputError(413, f"'{name}' is {width} x {height} = {width * height / 1e6:.1f} Mpx; "
-                                 f"the limit is {max_pixels / 1e6:g} Mpx per image (a decompression "
-                                 f"bomb?); send it downscaled")
+        raise _too_many_pixels(name, width, height, max_pixels)
     return fmt, width, height
+
+
+def _too_many_pixels(name: str, width: int, height: int, max_pixels: int) -> BadInputError:
+    """413 for an image over the per-image pixel limit (any format)."""
+    return BadInputError(413, f"'{name}' is {width} x {height} = {width * height / 1e6:.1f} Mpx; "
+                              f"the limit is {max_pixels / 1e6:g} Mpx per image (a decompression "
+                              f"bomb?); send it downscaled")
 
 
 def _check_dicom(upload: Upload, max_pixels: int) -> tuple[str, int, int]:
@@ -163,10 +169,7 @@ def _check_dicom(upload: Upload, max_pixels: int) -> tuple[str, int, int]:
     try:
         width, height = dicom_size(upload.data, max_pixels)
     except DicomTooLargeError as exc:
-        pixels = exc.width * exc.height
-        raise BadInputError(413, f"'{name}' is {exc.width} x {exc.height} = {pixels / 1e6:.1f} Mpx; the "
-                                 f"limit is {max_pixels / 1e6:g} Mpx per image (a decompression bomb?); "
-                                 "send it downscaled") from None
+        raise _too_many_pixels(name, exc.width, exc.height, max_pixels) from None
     except DicomError as exc:
         status = 415 if exc.reason in ("not_image", "unsupported") else 422
         raise BadInputError(status, f"'{name}' is a DICOM file the model cannot use: {exc}") from None

@@ -204,7 +204,7 @@ def _fit_on_val(model: Any, val: Any, y_val: Any, images: Path, cfg: Config) -> 
     calibration.fold_into_model(model, params)
     val_prob = sigmoid(calibration.apply(z_val, params))
     val_m = binary_metrics(y_val, val_prob, threshold, resamples=0)
-    method = {**chosen, "target": target, "threshold_margin": cfg.threshold_margin, "rule": THRESHOLD_RULE,
+    method = {**chosen, "target": target, "rule": THRESHOLD_RULE,
               "ci95": [float(sigmoid(calibration.apply(v, params))) for v in chosen["ci95_logit"]],
               "plain_rule_threshold": float(sigmoid(calibration.apply(chosen["plain_rule_logit"], params)))}
     frame = pd.DataFrame({"filename": val["filename"], "patientid": val["patientid"], "label": val["label"],
